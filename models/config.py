@@ -1,0 +1,123 @@
+"""Model configuration: the `model:` section of a training config.
+
+Pure pydantic (no Ray, no MLflow) so that `models` stays importable on its own. A
+`pydantic.ValidationError` is a `ValueError`, and its message names the offending field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+ModelName = Literal[
+    "adatt",
+    "adatt_sp",
+    "mmoe",
+    "ml_mmoe",
+    "ple",
+    "cross_stitch",
+    "shared_bottom",
+    "single_task",
+]
+
+
+class ModelConfig(BaseModel):
+    """Architecture of the multi-task network.
+
+    Args:
+        name: model family. `adatt` with `shared_experts: 0` is AdaTT-sp; `adatt_sp` forces it.
+        fusion_levels: number of fusion levels L. Defaults to `len(expert_dims)`.
+        experts_per_task: m_t, one int for every task or one per task.
+        shared_experts: m_s, experts of the shared fusion unit (AdaTT general, PLE).
+        num_experts: experts per level for MMoE / ML-MMoE; defaults to sum(m_t) + m_s so the
+            baselines get the same expert budget as AdaTT.
+        expert_dims: per level, the hidden sizes of each expert MLP: `[128, 64]` means a
+            one-layer expert of width 128 at level 1 and 64 at level 2; `[[256, 128], [64]]`
+            gives multi-layer experts.
+        tower_dims: hidden sizes of each task tower; `[]` is a linear head.
+        activation: activation inside experts and towers.
+        dropout: dropout after each hidden layer of experts and towers.
+        dense_projection: if set, dense features are projected to this width before being
+            concatenated with the embeddings.
+
+    Example:
+        >>> ModelConfig(name="adatt", expert_dims=[128, 64]).fusion_levels
+        2
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ModelName = "adatt"
+    fusion_levels: PositiveInt | None = None
+    experts_per_task: PositiveInt | list[PositiveInt] = 2
+    shared_experts: int = Field(default=1, ge=0)
+    num_experts: PositiveInt | None = None
+    expert_dims: list[PositiveInt] | list[list[PositiveInt]] = Field(
+        default_factory=lambda: [128, 64], min_length=1
+    )
+    tower_dims: list[PositiveInt] = Field(default_factory=lambda: [32])
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dense_projection: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _levels_match_dims(self) -> ModelConfig:
+        if self.fusion_levels is not None and self.fusion_levels != len(self.expert_dims):
+            raise ValueError(
+                f"fusion_levels={self.fusion_levels} does not match expert_dims, which has "
+                f"{len(self.expert_dims)} levels: give one entry of expert_dims per level"
+            )
+        for level in self.expert_dims:
+            if isinstance(level, list) and not level:
+                raise ValueError("expert_dims: every level needs at least one layer width")
+        return self
+
+    @property
+    def levels(self) -> int:
+        """The number of fusion levels L."""
+        return len(self.expert_dims)
+
+    def level_dims(self) -> list[list[int]]:
+        """Expert MLP widths per level, always as a list of lists (a copy)."""
+        return [list(d) if isinstance(d, list) else [d] for d in self.expert_dims]
+
+    def experts_for(self, num_tasks: int) -> list[int]:
+        """m_t for each of `num_tasks` tasks; errors name `experts_per_task`."""
+        if num_tasks < 1:
+            raise ValueError("tasks: a multi-task model needs at least one task")
+        if isinstance(self.experts_per_task, int):
+            return [self.experts_per_task] * num_tasks
+        if len(self.experts_per_task) != num_tasks:
+            raise ValueError(
+                f"experts_per_task has {len(self.experts_per_task)} entries but there are "
+                f"{num_tasks} tasks"
+            )
+        return list(self.experts_per_task)
+
+
+@dataclass(frozen=True)
+class CategoricalInput:
+    """One embedded feature: `buckets` ids in [0, buckets), embedded in `dim` dimensions."""
+
+    name: str
+    buckets: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """What the network sees of the data, derived from the data config by the pipeline.
+
+    Batches are dicts of tensors:
+      - `categorical`: int64 [B, len(categorical)], bucket ids.
+      - `dense`: float32 [B, num_dense], already transformed.
+      - `multi_hot.<name>`: int64 [B, L] for each entry of `multi_hot`; 0 is padding and
+        real ids are in [1, buckets).
+    """
+
+    categorical: tuple[CategoricalInput, ...] = ()
+    num_dense: int = 0
+    multi_hot: tuple[CategoricalInput, ...] = ()
+    tasks: tuple[str, ...] = field(default_factory=tuple)

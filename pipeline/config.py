@@ -1,0 +1,224 @@
+"""The training config: one YAML file, validated by pydantic, overridable from the CLI.
+
+Every field has a default or a clear "field required" error; unknown keys are errors.
+`load_config(path, overrides)` is the one way to get a `Config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from models.config import CategoricalInput, FeatureSchema, ModelConfig
+from pipeline.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CategoricalFeature(_Strict):
+    """A categorical column, hashed into `buckets` ids and embedded in `dim` dimensions."""
+
+    column: str
+    buckets: PositiveInt = 10_000
+    dim: PositiveInt = 16
+
+
+class DenseFeature(_Strict):
+    """A numeric column. NaN/inf is an error unless `impute` gives a replacement value."""
+
+    column: str
+    transform: Literal["none", "log1p", "standardize"] = "standardize"
+    impute: float | None = None
+
+
+class MultiHotFeature(_Strict):
+    """A list column (e.g. recent item ids), hashed, mean-pooled; at most `max_length` kept."""
+
+    column: str
+    buckets: PositiveInt = 10_000
+    dim: PositiveInt = 16
+    max_length: PositiveInt = 8
+
+
+class TaskSpec(_Strict):
+    """One task: its label column, loss type and weight in the summed loss."""
+
+    name: str
+    label: str | None = None
+    type: Literal["binary", "regression"] = "binary"
+    weight: float = Field(default=1.0, ge=0.0)
+    oracle: str | None = None  # column with the true probability/expectation, for reports only
+
+    @property
+    def label_column(self) -> str:
+        return self.label or self.name
+
+
+class SplitConfig(_Strict):
+    """How rows are assigned to train / validation / test.
+
+    `hash`: a stable hash of `column` (e.g. a user id) with the given fractions.
+    `values`: `column` holds a split name; rows whose value is in `validation_values` or
+    `test_values` go there, the rest (or `train_values` when given) to train.
+    `cutoff`: `column` is ordered (e.g. a date); rows >= `validation_from` are validation,
+    rows >= `test_from` are test.
+    """
+
+    method: Literal["hash", "values", "cutoff"] = "hash"
+    column: str = "user_id"
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    train_values: list[str | int] | None = None
+    validation_values: list[str | int] = Field(default_factory=list)
+    test_values: list[str | int] = Field(default_factory=list)
+    validation_from: str | int | None = None
+    test_from: str | int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.method == "hash" and self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError("split: validation_fraction + test_fraction must be below 1")
+        if self.method == "values" and not self.validation_values:
+            raise ValueError("split.validation_values: required when method is 'values'")
+        if self.method == "cutoff" and self.validation_from is None:
+            raise ValueError("split.validation_from: required when method is 'cutoff'")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the logs are and which columns mean what."""
+
+    path: str | list[str] = "data/logs"
+    categorical: list[CategoricalFeature] = Field(default_factory=list)
+    dense: list[DenseFeature] = Field(default_factory=list)
+    multi_hot: list[MultiHotFeature] = Field(default_factory=list)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    weight_column: str | None = None
+    passthrough: list[str] = Field(default_factory=list)
+    batch_size: PositiveInt = 512
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not (self.categorical or self.dense or self.multi_hot):
+            raise ValueError("data: give at least one feature (categorical, dense or multi_hot)")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.tasks: task names must be unique, got {names}")
+        features = [f.column for f in (*self.categorical, *self.dense, *self.multi_hot)]
+        labels = {t.label_column for t in self.tasks}
+        leaked = sorted(labels.intersection(features))
+        if leaked:
+            raise ValueError(f"data: label column(s) {leaked} are also listed as features")
+        return self
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [f.column for f in (*self.categorical, *self.dense, *self.multi_hot)]
+
+    def feature_schema(self) -> FeatureSchema:
+        """What the network needs to know about the inputs."""
+        return FeatureSchema(
+            categorical=tuple(
+                CategoricalInput(f.column, f.buckets, f.dim) for f in self.categorical
+            ),
+            num_dense=len(self.dense),
+            multi_hot=tuple(CategoricalInput(f.column, f.buckets, f.dim) for f in self.multi_hot),
+            tasks=tuple(t.name for t in self.tasks),
+        )
+
+
+class EarlyStopping(_Strict):
+    metric: str = "val/mean_auc"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(default=0, ge=0)  # 0 = off; best epoch is still tracked
+
+
+class TrainConfig(_Strict):
+    """Optimisation and the Ray Train run."""
+
+    epochs: PositiveInt = 3
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    seed: int = 0
+    num_workers: PositiveInt = 2
+    # Fractional on purpose: whole CPUs per worker starve Ray Data on small machines.
+    cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    bf16: bool = True  # autocast on GPU only
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    max_failures: int = Field(default=0, ge=-1)
+    storage_path: str = "runs"
+    checkpoints_to_keep: PositiveInt = 2
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking: `tracking_uri` falls back to MLFLOW_TRACKING_URI, then local SQLite."""
+
+    tracking_uri: str | None = None
+    experiment: str = "adatt"
+    run_name: str | None = None
+    log_model: bool = True
+
+
+class Config(_Strict):
+    """The whole training config."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (value parsed as YAML) to a raw config dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{source}: {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw dict; errors become one ConfigError naming the source and fields."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply CLI overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
