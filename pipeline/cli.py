@@ -44,6 +44,58 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _print_outcome(outcome: Any, config: Any) -> None:
+    from pipeline.report import summary_lines
+
+    tasks = [t.name for t in config.data.tasks]
+    for line in summary_lines(
+        outcome.run_id, outcome.tracking_uri, outcome.metrics, outcome.oracle, tasks
+    ):
+        typer.echo(line)
+
+
+@app.command()
+@user_errors
+def train(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue from a checkpoint folder or an MLflow run id."),
+    ] = None,
+) -> None:
+    """Train a model: Parquet logs -> Ray Data -> Ray Train -> MLflow run."""
+    from pipeline.config import load_config
+    from pipeline.train import run_training
+
+    cfg = load_config(config, set_ or [])
+    outcome = run_training(cfg, resume=resume)
+    _print_outcome(outcome, cfg)
+
+
+@app.command()
+@user_errors
+def demo(
+    rows: Annotated[int, typer.Option(help="Synthetic rows to generate.")] = 1_000_000,
+    out: Annotated[Path, typer.Option(help="Where the synthetic logs go.")] = Path("data/logs"),
+    set_: SetOpt = None,
+) -> None:
+    """Generate synthetic logs (once) and train AdaTT on them with configs/synthetic.yaml."""
+    from pipeline.config import load_config
+    from pipeline.synthetic import generate_logs
+    from pipeline.train import run_training
+
+    if not any(out.rglob("*.parquet")):
+        typer.echo(f"generating {rows:,} synthetic rows into {out} ...")
+        generate_logs(out, rows=rows, seed=0)
+    cfg = load_config(REPO_ROOT / "configs" / "synthetic.yaml", [f"data.path={out}", *(set_ or [])])
+    outcome = run_training(cfg)
+    _print_outcome(outcome, cfg)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,72 @@
+"""Training checkpoints: one `checkpoint.pt` per Ray Train checkpoint directory.
+
+The file is a plain dict of tensors and JSON-like values, so it loads with
+`torch.load(weights_only=True)`: no pickled classes, nothing executed on load. It stores the
+config and the preprocessing statistics with the weights, so a resume or a scoring job
+rebuilds the exact model (the nanoGPT habit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import InputError
+
+FILENAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainingState:
+    """Everything a resumed run needs.
+
+    Args:
+        model: the network's state dict.
+        loss: the loss module's state dict (learned task weights).
+        optimizer: the optimiser's state dict.
+        epoch: the last completed epoch (1-based); training resumes at epoch + 1.
+        history: one metrics dict per completed epoch.
+        best_epoch / best_value: the best epoch so far on the early-stopping metric.
+        best_model: the network's state at best_epoch, when that is not `epoch`.
+        config: the resolved config (`Config.model_dump(mode="json")`).
+        preprocessor: the fitted preprocessing statistics.
+        mlflow_run_id: the MLflow run this training logs to.
+        final: True for the last checkpoint, whose `model` is the selected (best) model.
+    """
+
+    model: dict[str, torch.Tensor]
+    loss: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    epoch: int
+    config: dict[str, Any]
+    preprocessor: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float | None = None
+    best_model: dict[str, torch.Tensor] | None = None
+    mlflow_run_id: str | None = None
+    final: bool = False
+
+
+def save_checkpoint(state: TrainingState, folder: str | Path) -> Path:
+    """Write `state` into `folder/checkpoint.pt` and return the file's path."""
+    path = Path(folder) / FILENAME
+    torch.save(dict(state.__dict__), path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> TrainingState:
+    """Read a checkpoint file or a checkpoint folder (weights only, no code executed)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise InputError(f"{path}: no checkpoint file here")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise InputError(f"{path}: not a readable checkpoint ({err})") from None
+    return TrainingState(**raw)

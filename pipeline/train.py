@@ -1,0 +1,214 @@
+"""`adatt train`: the driver. Checks inputs, starts the MLflow run, runs the Ray Train
+`TorchTrainer` over the Ray Data splits, then logs the selected model and its plots.
+
+Everything that can be wrong with the input (config, data schema, tracking server) is
+checked here, before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from models import build_model
+from pipeline.checkpoint import TrainingState, load_checkpoint
+from pipeline.config import Config, parse_config
+from pipeline.errors import InputError
+from pipeline.ingest import build_datasets, configure_ray_data
+from pipeline.preprocess import Preprocessor, fit_preprocessor
+from pipeline.report import log_fusion_plots, oracle_metrics, raw_example
+from pipeline.schema import check_schema
+from pipeline.serving import log_scoring_model
+from pipeline.tracking import (
+    EpochLogger,
+    check_tracking_reachable,
+    log_metrics,
+    quiet_telemetry,
+    resolve_tracking_uri,
+    run_lifecycle,
+    set_tracking,
+    start_run,
+)
+from pipeline.train_loop import train_loop
+
+TAG_STORAGE = "adatt.storage_path"
+TAG_RAY_RUN = "adatt.ray_run_name"
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished training produced."""
+
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint_path: str
+    model_uri: str | None
+    oracle: dict[str, float] = field(default_factory=dict)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest `checkpoint_*` folder of a Ray Train run folder, if any."""
+    found = sorted(folder.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _resolve_resume(resume: str, client: Any, config: Config) -> tuple[str, TrainingState, str]:
+    """`--resume` is a checkpoint path or an MLflow run id; return (run id, state, ray name)."""
+    path = Path(resume)
+    if path.exists():
+        state = load_checkpoint(path)
+        if not state.mlflow_run_id:
+            raise InputError(f"{path}: checkpoint has no MLflow run id to resume into")
+        run = client.get_run(state.mlflow_run_id)
+        return state.mlflow_run_id, state, run.data.tags.get(TAG_RAY_RUN, state.mlflow_run_id)
+    try:
+        run = client.get_run(resume)
+    except Exception:
+        raise InputError(
+            f"--resume {resume}: neither a checkpoint path nor an MLflow run id"
+        ) from None
+    name = run.data.tags[TAG_RAY_RUN]
+    folder = Path(run.data.tags[TAG_STORAGE]) / name
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        raise InputError(f"--resume {resume}: no checkpoint under {folder}")
+    return resume, load_checkpoint(checkpoint), name
+
+
+def _init_ray() -> None:
+    if not ray.is_initialized():
+        # A local cluster's dashboard listens on loopback only.
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
+    """Train `config` (or resume a run) and return the run id and final metrics.
+
+    Args:
+        config: the validated training config.
+        resume: a checkpoint path or an MLflow run id to continue; the stored config and
+            preprocessing are reused, except `train.epochs`, taken from `config`.
+    """
+    quiet_telemetry()
+    uri = resolve_tracking_uri(config.tracking)
+    check_tracking_reachable(uri)
+    client = set_tracking(uri)
+    storage = config.train.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+
+    state = None
+    if resume:
+        run_id, state, ray_name = _resolve_resume(resume, client, config)
+        stored = parse_config(state.config, source="checkpoint config")
+        epochs = config.train.epochs
+        config = stored.model_copy(
+            update={"train": stored.train.model_copy(update={"epochs": epochs})}
+        )
+        storage = client.get_run(run_id).data.tags.get(TAG_STORAGE, storage)
+    files = check_schema(config.data)
+    preprocessor = (
+        Preprocessor.from_dict(state.preprocessor)
+        if state is not None
+        else fit_preprocessor(config.data, files)
+    )
+    if not resume:
+        run_id = start_run(
+            client,
+            config,
+            uri,
+            tags={"adatt.git_commit": _git_commit(), "adatt.model": config.model.name},
+        )
+        ray_name = f"adatt-{run_id}"
+        client.set_tag(run_id, TAG_STORAGE, storage)
+        client.set_tag(run_id, TAG_RAY_RUN, ray_name)
+
+    with run_lifecycle(client, run_id):
+        _init_ray()
+        configure_ray_data()
+        datasets = build_datasets(config.data, preprocessor, files)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "preprocessor": preprocessor.to_dict(),
+                "mlflow_run_id": run_id,
+                "resume_from": resume if resume and Path(resume).exists() else None,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.train.num_workers,
+                use_gpu=_use_gpu(config),
+                resources_per_worker={"CPU": config.train.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=ray_name,
+                storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=config.train.checkpoints_to_keep
+                ),
+                callbacks=[EpochLogger(uri, run_id, [t.name for t in config.data.tasks])],
+            ),
+            datasets=datasets,
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder:
+            final = load_checkpoint(folder)
+        checkpoint_path = result.checkpoint.path
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        model_uri = _log_outputs(client, run_id, config, final, preprocessor, files)
+        oracle = oracle_metrics(config.data, files)
+        log_metrics(client, run_id, oracle)
+    return TrainingOutcome(run_id, uri, metrics, checkpoint_path, model_uri, oracle)
+
+
+def _use_gpu(config: Config) -> bool:
+    if config.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(config.train.use_gpu)
+
+
+def _log_outputs(
+    client: Any,
+    run_id: str,
+    config: Config,
+    final: TrainingState,
+    preprocessor: Preprocessor,
+    files: list[str],
+) -> str | None:
+    """Log the selected model (scoring raw rows) and the fusion-weight heatmaps."""
+    schema = config.data.feature_schema()
+    network = build_model(config.model, schema)
+    network.load_state_dict(final.model)
+    network.eval()
+    example = raw_example(config.data, files)
+    log_fusion_plots(client, run_id, network, preprocessor, example)
+    if not config.tracking.log_model:
+        return None
+    task_types = [(t.name, t.type) for t in config.data.tasks]
+    return log_scoring_model(
+        run_id,
+        network,
+        config.model.model_dump(mode="json"),
+        schema,
+        task_types,
+        preprocessor,
+        example.head(5),
+    )
