@@ -7,6 +7,7 @@ checked here, before any Ray worker starts.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,7 @@ def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
                     num_to_keep=config.train.checkpoints_to_keep
                 ),
                 callbacks=[EpochLogger(uri, run_id, [t.name for t in config.data.tasks])],
+                worker_runtime_env=_forwarded_env(),
             ),
             datasets=datasets,
         )
@@ -177,6 +179,12 @@ def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
         oracle = oracle_metrics(config.data, files)
         log_metrics(client, run_id, oracle)
     return TrainingOutcome(run_id, uri, metrics, checkpoint_path, model_uri, oracle)
+
+
+def _forwarded_env() -> dict[str, Any] | None:
+    """Pass the fault-injection test hook (see `train_loop.inject_fault`) to the workers."""
+    fault = os.environ.get("ADATT_FAULT")
+    return {"env_vars": {"ADATT_FAULT": fault}} if fault else None
 
 
 def _use_gpu(config: Config) -> bool:

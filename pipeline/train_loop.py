@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -89,12 +90,14 @@ def train_epoch(
             rows += n
             batches += 1
     elapsed = time.perf_counter() - start
-    loss_sum, rows, slowest = _all_reduce_sum([loss_sum, rows, elapsed], device)[0:3]
+    loss_sum, rows, elapsed_sum = _all_reduce_sum([loss_sum, rows, elapsed], device)
     out = {
         "train/loss": loss_sum / max(rows, 1),
         "train/rows": rows,
-        # elapsed summed over workers: divide by the world size for the mean wall time.
-        "train/samples_per_s": rows / max(slowest / ray.train.get_context().get_world_size(), 1e-9),
+        "train/steps_per_worker": batches,
+        # elapsed is summed over workers: divided by the world size it is the mean wall time.
+        "train/samples_per_s": rows
+        / max(elapsed_sum / ray.train.get_context().get_world_size(), 1e-9),
     }
     totals = _all_reduce_sum(task_loss_sum.tolist(), device)
     for task, value in zip(config.data.tasks, totals, strict=True):
@@ -152,6 +155,23 @@ def _restore(loop_config: dict[str, Any]) -> TrainingState | None:
     return None
 
 
+def inject_fault(epoch: int, restored: bool) -> None:
+    """Test hook for fault-tolerance tests: `ADATT_FAULT=<raise|exit>@<epoch>[@<rank>]`.
+
+    `raise` raises in the train function; `exit` kills the worker process as a crash would.
+    It fires only in a worker that started without a checkpoint, so a restarted run goes on.
+    """
+    spec = os.environ.get("ADATT_FAULT")
+    if not spec or restored:
+        return
+    kind, at, *rank = spec.split("@")
+    if int(at) != epoch or ray.train.get_context().get_world_rank() != int(rank[0] if rank else 0):
+        return
+    if kind == "exit":
+        os._exit(1)
+    raise RuntimeError(f"ADATT_FAULT: injected failure at epoch {epoch}")
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (the Config as a JSON dict),
     `preprocessor` (fitted statistics), `mlflow_run_id`, and optionally `resume_from`."""
@@ -160,6 +180,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     training_model = build_training_model(config)
     state = _restore(loop_config)
+    restored = state is not None
     if state is not None:
         training_model.model.load_state_dict(state.model)
         training_model.loss.load_state_dict(state.loss)
@@ -186,6 +207,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
         if state.final:
             break
+        inject_fault(epoch, restored)
         metrics = {
             "epoch": epoch,
             **train_epoch(module, optimizer, ray.train.get_dataset_shard("train"), config, device),
