@@ -96,6 +96,45 @@ def demo(
     _print_outcome(outcome, cfg)
 
 
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+    ),
+]
+
+
+@app.command()
+@user_errors
+def register(
+    run: Annotated[str, typer.Option(help="MLflow run id whose model to register.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "adatt",
+    alias: Annotated[str, typer.Option(help="Alias to move to the new version.")] = "champion",
+    promote_if_better: Annotated[
+        str | None,
+        typer.Option(
+            help="Move the alias only if the new version beats the holder on this metric."
+        ),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Register a run's model in the MLflow registry and move an alias to it."""
+    from pipeline.config import TrackingConfig
+    from pipeline.registry import register_run
+    from pipeline.tracking import (
+        check_tracking_reachable,
+        quiet_telemetry,
+        resolve_tracking_uri,
+        set_tracking,
+    )
+
+    quiet_telemetry()
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    check_tracking_reachable(uri)
+    outcome = register_run(set_tracking(uri), run, name, alias, promote_if_better)
+    typer.echo(outcome.message)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
