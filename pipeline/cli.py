@@ -135,6 +135,34 @@ def register(
     typer.echo(outcome.message)
 
 
+@app.command()
+@user_errors
+def predict(
+    model: Annotated[str, typer.Option(help="Model URI, e.g. models:/adatt@champion.")],
+    input: Annotated[
+        str, typer.Option("--input", help="Parquet logs to score (folder, glob, URI).")
+    ],
+    output: Annotated[str, typer.Option(help="Output folder for the scored Parquet files.")],
+    passthrough: Annotated[
+        list[str] | None, typer.Option(help="Input columns copied to the output (e.g. ids).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per scoring batch.")] = 4096,
+    actors: Annotated[int, typer.Option(help="Scoring actors (each loads the model once).")] = 1,
+    gpu: Annotated[bool, typer.Option(help="Give each actor a GPU.")] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Score raw interaction logs with a registered model: one column per task."""
+    from pipeline.config import TrackingConfig
+    from pipeline.predict import predict as run_predict
+    from pipeline.tracking import check_tracking_reachable, quiet_telemetry, resolve_tracking_uri
+
+    quiet_telemetry()
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    check_tracking_reachable(uri)
+    rows = run_predict(model, input, output, uri, passthrough, batch_size, actors, gpu)
+    typer.echo(f"scored {rows:,} rows into {output}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
