@@ -89,7 +89,10 @@ def is_shared_storage(storage_path: str, env: Mapping[str, str] | None = None) -
 
 def is_tracking_server(tracking_uri: str | None) -> bool:
     """True for an MLflow tracking server URI (http, https, databricks), not a local store."""
-    return tracking_uri is not None and _scheme(tracking_uri) in TRACKING_SERVER_SCHEMES
+    if tracking_uri is None:
+        return False
+    # MLflow's usual Databricks URI is the bare word "databricks" (or databricks://profile).
+    return tracking_uri.strip() == "databricks" or _scheme(tracking_uri) in TRACKING_SERVER_SCHEMES
 
 
 def is_remote_submission(env: Mapping[str, str] | None = None) -> bool:
