@@ -227,7 +227,11 @@ def submit_job(
         job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
         if not wait:
             return job_id, client.get_job_status(job_id)
-        asyncio.run(_follow_logs(client, job_id, log))
+        try:
+            asyncio.run(_follow_logs(client, job_id, log))
+        except KeyboardInterrupt:
+            log(f"\ninterrupted: job {job_id} keeps running; stop it with `adatt stop {job_id}`\n")
+            raise
         return job_id, _wait_until_done(client, job_id)
 
 
