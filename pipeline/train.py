@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from models import build_model
 from pipeline.checkpoint import TrainingState, load_checkpoint
+from pipeline.cluster_rules import check_cluster_rules, is_remote_submission
 from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
 from pipeline.ingest import build_datasets, configure_ray_data
@@ -70,7 +71,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _resolve_resume(resume: str, client: Any, config: Config) -> tuple[str, TrainingState, str]:
+def _resolve_resume(resume: str, client: Any) -> tuple[str, TrainingState, str]:
     """`--resume` is a checkpoint path or an MLflow run id; return (run id, state, ray name)."""
     path = Path(resume)
     if path.exists():
@@ -93,10 +94,87 @@ def _resolve_resume(resume: str, client: Any, config: Config) -> tuple[str, Trai
     return resume, load_checkpoint(checkpoint), name
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS's cluster, or start a local one."""
     if not ray.is_initialized():
         # A local cluster's dashboard listens on loopback only.
         ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def storage_uri(path: str) -> str:
+    """Ray Train needs an absolute path or a URI for checkpoints."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def check_inputs(config: Config, uri: str, storage: str) -> list[str]:
+    """Every check that can fail on bad input, before anything is written: the tracking
+    store, the cluster rules and the data schema. Returns the resolved data files."""
+    check_tracking_reachable(uri)
+    init_ray()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    check_cluster_rules(storage, uri, len(alive), is_remote_submission())
+    return check_schema(config.data)
+
+
+def make_trainer(
+    config: Config,
+    preprocessor: Preprocessor,
+    files: list[str],
+    *,
+    run_id: str,
+    tracking_uri: str,
+    name: str,
+    storage: str,
+    callbacks: list[Any] | None = None,
+    resume_from: str | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for one training run; a Tune trial builds the same one."""
+    configure_ray_data()
+    tasks = [t.name for t in config.data.tasks]
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "preprocessor": preprocessor.to_dict(),
+            "mlflow_run_id": run_id,
+            "resume_from": resume_from,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=_use_gpu(config),
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.train.checkpoints_to_keep
+            ),
+            callbacks=[EpochLogger(tracking_uri, run_id, tasks), *(callbacks or [])],
+            worker_runtime_env=_forwarded_env(),
+        ),
+        datasets=build_datasets(config.data, preprocessor, files),
+    )
+
+
+def finish_run(
+    client: Any,
+    tracking_uri: str,
+    run_id: str,
+    config: Config,
+    result: ray.train.Result,
+    preprocessor: Preprocessor,
+    files: list[str],
+) -> TrainingOutcome:
+    """Log the selected model, its plots and the oracle metrics; return the outcome."""
+    with result.checkpoint.as_directory() as folder:
+        final = load_checkpoint(folder)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    model_uri = _log_outputs(client, run_id, config, final, preprocessor, files)
+    oracle = oracle_metrics(config.data, files)
+    log_metrics(client, run_id, oracle)
+    return TrainingOutcome(run_id, tracking_uri, metrics, result.checkpoint.path, model_uri, oracle)
 
 
 def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
@@ -111,74 +189,39 @@ def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
     uri = resolve_tracking_uri(config.tracking)
     check_tracking_reachable(uri)
     client = set_tracking(uri)
-    storage = config.train.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-
+    storage = storage_uri(config.train.storage_path)
     state = None
     if resume:
-        run_id, state, ray_name = _resolve_resume(resume, client, config)
+        run_id, state, name = _resolve_resume(resume, client)
         stored = parse_config(state.config, source="checkpoint config")
-        epochs = config.train.epochs
         config = stored.model_copy(
-            update={"train": stored.train.model_copy(update={"epochs": epochs})}
+            update={"train": stored.train.model_copy(update={"epochs": config.train.epochs})}
         )
         storage = client.get_run(run_id).data.tags.get(TAG_STORAGE, storage)
-    files = check_schema(config.data)
-    preprocessor = (
-        Preprocessor.from_dict(state.preprocessor)
-        if state is not None
-        else fit_preprocessor(config.data, files)
-    )
-    if not resume:
-        run_id = start_run(
-            client,
-            config,
-            uri,
-            tags={"adatt.git_commit": _git_commit(), "adatt.model": config.model.name},
-        )
-        ray_name = f"adatt-{run_id}"
+    files = check_inputs(config, uri, storage)
+    if state is not None:
+        preprocessor = Preprocessor.from_dict(state.preprocessor)
+    else:
+        preprocessor = fit_preprocessor(config.data, files)
+        tags = {"adatt.git_commit": _git_commit(), "adatt.model": config.model.name}
+        run_id = start_run(client, config, uri, tags=tags)
+        name = f"adatt-{run_id}"
         client.set_tag(run_id, TAG_STORAGE, storage)
-        client.set_tag(run_id, TAG_RAY_RUN, ray_name)
+        client.set_tag(run_id, TAG_RAY_RUN, name)
 
     with run_lifecycle(client, run_id):
-        _init_ray()
-        configure_ray_data()
-        datasets = build_datasets(config.data, preprocessor, files)
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "config": config.model_dump(mode="json"),
-                "preprocessor": preprocessor.to_dict(),
-                "mlflow_run_id": run_id,
-                "resume_from": resume if resume and Path(resume).exists() else None,
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=config.train.num_workers,
-                use_gpu=_use_gpu(config),
-                resources_per_worker={"CPU": config.train.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name=ray_name,
-                storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(
-                    num_to_keep=config.train.checkpoints_to_keep
-                ),
-                callbacks=[EpochLogger(uri, run_id, [t.name for t in config.data.tasks])],
-                worker_runtime_env=_forwarded_env(),
-            ),
-            datasets=datasets,
+        trainer = make_trainer(
+            config,
+            preprocessor,
+            files,
+            run_id=run_id,
+            tracking_uri=uri,
+            name=name,
+            storage=storage,
+            resume_from=resume if resume and Path(resume).exists() else None,
         )
         result = trainer.fit()
-        with result.checkpoint.as_directory() as folder:
-            final = load_checkpoint(folder)
-        checkpoint_path = result.checkpoint.path
-        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-        model_uri = _log_outputs(client, run_id, config, final, preprocessor, files)
-        oracle = oracle_metrics(config.data, files)
-        log_metrics(client, run_id, oracle)
-    return TrainingOutcome(run_id, uri, metrics, checkpoint_path, model_uri, oracle)
+        return finish_run(client, uri, run_id, config, result, preprocessor, files)
 
 
 def _forwarded_env() -> dict[str, Any] | None:
