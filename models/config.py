@@ -7,7 +7,7 @@ Pure pydantic (no Ray, no MLflow) so that `models` stays importable on its own. 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -28,14 +28,15 @@ class ModelConfig(BaseModel):
 
     Args:
         name: model family. `adatt` with `shared_experts: 0` is AdaTT-sp; `adatt_sp` forces it.
-        fusion_levels: number of fusion levels L. Defaults to `len(expert_dims)`.
+        fusion_levels: number of fusion levels L; optional, must equal `len(expert_dims)`
+            when given. Read `levels` for L.
         experts_per_task: m_t, one int for every task or one per task.
         shared_experts: m_s, experts of the shared fusion unit (AdaTT general, PLE).
         num_experts: experts per level for MMoE / ML-MMoE; defaults to sum(m_t) + m_s so the
             baselines get the same expert budget as AdaTT.
         expert_dims: per level, the hidden sizes of each expert MLP: `[128, 64]` means a
             one-layer expert of width 128 at level 1 and 64 at level 2; `[[256, 128], [64]]`
-            gives multi-layer experts.
+            gives multi-layer experts; levels may mix both forms.
         tower_dims: hidden sizes of each task tower; `[]` is a linear head.
         activation: activation inside experts and towers.
         dropout: dropout after each hidden layer of experts and towers.
@@ -43,7 +44,7 @@ class ModelConfig(BaseModel):
             concatenated with the embeddings.
 
     Example:
-        >>> ModelConfig(name="adatt", expert_dims=[128, 64]).fusion_levels
+        >>> ModelConfig(name="adatt", expert_dims=[128, 64]).levels
         2
     """
 
@@ -54,7 +55,7 @@ class ModelConfig(BaseModel):
     experts_per_task: PositiveInt | list[PositiveInt] = 2
     shared_experts: int = Field(default=1, ge=0)
     num_experts: PositiveInt | None = None
-    expert_dims: list[PositiveInt] | list[list[PositiveInt]] = Field(
+    expert_dims: list[PositiveInt | list[PositiveInt]] = Field(
         default_factory=lambda: [128, 64], min_length=1
     )
     tower_dims: list[PositiveInt] = Field(default_factory=lambda: [32])
@@ -105,6 +106,12 @@ class CategoricalInput:
     buckets: int
     dim: int
 
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            raise ValueError(f"buckets of input {self.name!r} must be >= 1, got {self.buckets}")
+        if self.dim < 1:
+            raise ValueError(f"dim of input {self.name!r} must be >= 1, got {self.dim}")
+
 
 @dataclass(frozen=True)
 class FeatureSchema:
@@ -121,3 +128,44 @@ class FeatureSchema:
     num_dense: int = 0
     multi_hot: tuple[CategoricalInput, ...] = ()
     tasks: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_dense < 0:
+            raise ValueError(f"num_dense must be >= 0, got {self.num_dense}")
+        names = [c.name for c in (*self.categorical, *self.multi_hot)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"categorical/multi_hot: input names must be unique, got {names}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: task names must be unique, got {list(self.tasks)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, stored with checkpoints.
+
+        Example:
+            >>> s = FeatureSchema(num_dense=3, tasks=("click",))
+            >>> FeatureSchema.from_dict(s.to_dict()) == s
+            True
+        """
+        return {
+            "categorical": [_input_dict(c) for c in self.categorical],
+            "num_dense": self.num_dense,
+            "multi_hot": [_input_dict(c) for c in self.multi_hot],
+            "tasks": list(self.tasks),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSchema:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        unknown = set(data) - {"categorical", "num_dense", "multi_hot", "tasks"}
+        if unknown:
+            raise ValueError(f"FeatureSchema: unknown field(s) {sorted(unknown)}")
+        return cls(
+            categorical=tuple(CategoricalInput(**c) for c in data.get("categorical", ())),
+            num_dense=int(data.get("num_dense", 0)),
+            multi_hot=tuple(CategoricalInput(**c) for c in data.get("multi_hot", ())),
+            tasks=tuple(data.get("tasks", ())),
+        )
+
+
+def _input_dict(feature: CategoricalInput) -> dict[str, Any]:
+    return {"name": feature.name, "buckets": feature.buckets, "dim": feature.dim}

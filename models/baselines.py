@@ -1,0 +1,104 @@
+"""The simpler baselines of the AdaTT paper: shared-bottom, single-task and cross-stitch.
+
+(MMoE / ML-MMoE live in `models/mmoe.py`, PLE in `models/ple.py`.) All three use one
+network per task or one for all, built from the same batched `ExpertGroup`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models.backbone import Backbone
+from models.experts import ExpertGroup
+
+
+class SharedBottom(Backbone):
+    """One MLP shared by all tasks; each tower reads its output.
+
+    Example:
+        >>> SharedBottom(32, num_tasks=3, hidden_dims=[16, 8])(torch.randn(5, 32)).shape
+        torch.Size([5, 3, 8])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        hidden_dims: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.bottom = ExpertGroup(input_dim, hidden_dims, [1], activation, dropout)
+        self.output_dim = self.bottom.output_dim
+
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.bottom(x).expand(-1, self.num_tasks, -1), []
+
+
+class SingleTask(Backbone):
+    """An independent MLP per task (no sharing at all), computed as one batched group.
+
+    Example:
+        >>> SingleTask(32, num_tasks=3, hidden_dims=[16, 8])(torch.randn(5, 32)).shape
+        torch.Size([5, 3, 8])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        hidden_dims: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.networks = ExpertGroup(input_dim, hidden_dims, [num_tasks], activation, dropout)
+        self.output_dim = self.networks.output_dim
+
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.networks(x), []
+
+
+class CrossStitch(Backbone):
+    """Cross-stitch networks (Misra et al., CVPR 2016): one network per task per level, and
+    after each level a learned T x T stitch unit mixing the task outputs, initialised to the
+    identity (each task starts from its own network only).
+
+    Example:
+        >>> CrossStitch(32, num_tasks=3, level_dims=[[16], [8]])(torch.randn(5, 32)).shape
+        torch.Size([5, 3, 8])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        level_dims: Sequence[Sequence[int]],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not level_dims:
+            raise ValueError("expert_dims: cross-stitch needs at least one level")
+        self.levels = nn.ModuleList()
+        width = input_dim
+        for index, dims in enumerate(level_dims):
+            units = [num_tasks] if index == 0 else [1] * num_tasks
+            self.levels.append(ExpertGroup(width, list(dims), units, activation, dropout))
+            width = self.levels[-1].output_dim
+        self.output_dim = width
+        self.stitches = nn.ParameterList(
+            nn.Parameter(torch.eye(num_tasks)) for _ in range(len(level_dims))
+        )
+
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h = x
+        for level, stitch in zip(self.levels, self.stitches, strict=True):
+            mixed = torch.matmul(stitch, level(h))  # [T, T] @ [B, T, H]: task t mixes all tasks
+            h = mixed.transpose(0, 1)
+        return mixed, []

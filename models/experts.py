@@ -1,0 +1,176 @@
+"""Batched experts: many small MLPs of one architecture computed as a few big matmuls.
+
+Every model in this package is built from `StackedLinear` (G independent linear layers,
+weights stacked as [G, in, out]) and `ExpertGroup` (all experts of one fusion level). No
+Python loop runs over experts: a level is one 2-D matmul when every expert reads the same
+input, and one batched matmul over units (tasks) when each unit's experts read that unit's
+own input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation function called `name`; a ValueError names the field otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+class StackedLinear(nn.Module):
+    """`groups` independent linear layers with stacked weights, applied with one baddbmm.
+
+    Initialised like `nn.Linear` (uniform in +-1/sqrt(in_features)), group by group.
+
+    Args:
+        groups: number of independent layers G.
+        in_features: input width of each layer.
+        out_features: output width of each layer.
+
+    Example:
+        >>> layer = StackedLinear(groups=3, in_features=8, out_features=4)
+        >>> layer(torch.randn(3, 5, 8)).shape
+        torch.Size([3, 5, 4])
+    """
+
+    def __init__(self, groups: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.groups, self.in_features, self.out_features = groups, in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(groups, out_features))
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[G, B, in] -> [G, B, out]: group g's input through group g's layer."""
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def flat_weight(self) -> tuple[Tensor, Tensor]:
+        """Weight [in, G * out] and bias [G * out] for applying all groups to one input."""
+        weight = self.weight.permute(1, 0, 2).reshape(self.in_features, -1)
+        return weight, self.bias.reshape(-1)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class ExpertGroup(nn.Module):
+    """All experts of one fusion level: MLPs of one architecture, grouped by input unit.
+
+    Unit u owns `experts_per_unit[u]` experts, which read that unit's input. Experts are
+    numbered unit by unit (unit 0's experts first), which is the column order of the
+    fusion weights. Each expert layer is Linear -> activation -> dropout.
+
+    Args:
+        input_dim: width of each unit's input.
+        hidden_dims: layer widths of every expert (one entry = one-layer experts).
+        experts_per_unit: number of experts of each unit (entries >= 1).
+        activation: name in `ACTIVATIONS`.
+        dropout: dropout probability after each layer.
+
+    Example:
+        >>> group = ExpertGroup(16, [32], experts_per_unit=[2, 1])
+        >>> group(torch.randn(4, 16)).shape  # one input read by every expert
+        torch.Size([4, 3, 32])
+        >>> group(torch.randn(2, 4, 16)).shape  # one input per unit
+        torch.Size([4, 3, 32])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int],
+        experts_per_unit: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not hidden_dims or min(hidden_dims) < 1:
+            raise ValueError(f"expert_dims: layer widths must be >= 1, got {list(hidden_dims)}")
+        if not experts_per_unit or min(experts_per_unit) < 1:
+            raise ValueError(f"experts_per_unit must be >= 1, got {list(experts_per_unit)}")
+        self.experts_per_unit = list(experts_per_unit)
+        self.num_experts = sum(self.experts_per_unit)
+        self.output_dim = hidden_dims[-1]
+        self.activation = activation_fn(activation)
+        self.dropout = dropout
+        widths = [input_dim, *hidden_dims]
+        self.layers = nn.ModuleList(
+            StackedLinear(self.num_experts, d_in, d_out)
+            for d_in, d_out in zip(widths[:-1], widths[1:], strict=True)
+        )
+
+    def _activate(self, x: Tensor) -> Tensor:
+        return F.dropout(self.activation(x), self.dropout, self.training)
+
+    def forward(self, x: Tensor, side: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Expert outputs [B, E, H] from x [B, D] (shared input) or [U, B, D] (per unit)."""
+        return self.forward_with_side(x, side)[0]
+
+    def forward_with_side(
+        self, x: Tensor, side: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Expert outputs, plus a side linear map of a shared input in the same matmul.
+
+        Args:
+            x: [B, D] read by every expert, or [U, B, D] where unit u's experts read x[u].
+            side: optional (weight [D, K], bias [K]) of another layer reading the shared
+                input x (the level's gates); it joins the first expert layer's matmul.
+
+        Returns:
+            experts [B, E, H] and the side output [B, K] (None without `side`).
+        """
+        first = self.layers[0]
+        hidden = first.out_features
+        side_out = None
+        if x.dim() == 2:
+            # Every expert reads the same input: one 2-D matmul for all of them (and the side).
+            weight, bias = first.flat_weight()
+            if side is not None:
+                weight = torch.cat([weight, side[0]], dim=1)
+                bias = torch.cat([bias, side[1]])
+            out = torch.addmm(bias, x, weight)
+            expert_cols = self.num_experts * hidden
+            if side is not None:
+                side_out = out[:, expert_cols:]
+            h = out[:, :expert_cols].unflatten(1, (self.num_experts, hidden))
+        elif side is not None:
+            raise ValueError("side outputs need a shared input [B, D]")
+        elif len(set(self.experts_per_unit)) == 1:
+            # Every unit owns m experts: one batched matmul over units, m experts side by side.
+            units, m = len(self.experts_per_unit), self.experts_per_unit[0]
+            weight = first.weight.unflatten(0, (units, m)).permute(0, 2, 1, 3).flatten(2)
+            bias = first.bias.view(units, 1, m * hidden)
+            out = torch.baddbmm(bias, x, weight)  # [U, B, m * H]
+            h = out.transpose(0, 1).reshape(x.shape[1], self.num_experts, hidden)
+        else:
+            # Unequal m_u: one matmul per unit over all of its experts (a loop over units).
+            outs, start = [], 0
+            for unit, m in enumerate(self.experts_per_unit):
+                weight = first.weight[start : start + m].permute(1, 0, 2).flatten(1)
+                outs.append(torch.addmm(first.bias[start : start + m].flatten(), x[unit], weight))
+                start += m
+            h = torch.cat(outs, dim=1).unflatten(1, (self.num_experts, hidden))
+        h = self._activate(h)
+        if len(self.layers) > 1:
+            # Deeper expert layers: one batched matmul with the experts as the batch.
+            h = h.transpose(0, 1)
+            for layer in self.layers[1:]:
+                h = self._activate(layer(h))
+            h = h.transpose(0, 1)
+        return h, side_out

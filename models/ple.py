@@ -1,0 +1,128 @@
+"""PLE: Progressive Layered Extraction (Tang et al., RecSys 2020), stacked CGC levels.
+
+Each level has a unit per task with m_t experts and a shared unit with m_s experts; unit
+u's experts read unit u's output of the level below (every unit reads the input embedding
+at level 1). Task t's gate mixes its own and the shared experts; the shared gate mixes all
+experts; at the last level the shared unit has no gate. Gates read their unit's input.
+
+The gates are stored as one stacked layer over all E experts of the level, with the
+weights towards experts a gate may not see set to zero and their logits masked to -inf,
+so they stay zero and get no gradient. This keeps one batched matmul per level and gives
+fusion weights in the same tasks x experts layout as AdaTT's (zeros where PLE has no edge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models.backbone import Backbone, expert_labels
+from models.experts import ExpertGroup, StackedLinear
+
+
+class CGCLevel(nn.Module):
+    """One customized gate control level; `fusing_units` is T, or T + 1 with the shared gate."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int],
+        experts_per_unit: Sequence[int],
+        fusing_units: int,
+        has_shared: bool,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        units = list(experts_per_unit)
+        self.fusing_units, self.num_experts = fusing_units, sum(units)
+        self.experts = ExpertGroup(input_dim, hidden_dims, units, activation, dropout)
+        self.output_dim = self.experts.output_dim
+        visible = torch.zeros(fusing_units, self.num_experts, dtype=torch.bool)
+        offsets = [sum(units[:u]) for u in range(len(units))]
+        num_tasks = len(units) - (1 if has_shared else 0)
+        for row in range(fusing_units):
+            if row == num_tasks:  # the shared gate sees every expert
+                visible[row] = True
+                continue
+            visible[row, offsets[row] : offsets[row] + units[row]] = True
+            if has_shared:
+                visible[row, offsets[-1] :] = True
+        self.register_buffer("visible", visible, persistent=False)
+        self.gates = StackedLinear(fusing_units, input_dim, self.num_experts)
+        with torch.no_grad():
+            self.gates.weight.mul_(visible.unsqueeze(1))
+            self.gates.bias.mul_(visible)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [B, D] at level 1 else [U, B, D]; returns outputs [B, rows, H], gates [B, rows, E]."""
+        if x.dim() == 2:
+            experts, logits = self.experts.forward_with_side(x, self.gates.flat_weight())
+            logits = logits.unflatten(1, (self.fusing_units, self.num_experts))
+        else:
+            experts = self.experts(x)
+            logits = self.gates(x[: self.fusing_units]).transpose(0, 1)
+        gates = torch.softmax(logits.masked_fill(~self.visible, float("-inf")), dim=-1)
+        return torch.bmm(gates, experts), gates
+
+
+class PLE(Backbone):
+    """PLE backbone; one level is CGC.
+
+    Args:
+        input_dim: width of the input embedding.
+        experts_per_task: m_t for each task.
+        shared_experts: m_s (0 leaves each task with a gate over its own experts only).
+        level_dims: per level, the layer widths of each expert.
+        activation: expert activation.
+        dropout: dropout after each expert layer.
+
+    Example:
+        >>> ple = PLE(32, experts_per_task=[2, 2], shared_experts=1, level_dims=[[16], [8]])
+        >>> ple(torch.randn(5, 32)).shape
+        torch.Size([5, 2, 8])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        experts_per_task: Sequence[int],
+        shared_experts: int,
+        level_dims: Sequence[Sequence[int]],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not experts_per_task:
+            raise ValueError("tasks: PLE needs at least one task")
+        if not level_dims:
+            raise ValueError("expert_dims: PLE needs at least one level")
+        num_tasks = len(experts_per_task)
+        has_shared = shared_experts > 0
+        self.experts_per_unit = list(experts_per_task) + ([shared_experts] if has_shared else [])
+        self.levels = nn.ModuleList()
+        width = input_dim
+        for index, dims in enumerate(level_dims):
+            is_last = index == len(level_dims) - 1
+            fusing = num_tasks if is_last else len(self.experts_per_unit)
+            level = CGCLevel(
+                width, list(dims), self.experts_per_unit, fusing, has_shared, activation, dropout
+            )
+            self.levels.append(level)
+            width = level.output_dim
+        self.output_dim = width
+
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h, all_gates = x, []
+        for level in self.levels:
+            fused, gates = level(h)
+            all_gates.append(gates)
+            h = fused.transpose(0, 1)
+        return fused, all_gates
+
+    def fusion_weight_labels(self, tasks: Sequence[str]) -> list[tuple[list[str], list[str]]]:
+        columns = expert_labels(tasks, self.experts_per_unit)
+        rows = [*tasks, "shared"]
+        return [(rows[: level.fusing_units], list(columns)) for level in self.levels]

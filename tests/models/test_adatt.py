@@ -1,0 +1,143 @@
+"""AdaTT: equal to the literal loop version of eqs. 4-10, gates, native weights, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.adatt import AdaTT, AdaTTLevel
+from tests.models.reference_adatt import LoopAdaTT
+
+
+def _pair(experts_per_task, shared, level_dims, input_dim=12, seed=0):
+    torch.manual_seed(seed)
+    batched = AdaTT(input_dim, experts_per_task, shared, level_dims)
+    # Random (not default-initialised) native weights and gates make the check stricter.
+    with torch.no_grad():
+        for p in batched.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    loop = LoopAdaTT(input_dim, experts_per_task, shared, level_dims).load_from(batched)
+    return batched, loop
+
+
+@pytest.mark.parametrize(
+    ("experts_per_task", "shared", "level_dims"),
+    [
+        ([1, 1, 1], 0, [[8]]),  # AdaTT-sp, m_t = 1, one level
+        ([2, 2, 2], 0, [[8], [6]]),  # AdaTT-sp, m_t > 1
+        ([1, 3, 2], 0, [[8], [6], [5]]),  # AdaTT-sp, unequal m_t, three levels
+        ([1, 1], 1, [[8], [6]]),  # general, m_t = m_s = 1
+        ([2, 2, 2], 2, [[8], [6], [4]]),  # general, m_t > 1
+        ([3, 1, 2], 1, [[8, 7], [6]]),  # general, unequal m_t, two-layer experts
+        ([2], 3, [[8], [4]]),  # one task
+    ],
+)
+def test_equals_loop_reference(experts_per_task, shared, level_dims):
+    batched, loop = _pair(experts_per_task, shared, level_dims)
+    x = torch.randn(9, 12)
+    torch.testing.assert_close(batched(x), loop(x), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    experts_per_task=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    shared=st.integers(0, 2),
+    level_dims=st.lists(
+        st.lists(st.integers(1, 6), min_size=1, max_size=2), min_size=1, max_size=3
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_equals_loop_reference_property(experts_per_task, shared, level_dims, seed):
+    batched, loop = _pair(experts_per_task, shared, level_dims, input_dim=5, seed=seed)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(batched(x), loop(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gates_sum_to_one_and_weights_are_pad_v_plus_g():
+    batched, _ = _pair([2, 1, 3], 2, [[8], [6]])
+    h = torch.randn(7, 12)
+    for level in batched.levels:
+        fused, weights = level(h)
+        native = level.native_matrix()
+        gates = weights - native
+        assert (gates >= 0).all()
+        torch.testing.assert_close(gates.sum(-1), torch.ones(7, level.fusing_units))
+        # pad(v_t): v_t at the unit's own columns, zero elsewhere; weight 1 when m_t = 1.
+        expected = torch.zeros(level.fusing_units, level.num_experts)
+        expected[0, 0:2] = level.native_weights["0"]
+        expected[1, 2] = 1.0
+        expected[2, 3:6] = level.native_weights["2"]
+        if level.fusing_units == 4:
+            expected[3, 6:8] = level.native_weights["3"]
+        assert torch.equal(native, expected)
+        h = fused.transpose(0, 1)
+    # The shared unit fuses at level 1 only (4 rows), not at the last level (3 rows).
+    assert [level.fusing_units for level in batched.levels] == [4, 3]
+
+
+def test_single_expert_native_weight_is_one_without_parameter():
+    level = AdaTTLevel(10, [4], experts_per_unit=[1, 2, 1], fusing_units=3)
+    assert set(level.native_weights.keys()) == {"1"}
+    names = {name for name, _ in level.named_parameters()}
+    assert names == {
+        "experts.layers.0.weight",
+        "experts.layers.0.bias",
+        "gates.weight",
+        "gates.bias",
+        "native_weights.1",
+    }
+    native = level.native_matrix()
+    assert native[0, 0].item() == 1.0 and native[2, 3].item() == 1.0
+
+
+def test_zero_shared_experts_is_exactly_adatt_sp():
+    torch.manual_seed(3)
+    general = AdaTT(12, [2, 1, 2], 0, [[8], [6]])
+    torch.manual_seed(3)
+    loop_sp = LoopAdaTT(12, [2, 1, 2], 0, [[8], [6]]).load_from(general)
+    assert all(level.fusing_units == 3 and level.num_experts == 5 for level in general.levels)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(general(x), loop_sp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_every_expert_gate_and_native_weight():
+    batched, _ = _pair([2, 1, 3], 2, [[8, 7], [6], [5]])
+    x = torch.randn(64, 12)
+    (batched(x) ** 2).sum().backward()
+    for name, p in batched.named_parameters():
+        assert p.grad is not None, name
+        if p.dim() >= 2:  # stacked experts or gates: every slice (expert / gate) gets gradient
+            per_slice = p.grad.flatten(1).abs().sum(1)
+            assert (per_slice > 0).all(), name
+        else:
+            assert p.grad.abs().sum() > 0, name
+    native = {name for name, _ in batched.named_parameters() if "native" in name}
+    # v_t at every level for tasks 0 and 2, and for the shared unit below the last level.
+    assert native == {
+        f"levels.{level}.native_weights.{unit}" for level in range(3) for unit in (0, 2)
+    } | {f"levels.{level}.native_weights.3" for level in range(2)}
+
+
+def test_labels_match_weights():
+    adatt = AdaTT(12, [2, 1], 1, [[8], [6]])
+    labels = adatt.fusion_weight_labels(["click", "buy"])
+    assert labels[0] == (
+        ["click", "buy", "shared"],
+        ["click/e0", "click/e1", "buy/e0", "shared/e0"],
+    )
+    assert labels[1][0] == ["click", "buy"]
+    _, weights = adatt.forward_with_weights(torch.randn(3, 12))
+    assert [tuple(w.shape[1:]) for w in weights] == [(3, 4), (2, 4)]
+
+
+def test_invalid_arguments_name_the_field():
+    with pytest.raises(ValueError, match="tasks"):
+        AdaTT(4, [], 1, [[4]])
+    with pytest.raises(ValueError, match="experts_per_task"):
+        AdaTT(4, [1, 0], 1, [[4]])
+    with pytest.raises(ValueError, match="shared_experts"):
+        AdaTT(4, [1], -1, [[4]])
+    with pytest.raises(ValueError, match="expert_dims"):
+        AdaTT(4, [1], 0, [])
