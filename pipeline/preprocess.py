@@ -183,7 +183,10 @@ class Preprocessor:
     @staticmethod
     def _multi_hot(column: Any, buckets: int, max_length: int) -> np.ndarray:
         """Hash each list's first `max_length` values to ids in [1, buckets); 0 pads."""
-        lists = pc.list_slice(as_arrow(column), 0, max_length)
+        lists = as_arrow(column)
+        if pa.types.is_null(lists.type):  # e.g. an all-None pandas object column
+            return np.zeros((len(lists), max_length), dtype=np.int64)
+        lists = pc.list_slice(lists, 0, max_length)
         lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
         flat = pc.list_flatten(lists)
         ids = (stable_hash(flat) % np.uint64(buckets - 1)).astype(np.int64) + 1
