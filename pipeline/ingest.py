@@ -1,0 +1,192 @@
+"""Ray Data ingest: Parquet -> split filter + preprocess -> `iter_torch_batches`.
+
+Datasets are lazy and streaming: nothing is materialised, each block is read, filtered to
+its split and preprocessed in one fused `map_batches` task, then handed to the train
+workers. Shuffling is deliberately cheap: the train split reads its files in a new random
+order every epoch (`shuffle="files"`) and `iter_batches` mixes rows in a local buffer
+(`local_shuffle_buffer_size`). That is not a global shuffle: rows of one file stay near
+each other within an epoch, which is fine for logs whose files are not sorted by label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import DataConfig
+from pipeline.preprocess import Preprocessor
+from pipeline.split import prune_files, split_mask, split_names
+
+# Rows per preprocess call: large enough to amortise per-batch overhead, small enough
+# (a few MiB) to keep memory flat.
+PREPROCESS_BATCH_ROWS = 32_768
+
+
+@contextlib.contextmanager
+def _parquet_reader_v1() -> Iterator[None]:
+    """Build reads with Ray's V1 Parquet reader.
+
+    Ray 2.60's default V2 reader packs small files into one read task that emits a single
+    block holding every row: no parallelism, and memory that grows with the data. V1 reads
+    each file in its own task and splits it into blocks of bounded size.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = getattr(ctx, "use_datasource_v2", False)
+    ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = before
+
+
+def input_columns(data: DataConfig) -> list[str]:
+    """The columns read from Parquet (projection): features, labels, weight, split key."""
+    pre = Preprocessor(data)
+    return list(dict.fromkeys([*pre.input_columns(with_labels=True), data.split.column]))
+
+
+def _to_block(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Numpy outputs as an Arrow table; 2-D arrays become Ray tensor columns.
+
+    Built here rather than by Ray because Ray falls back to pickling a 2-D column when a
+    batch is empty (all rows in another split), which breaks the block schema.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table(
+        {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in batch.items()}
+    )
+
+
+def _prepare(batch: pa.Table, preprocessor: Preprocessor, split: str) -> pa.Table:
+    data = preprocessor.data
+    keep = split_mask(batch[data.split.column], data.split, split)
+    return _to_block(preprocessor.transform(batch.filter(keep)))
+
+
+def build_datasets(
+    data: DataConfig,
+    preprocessor: Preprocessor,
+    files: list[str],
+    *,
+    shuffle_files: bool = True,
+) -> dict[str, Any]:
+    """One lazy `ray.data.Dataset` per split, yielding preprocessed batches.
+
+    Args:
+        data: the `data:` section of the config.
+        preprocessor: fitted with `fit_preprocessor` (dense statistics).
+        files: the files from `check_schema(data)`.
+        shuffle_files: read the train split's files in a random order each epoch.
+
+    Returns:
+        `{"train": ds, "validation": ds}` plus `"test"` when the split defines one. Each
+        row has the columns of `Preprocessor.transform` (`categorical`, `dense`,
+        `multi_hot.<column>`, `labels`, `mask`, `weight`).
+
+    Example:
+        >>> files = check_schema(cfg.data)  # doctest: +SKIP
+        >>> ds = build_datasets(cfg.data, fit_preprocessor(cfg.data, files), files)
+        >>> TorchTrainer(..., datasets=ds, dataset_config=ray_data_context_for_training())
+    """
+    import ray.data
+
+    columns = input_columns(data)
+    out = {}
+    for name in split_names(data.split):
+        with _parquet_reader_v1():
+            ds = ray.data.read_parquet(
+                prune_files(data.split, files, name),
+                columns=columns,
+                shuffle="files" if shuffle_files and name == "train" else None,
+                file_extensions=None,  # check_schema already chose the files
+            )
+        out[name] = ds.map_batches(
+            _prepare,
+            batch_format="pyarrow",
+            batch_size=PREPROCESS_BATCH_ROWS if PREPROCESS_BATCH_ROWS else None,
+            zero_copy_batch=True,
+            fn_kwargs={"preprocessor": preprocessor, "split": name},
+        )
+    return out
+
+
+def iter_batches(
+    shard: Any,
+    batch_size: int,
+    device: Any = "auto",
+    shuffle: bool = False,
+    seed: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Torch batches from a dataset shard (`ray.train.get_dataset_shard(name)`) or dataset.
+
+    Ray does the host-to-device copy; on CUDA it also pins host memory first.
+
+    Args:
+        shard: a `DataIterator` (train worker shard) or a `Dataset`.
+        batch_size: rows per batch (the last one may be smaller).
+        device: torch device, or "auto" for the train worker's device.
+        shuffle: mix rows in a local buffer of 8 batches (train split).
+        seed: seed of that buffer, for reproducible order.
+
+    Example:
+        >>> for batch in iter_batches(get_dataset_shard("train"), 1024, shuffle=True):
+        ...     batch["labels"].shape  # doctest: +SKIP
+        torch.Size([1024, 4])
+    """
+    import torch
+
+    cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        device=device,
+        local_shuffle_buffer_size=8 * batch_size if shuffle else None,
+        local_shuffle_seed=seed if shuffle else None,
+        pin_memory=cuda,
+        prefetch_batches=2,
+        drop_last=False,
+    )
+
+
+def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float = 0.5) -> Any:
+    """Make Ray Data leave the train workers' CPUs alone, so neither side starves.
+
+    On a small machine (2 CPUs), train workers holding whole CPUs leave Ray Data no CPU
+    for its read tasks and the job hangs silently. Workers should take fractional CPUs
+    (`cpus_per_worker`), and Ray Data is capped at the CPUs that remain (at least one).
+    Sets the driver's `DataContext` and returns a `ray.train.DataConfig` carrying the same
+    limits (Ray Train applies a dataset's options from its `DataConfig`).
+
+    Args:
+        num_workers: train workers.
+        cpus_per_worker: CPUs each train worker reserves.
+
+    Returns:
+        A `ray.train.DataConfig` for `TorchTrainer(dataset_config=...)`.
+
+    Example:
+        >>> trainer = TorchTrainer(train_loop, datasets=datasets,  # doctest: +SKIP
+        ...     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        ...     dataset_config=ray_data_context_for_training(2, 0.5))
+    """
+    import ray
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+
+    ctx = DataContext.get_current()
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else None
+    limits = ExecutionResources.for_limits()
+    if cluster_cpus is not None:
+        data_cpus = max(1.0, cluster_cpus - num_workers * cpus_per_worker)
+        limits = ExecutionResources.for_limits(cpu=data_cpus)
+    ctx.execution_options.resource_limits = limits
+    ctx.execution_options.preserve_order = False
+    ctx.enable_progress_bars = False
+    options = ExecutionOptions(resource_limits=limits, preserve_order=False)
+    return ray.train.DataConfig(datasets_to_split="all", execution_options=options)

@@ -1,0 +1,278 @@
+"""Check the Parquet logs against the data config from their footers, before any worker starts.
+
+Only file metadata is read (a few KiB per file, in parallel threads), so the check costs
+about the same for one file or thousands. Every problem is one `SchemaError` whose message
+names the file and the column.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import DataConfig
+from pipeline.errors import SchemaError
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+_GLOB_CHARS = "*?["
+
+
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem holding `path` (a local path or any URI) and the path in it."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+            raise SchemaError(f"{path}: cannot open this filesystem URI: {err}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _display(uri_or_path: str, fs_path: str, fs: pafs.FileSystem) -> str:
+    """How a file is named to users and to Ray: a local path, or a URI with its scheme."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs_path
+    return f"{uri_or_path.split('://', 1)[0]}://{fs_path}"
+
+
+def _is_data_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return not name.startswith(("_", ".")) and name.lower().endswith(PARQUET_SUFFIXES)
+
+
+def resolve_files(path: str | list[str]) -> list[str]:
+    """Expand folders (recursively, Parquet suffixes only), globs and files into a sorted list.
+
+    Args:
+        path: one or more local paths, globs or filesystem URIs (s3://, gs://, file://, ...).
+
+    Example:
+        >>> resolve_files("data/logs")  # doctest: +SKIP
+        ['/abs/data/logs/day-2024-01-01.parquet', ...]
+    """
+    found: list[str] = []
+    for item in [path] if isinstance(path, str) else path:
+        fs, fs_path = filesystem_for(item)
+        if any(ch in fs_path for ch in _GLOB_CHARS):
+            if isinstance(fs, pafs.LocalFileSystem):
+                matches = sorted(p for p in glob.glob(fs_path, recursive=True) if os.path.isfile(p))
+            else:
+                base = fs_path[: min(fs_path.find(ch) for ch in _GLOB_CHARS if ch in fs_path)]
+                base = base.rsplit("/", 1)[0]
+                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                matches = sorted(
+                    i.path
+                    for i in infos
+                    if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, fs_path)
+                )
+            if not matches:
+                raise SchemaError(f"{item}: no files match this pattern")
+            found += [_display(item, m, fs) for m in matches]
+            continue
+        info = fs.get_file_info(fs_path)
+        if info.type == pafs.FileType.NotFound:
+            raise SchemaError(f"{item}: no such file or folder")
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+            files = sorted(
+                i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
+            )
+            if not files:
+                raise SchemaError(f"{item}: folder holds no Parquet files (*.parquet)")
+            found += [_display(item, f, fs) for f in files]
+        else:
+            found.append(_display(item, fs_path, fs))
+    return found
+
+
+@dataclass(frozen=True)
+class _Footer:
+    file: str
+    schema: pa.Schema
+    metadata: pq.FileMetaData
+
+
+def _read_footer(file: str) -> _Footer:
+    fs, fs_path = filesystem_for(file)
+    try:
+        metadata = pq.read_metadata(fs_path, filesystem=fs)
+        schema = metadata.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise SchemaError(f"{file}: not a Parquet file, or truncated ({err})") from None
+    return _Footer(file, schema, metadata)
+
+
+def read_footers(files: list[str]) -> list[_Footer]:
+    """Footers of all files, read in parallel threads when there are many."""
+    if len(files) <= 4:
+        return [_read_footer(f) for f in files]
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(_read_footer, files))
+
+
+def _base(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _numeric(t: pa.DataType) -> bool:
+    t = _base(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _hashable(t: pa.DataType) -> bool:
+    t = _base(t)
+    return _numeric(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _ordered(t: pa.DataType) -> bool:
+    t = _base(t)
+    return _hashable(t) or pa.types.is_temporal(t)
+
+
+def _list_of_ids(t: pa.DataType) -> bool:
+    listy = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return listy and _hashable(t.value_type)
+
+
+def _anything(t: pa.DataType) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class _Need:
+    role: str  # how the column is used, for the error message
+    accepts: Callable[[pa.DataType], bool]
+    expected: str
+
+
+def required_columns(data: DataConfig) -> dict[str, _Need]:
+    """Every column the config reads, with what it is used for and the types it accepts."""
+    need: dict[str, _Need] = {}
+    for f in data.categorical:
+        need[f.column] = _Need("categorical feature", _hashable, "an integer, string or bool")
+    for f in data.dense:
+        need[f.column] = _Need(f"dense feature ({f.transform})", _numeric, "a number")
+    for f in data.multi_hot:
+        need[f.column] = _Need("multi-hot feature", _list_of_ids, "a list of ints or strings")
+    for t in data.tasks:
+        expected = "a number or bool" if t.type == "binary" else "a number"
+        accepts = _numeric if t.type == "binary" else (lambda x: _numeric(x) and not _bool(x))
+        need[t.label_column] = _Need(f"{t.type} label of task {t.name!r}", accepts, expected)
+    if data.weight_column:
+        need[data.weight_column] = _Need("sample weight", _numeric, "a number")
+    split_need = {
+        "hash": _Need("split key (hash)", _hashable, "an integer, string or bool"),
+        "values": _Need("split column (values)", _hashable, "an integer or string"),
+        "cutoff": _Need("split column (cutoff)", _ordered, "a number, string, date or time"),
+    }[data.split.method]
+    need.setdefault(data.split.column, split_need)
+    for column in data.passthrough:
+        need.setdefault(column, _Need("passthrough column", _anything, "any type"))
+    return need
+
+
+def _bool(t: pa.DataType) -> bool:
+    return pa.types.is_boolean(_base(t))
+
+
+def _normalised(t: pa.DataType) -> pa.DataType:
+    """Types that read back identically count as the same (no drift)."""
+    t = _base(t)
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_large_list(t):
+        return pa.list_(_normalised(t.value_type))
+    return t
+
+
+def _label_statistics(footers: list[_Footer], data: DataConfig) -> None:
+    """Cheap checks from row-group statistics: all-null labels, binary labels outside {0, 1}."""
+    total_rows = sum(f.metadata.num_rows for f in footers)
+    for task in data.tasks:
+        column = task.label_column
+        nulls, complete = 0, True
+        for footer in footers:
+            md = footer.metadata
+            names = [md.schema.column(i).path for i in range(md.num_columns)]
+            if column not in names:
+                complete = False
+                continue
+            index = names.index(column)
+            for rg in range(md.num_row_groups):
+                stats = md.row_group(rg).column(index).statistics
+                if stats is None or not stats.has_null_count:
+                    complete = False
+                    continue
+                nulls += stats.null_count
+                if (
+                    task.type == "binary"
+                    and stats.has_min_max
+                    and not isinstance(stats.min, bool)
+                    and (stats.min < 0 or stats.max > 1)
+                ):
+                    raise SchemaError(
+                        f"{footer.file}: column {column!r} (binary label of task {task.name!r}) "
+                        f"has values in [{stats.min}, {stats.max}]; binary labels must be 0 or 1"
+                    )
+        if complete and total_rows and nulls == total_rows:
+            raise SchemaError(
+                f"{footers[0].file} (and {len(footers) - 1} more files): column {column!r} "
+                f"(label of task {task.name!r}) is null in all {total_rows} rows"
+            )
+
+
+def check_schema(data: DataConfig) -> list[str]:
+    """Resolve the input files and check them against the config from their footers only.
+
+    Raises one `SchemaError` naming the file and the column for: no input files or no rows,
+    a file that is not Parquet or is truncated, a missing column, a column of the wrong type,
+    a column whose type differs between files (drift), a label that is null in every row,
+    and a binary label whose row-group statistics fall outside [0, 1]. Null labels are fine.
+
+    Args:
+        data: the `data:` section of the config.
+
+    Returns:
+        The resolved list of files (local paths or URIs), ready for `ray.data.read_parquet`.
+    """
+    files = resolve_files(data.path)
+    if not files:
+        raise SchemaError(f"data.path {data.path!r}: no Parquet files found")
+    footers = read_footers(files)
+    need = required_columns(data)
+    for footer in footers:
+        for column, spec in need.items():
+            index = footer.schema.get_field_index(column)
+            if index < 0:
+                shown = ", ".join(footer.schema.names[:20])
+                raise SchemaError(
+                    f"{footer.file}: column {column!r} ({spec.role}) not found; "
+                    f"the file has: {shown}"
+                )
+            dtype = footer.schema.field(index).type
+            if not spec.accepts(dtype):
+                raise SchemaError(
+                    f"{footer.file}: column {column!r} ({spec.role}) has type {dtype}; "
+                    f"expected {spec.expected}"
+                )
+    first = footers[0]
+    for footer in footers[1:]:
+        for column in need:
+            a = first.schema.field(column).type
+            b = footer.schema.field(column).type
+            if _normalised(a) != _normalised(b):
+                raise SchemaError(
+                    f"{footer.file}: schema drift: column {column!r} is {b} here but {a} in "
+                    f"{first.file}"
+                )
+    if sum(f.metadata.num_rows for f in footers) == 0:
+        raise SchemaError(f"data.path {data.path!r}: all {len(files)} file(s) have 0 rows")
+    _label_statistics(footers, data)
+    return files

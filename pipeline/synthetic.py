@@ -1,0 +1,322 @@
+"""Synthetic interaction logs with a known truth (an oracle), for tests and benchmarks.
+
+Each row is one impression of an item to a user. A small "world" (per user, item, category
+and segment latent factors and biases) is drawn once from the seed; rows are then drawn in
+fixed-size chunks, each from its own seed, so the output is identical for a seed whatever
+the number of threads, and memory stays bounded for any row count.
+
+Tasks and how they relate (`relatedness` and `conflict` tune them):
+- click (binary, every row): user-item interest + user/item biases + clickbait + context
+  (device, hour) + position and item age.
+- like (binary, observed only when clicked, null otherwise): `relatedness` of the same
+  interest as click, the rest an independent interest; item quality; clickbait hurts it.
+- share (binary, rare, null without a click): the like interest, the user's share
+  propensity, quality, user tenure.
+- watch_time (regression, minutes, > 0, null without a click): log-normal around interest,
+  quality and video length; clickbait lowers it: the task that conflicts with click.
+
+The oracle columns hold each row's truth: `p_click` = P(click), `p_like` = P(like | click),
+`p_share` = P(share | click), `e_watch_time` = E[watch_time | click]. They are not features.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+DEVICES = np.array(["android", "ios", "web"])
+TABLE_SIZE = 1 << 16
+DEVICE_TABLE = np.repeat(np.arange(3, dtype=np.int8), [32_768, 22_938, 9_830])  # 50/35/15 %
+SEGMENTS = 8
+CATEGORIES = 24
+LATENT_DIM = 4
+WATCH_SIGMA = 0.5  # log-normal noise of watch_time around its expectation
+CHUNK_ROWS = 131_072
+
+
+@dataclass
+class World:
+    """Everything drawn once per seed; rows are drawn from it."""
+
+    user_segment: np.ndarray
+    user_interest: np.ndarray  # [users, K] factors of the interest shared by click and like
+    user_own: np.ndarray  # [users, K] factors of like's own interest
+    user_bias: np.ndarray
+    user_share: np.ndarray
+    user_tenure_mu: np.ndarray
+    item_category: np.ndarray
+    item_interest: np.ndarray
+    item_own: np.ndarray
+    item_bias: np.ndarray
+    item_quality: np.ndarray
+    item_clickbait: np.ndarray
+    item_length_mu: np.ndarray
+    item_table: np.ndarray  # item ids in proportion to popularity, to draw impressions
+    hour_table: np.ndarray
+    device_effect: np.ndarray  # [3, 4 tasks]
+    hour_effect: np.ndarray  # [24, 4 tasks]
+    _pairs: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def interest(
+        self, user: np.ndarray, item: np.ndarray, user_f: np.ndarray, item_f: np.ndarray
+    ) -> np.ndarray:
+        """<user factors, item factors>, scaled to unit variance (1.25 per dimension).
+
+        A users x items table is cached when small: one gather beats a [rows, K] product.
+        """
+        scale = np.float32(1.0 / (1.25 * np.sqrt(LATENT_DIM)))
+        if len(user_f) * len(item_f) > 20_000_000:
+            return np.einsum("nk,nk->n", user_f[user], item_f[item]) * scale
+        key = id(user_f)
+        if key not in self._pairs:
+            self._pairs[key] = (user_f @ item_f.T * scale).astype(np.float32)
+        return self._pairs[key][user, item]
+
+
+def _factors(rng: np.random.Generator, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Low-rank factors: a group centroid (segment/category) plus individual noise."""
+    centroids = rng.normal(size=(n_groups, LATENT_DIM))
+    return (centroids[groups] + 0.5 * rng.normal(size=(len(groups), LATENT_DIM))).astype(np.float32)
+
+
+def _table(weights: np.ndarray) -> np.ndarray:
+    """A lookup table: a uniform index into it draws i with probability ~ weights[i]."""
+    cdf = np.cumsum(weights) / np.sum(weights)
+    return np.searchsorted(cdf, (np.arange(TABLE_SIZE) + 0.5) / TABLE_SIZE).astype(np.int32)
+
+
+def make_world(seed: int, users: int, items: int) -> World:
+    """Draw the latent world for a seed."""
+    rng = np.random.default_rng([seed, 0])
+    user_segment = rng.integers(0, SEGMENTS, users)
+    item_category = rng.integers(0, CATEGORIES, items)
+    popularity = rng.normal(0, 0.5, items)
+    hours = np.arange(24)
+    hour_p = 1.0 + 0.6 * np.sin((hours - 14) / 24 * 2 * np.pi)
+    return World(
+        user_segment=user_segment,
+        user_interest=_factors(rng, user_segment, SEGMENTS),
+        user_own=_factors(rng, user_segment, SEGMENTS),
+        user_bias=rng.normal(0, 0.4, users).astype(np.float32),
+        user_share=rng.normal(0, 0.7, users).astype(np.float32),
+        user_tenure_mu=rng.normal(4.0, 1.0, users).astype(np.float32),
+        item_category=item_category,
+        item_interest=_factors(rng, item_category, CATEGORIES),
+        item_own=_factors(rng, item_category, CATEGORIES),
+        item_bias=(0.5 * popularity + rng.normal(0, 0.2, items)).astype(np.float32),
+        item_quality=rng.normal(0, 0.6, items).astype(np.float32),
+        item_clickbait=rng.normal(0, 0.6, items).astype(np.float32),
+        item_length_mu=rng.normal(1.0, 0.6, items).astype(np.float32),
+        item_table=_table(np.exp(popularity)),
+        hour_table=_table(hour_p),
+        device_effect=rng.normal(0, 0.3, (3, 4)).astype(np.float32),
+        hour_effect=(
+            0.3 * np.sin((hours[:, None] - rng.uniform(0, 24, 4)) / 24 * 2 * np.pi)
+        ).astype(np.float32),
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _masked(values: np.ndarray, observed: np.ndarray) -> pa.Array:
+    return pa.array(values, mask=~observed)
+
+
+def _chunk(
+    world: World,
+    rng: np.random.Generator,
+    rows: int,
+    day: str,
+    first_id: int,
+    rho: float,
+    conflict: float,
+) -> pa.Table:
+    """Draw `rows` impressions of one day."""
+
+    def normal() -> np.ndarray:
+        return rng.standard_normal(rows, np.float32)
+
+    # Table lookups instead of Generator.choice(p=...), which rebuilds the CDF per call.
+    user = rng.integers(0, len(world.user_bias), rows)
+    item = world.item_table[rng.integers(0, TABLE_SIZE, rows)]
+    device = DEVICE_TABLE[rng.integers(0, TABLE_SIZE, rows)]
+    hour = world.hour_table[rng.integers(0, TABLE_SIZE, rows)]
+    position = rng.integers(0, 20, rows, dtype=np.int16)
+    item_age = np.exp(3.0 + 1.2 * normal())  # hours since upload, log-normal
+    tenure = np.exp(world.user_tenure_mu[user] + 0.3 * normal())
+    length = np.exp(world.item_length_mu[item] + 0.2 * normal())
+
+    interest = world.interest(user, item, world.user_interest, world.item_interest)
+    own = world.interest(user, item, world.user_own, world.item_own)
+    like_interest = rho * interest + np.sqrt(1.0 - rho**2) * own
+    context = world.device_effect[device] + world.hour_effect[hour]  # [rows, 4]
+    quality, bait = world.item_quality[item], world.item_clickbait[item]
+    log_age = (np.log1p(item_age) - 3.0) / np.float32(1.2)
+
+    click_logit = (
+        -1.0
+        + 0.9 * interest
+        + world.user_bias[user]
+        + world.item_bias[item]
+        + 0.8 * conflict * bait
+        + context[:, 0]
+        - 0.05 * (position.astype(np.float32) - 10)
+        - 0.25 * log_age
+    )
+    like_logit = -0.9 + 1.0 * like_interest + 0.8 * quality - 0.5 * conflict * bait + context[:, 1]
+    share_logit = (
+        -3.6
+        + 0.7 * like_interest
+        + world.user_share[user]
+        + 0.5 * quality
+        + 0.3 * (np.log(tenure) - 4.0)
+        + context[:, 2]
+    )
+    watch_log_mean = (
+        0.3 * interest
+        + 0.3 * quality
+        - 0.6 * conflict * bait
+        + 0.5 * np.log(length)
+        + context[:, 3]
+        - 0.4
+    )
+    p_click, p_like, p_share = _sigmoid(click_logit), _sigmoid(like_logit), _sigmoid(share_logit)
+    e_watch = np.exp(watch_log_mean)
+    watch = e_watch * np.exp(np.float32(-(WATCH_SIGMA**2) / 2) + WATCH_SIGMA * normal())
+
+    u = rng.random((3, rows), np.float32)
+    click = u[0] < p_click
+    like = u[1] < p_like
+    share = u[2] < p_share
+    return pa.table(
+        {
+            "event_id": np.arange(first_id, first_id + rows, dtype=np.int64),
+            "day": pa.repeat(pa.scalar(day, pa.string()), rows),
+            "user_id": user.astype(np.int64),
+            "user_segment": world.user_segment[user].astype(np.int8),
+            "item_id": item.astype(np.int64),
+            "item_category": world.item_category[item].astype(np.int32),
+            "device": pa.DictionaryArray.from_arrays(device, DEVICES.tolist()).dictionary_decode(),
+            "hour": hour.astype(np.int16),
+            "position": position,
+            "item_age_hours": item_age,
+            "user_tenure_days": tenure.astype(np.float32),
+            "video_length_min": length.astype(np.float32),
+            "click": click.astype(np.int8),
+            "like": _masked(like.astype(np.int8), click),
+            "share": _masked(share.astype(np.int8), click),
+            "watch_time": _masked(watch.astype(np.float32), click),
+            "p_click": p_click.astype(np.float32),
+            "p_like": p_like.astype(np.float32),
+            "p_share": p_share.astype(np.float32),
+            "e_watch_time": e_watch.astype(np.float32),
+        }
+    )
+
+
+@dataclass
+class GenerateSummary:
+    """What `generate_logs` wrote."""
+
+    out_dir: Path
+    rows: int
+    files: list[Path]
+    seconds: float
+    rates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        rates = " ".join(f"{k}={v:.4f}" for k, v in self.rates.items())
+        return (
+            f"wrote {self.rows:,} rows in {len(self.files)} files to {self.out_dir} in "
+            f"{self.seconds:.2f} s ({self.rows_per_s:,.0f} rows/s); {rates}"
+        )
+
+
+def generate_logs(
+    out_dir: str | Path,
+    rows: int,
+    seed: int = 0,
+    *,
+    days: int = 14,
+    users: int = 2_000,
+    items: int = 1_000,
+    relatedness: float = 0.7,
+    conflict: float = 1.0,
+    start_day: str = "2024-01-01",
+    threads: int | None = None,
+) -> GenerateSummary:
+    """Write `rows` synthetic impressions as one Parquet file per day under `out_dir`.
+
+    Args:
+        out_dir: output folder; files are `day-YYYY-MM-DD.parquet`, each with a `day` column.
+        rows: total rows, spread evenly over the days.
+        seed: the same seed gives the same rows.
+        days: number of days (files).
+        users, items: id cardinalities; each id gets about rows/users (rows/items) rows.
+        relatedness: in [0, 1], how much of like's (and share's) interest is click's.
+        conflict: strength of the clickbait factor that raises click but lowers like and
+            watch_time (0 = no conflicting task).
+        start_day: the first day, ISO format.
+        threads: writer threads (default: CPU count, at most `days`).
+
+    Example:
+        >>> generate_logs("data/logs", 100_000, seed=1).rows  # doctest: +SKIP
+        100000
+    """
+    if rows < 1 or days < 1:
+        raise ValueError("rows and days must be positive")
+    if not 0.0 <= relatedness <= 1.0:
+        raise ValueError("relatedness must be in [0, 1]")
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = make_world(seed, users, items)
+    first_day = dt.date.fromisoformat(start_day)
+    per_day = [rows // days + (1 if d < rows % days else 0) for d in range(days)]
+    starts = np.concatenate([[0], np.cumsum(per_day)[:-1]])
+
+    def write_day(d: int) -> tuple[Path, dict[str, float]]:
+        day = (first_day + dt.timedelta(days=d)).isoformat()
+        path = out / f"day-{day}.parquet"
+        sums = {"click": 0.0, "like": 0.0, "share": 0.0, "watch_time": 0.0}
+        writer = None
+        for c, chunk_start in enumerate(range(0, per_day[d], CHUNK_ROWS)):
+            n = min(CHUNK_ROWS, per_day[d] - chunk_start)
+            rng = np.random.default_rng([seed, 1, d, c])
+            table = _chunk(world, rng, n, day, int(starts[d]) + chunk_start, relatedness, conflict)
+            for k in sums:
+                sums[k] += float(pc.sum(table[k]).as_py() or 0.0)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, compression="snappy")
+            writer.write_table(table, row_group_size=CHUNK_ROWS)
+        if writer is not None:
+            writer.close()
+        return path, sums
+
+    workers = max(1, min(threads or os.cpu_count() or 1, days))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(write_day, [d for d in range(days) if per_day[d] > 0]))
+    totals = {k: sum(s[k] for _, s in results) for k in results[0][1]}
+    clicks = max(totals["click"], 1.0)
+    rates = {
+        "click": totals["click"] / rows,
+        "like_given_click": totals["like"] / clicks,
+        "share": totals["share"] / rows,
+        "mean_watch_time": totals["watch_time"] / clicks,
+    }
+    return GenerateSummary(out, rows, [p for p, _ in results], time.perf_counter() - started, rates)

@@ -1,0 +1,83 @@
+"""Config validation: clear errors for bad data sections, overrides, the checked-in configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import apply_overrides, load_config, parse_config
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _raw(**data_overrides) -> dict:
+    data = {
+        "path": "data/logs",
+        "categorical": [{"column": "user_id", "buckets": 100}],
+        "dense": [{"column": "price"}],
+        "tasks": [{"name": "click"}],
+    }
+    data.update(data_overrides)
+    return {"data": data}
+
+
+def test_minimal_config_gets_defaults() -> None:
+    cfg = parse_config(_raw())
+    assert cfg.data.split.method == "hash"
+    assert cfg.data.batch_size == 512
+    assert cfg.data.dense[0].transform == "standardize"
+    assert cfg.data.tasks[0].label_column == "click"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"data": {"path": "x", "categorical": [{"column": "a"}]}}, "data.tasks: Field required"),
+        (_raw(colour="red"), "data.colour: Extra inputs are not permitted"),
+        (_raw(tasks=[]), "data.tasks: List should have at least 1 item"),
+        (_raw(categorical=[], dense=[]), "give at least one feature"),
+        (_raw(tasks=[{"name": "a"}, {"name": "a"}]), "task names must be unique"),
+        (_raw(tasks=[{"name": "user_id"}]), "['user_id'] are also listed as features"),
+        (_raw(tasks=[{"name": "t", "type": "ranking"}]), "data.tasks.0.type"),
+        (_raw(dense=[{"column": "p", "transform": "sqrt"}]), "data.dense.0.transform"),
+        (_raw(categorical=[{"column": "u", "buckets": 0}]), "data.categorical.0.buckets"),
+        (_raw(split={"validation_fraction": 0.6, "test_fraction": 0.5}), "must be below 1"),
+        (_raw(split={"method": "values", "column": "s"}), "validation_values: required"),
+        (_raw(split={"method": "cutoff", "column": "day"}), "validation_from: required"),
+        (_raw(split={"method": "random"}), "data.split.method"),
+    ],
+)
+def test_invalid_configs_name_the_field(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, source="my.yaml")
+    assert message in str(err.value)
+    assert str(err.value).startswith("my.yaml: ")
+
+
+def test_overrides_parse_yaml_values() -> None:
+    raw = apply_overrides(_raw(), ["data.batch_size=2048", "data.split.method=cutoff"])
+    assert raw["data"]["batch_size"] == 2048
+    with pytest.raises(ConfigError, match="validation_from: required"):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(_raw(), ["data.batch_size"])
+
+
+def test_load_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["synthetic.yaml", "census.yaml"])
+def test_checked_in_configs_are_valid(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / name)
+    assert len(cfg.data.tasks) >= 3
+    features = set(cfg.data.feature_columns)
+    assert not features & {t.label_column for t in cfg.data.tasks}
+    assert not features & {t.oracle for t in cfg.data.tasks if t.oracle}
