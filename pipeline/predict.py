@@ -44,13 +44,16 @@ def load_spec(model_uri: str) -> ModelSpec:
 class _Scorer:
     """A Ray Data actor: loads the pyfunc model once, then scores pandas batches."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, passthrough: list[str]) -> None:
+    def __init__(
+        self, model_uri: str, tracking_uri: str, features: list[str], passthrough: list[str]
+    ) -> None:
         mlflow.set_tracking_uri(tracking_uri)
         self.model = mlflow.pyfunc.load_model(model_uri)
+        self.features = features
         self.passthrough = passthrough
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        scores = self.model.predict(batch)
+        scores = self.model.predict(batch[self.features])
         kept = batch[self.passthrough].reset_index(drop=True)
         return pd.concat([kept, scores.reset_index(drop=True)], axis=1)
 
@@ -87,7 +90,7 @@ def predict(
     ds = ray.data.read_parquet(files, columns=columns)
     scored = ds.map_batches(
         _Scorer,
-        fn_constructor_args=(model_uri, tracking_uri, passthrough),
+        fn_constructor_args=(model_uri, tracking_uri, spec.data.feature_columns, passthrough),
         batch_size=batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -9,21 +9,44 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import roc_auc_score
 
 from pipeline.config import DataConfig
-from pipeline.ingest import read_split
 from pipeline.plots import fusion_heatmap
 from pipeline.preprocess import Preprocessor
+from pipeline.schema import filesystem_for
+from pipeline.split import prune_files, split_mask, split_names
 
 EXAMPLE_ROWS = 2048
 
 
+def read_split(
+    data: DataConfig, files: list[str], split: str, columns: list[str], max_rows: int | None = None
+) -> pa.Table:
+    """The raw rows of one split (selected columns), read file by file on the driver.
+
+    For reports and checks on small slices, not for training: training streams through Ray.
+    """
+    read = list(dict.fromkeys([*columns, data.split.column]))
+    tables, rows = [], 0
+    for file in prune_files(data.split, files, split):
+        fs, path = filesystem_for(file)
+        table = pq.read_table(path, columns=read, filesystem=fs)
+        table = table.filter(split_mask(table[data.split.column], data.split, split))
+        tables.append(table.select(columns))
+        rows += table.num_rows
+        if max_rows is not None and rows >= max_rows:
+            break
+    out = pa.concat_tables(tables)
+    return out.slice(0, max_rows) if max_rows is not None else out
+
+
 def raw_example(data: DataConfig, files: list[str], rows: int = EXAMPLE_ROWS) -> pd.DataFrame:
-    """Up to `rows` raw validation rows, feature (and passthrough) columns only."""
-    columns = list(dict.fromkeys([*data.feature_columns, *data.passthrough]))
-    return read_split(data, files, "validation", columns, max_rows=rows).to_pandas()
+    """Up to `rows` raw validation rows, feature columns only (what the model reads)."""
+    return read_split(data, files, "validation", data.feature_columns, max_rows=rows).to_pandas()
 
 
 def log_fusion_plots(
@@ -54,7 +77,7 @@ def oracle_metrics(data: DataConfig, files: list[str]) -> dict[str, float]:
     tasks = [t for t in data.tasks if t.oracle and t.type == "binary"]
     if not tasks:
         return {}
-    split = "test" if data.split_has_test else "validation"
+    split = "test" if "test" in split_names(data.split) else "validation"
     columns = sorted({c for t in tasks for c in (t.label_column, t.oracle)})
     table = read_split(data, files, split, columns).to_pandas()
     out = {}

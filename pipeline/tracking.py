@@ -157,7 +157,8 @@ class EpochLogger(UserCallback):
         client = MlflowClient(self.tracking_uri)
         numeric = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
         if report.get("final"):
-            log_metrics(client, self.run_id, {k: v for k, v in numeric.items() if k != "final"})
+            summary = {k: v for k, v in numeric.items() if k not in ("final", EPOCH_KEY)}
+            log_metrics(client, self.run_id, summary)
             return
         if self._seen is None:
             self._seen = logged_epochs(client, self.run_id)

@@ -22,7 +22,7 @@ from pipeline.checkpoint import TrainingState, load_checkpoint
 from pipeline.cluster_rules import check_cluster_rules, is_remote_submission
 from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
-from pipeline.ingest import build_datasets, configure_ray_data
+from pipeline.ingest import build_datasets, ray_data_context_for_training
 from pipeline.preprocess import Preprocessor, fit_preprocessor
 from pipeline.report import log_fusion_plots, oracle_metrics, raw_example
 from pipeline.schema import check_schema
@@ -67,7 +67,9 @@ def _git_commit() -> str:
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest `checkpoint_*` folder of a Ray Train run folder, if any."""
-    found = sorted(folder.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        (p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
     return found[-1] if found else None
 
 
@@ -129,8 +131,12 @@ def make_trainer(
     resume_from: str | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for one training run; a Tune trial builds the same one."""
-    configure_ray_data()
     tasks = [t.name for t in config.data.tasks]
+    # Before the datasets are built: they capture the Ray Data context they are made in.
+    dataset_config = ray_data_context_for_training(
+        config.train.num_workers, config.train.cpus_per_worker
+    )
+    datasets = build_datasets(config.data, preprocessor, files)
     return TorchTrainer(
         train_loop,
         train_loop_config={
@@ -153,8 +159,11 @@ def make_trainer(
             ),
             callbacks=[EpochLogger(tracking_uri, run_id, tasks), *(callbacks or [])],
             worker_runtime_env=_forwarded_env(),
+            # Ray Train's INFO lines repeat every report in full; the epoch line says it once.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=build_datasets(config.data, preprocessor, files),
+        datasets=datasets,
+        dataset_config=dataset_config,
     )
 
 

@@ -85,7 +85,7 @@ def train_epoch(
             total.backward()
             optimizer.step()
             n = batch["labels"].shape[0]
-            loss_sum += float(total) * n
+            loss_sum += float(total.detach()) * n
             task_loss_sum += per_task.double().cpu() * n
             rows += n
             batches += 1

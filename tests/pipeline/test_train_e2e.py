@@ -9,14 +9,14 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline.ingest import read_split
-from pipeline.preprocess import Preprocessor
 from sklearn.metrics import roc_auc_score
 
 from models import build_model
 from pipeline.checkpoint import load_checkpoint
+from pipeline.preprocess import Preprocessor
+from pipeline.report import read_split
 from pipeline.serving import score_frame
-from pipeline.train import TAG_RAY_RUN, TAG_STORAGE, run_training
+from pipeline.train import TAG_RAY_RUN, TAG_STORAGE, latest_checkpoint, run_training
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -100,7 +100,6 @@ def _adam_step(optimizer_state: dict) -> int:
 
 def _optimizer_steps(run_folder: Path) -> int:
     """Adam steps in one epoch, from the epoch-1 history entry's row count."""
-    checkpoints = sorted(run_folder.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
-    state = load_checkpoint(checkpoints[-1])
+    state = load_checkpoint(latest_checkpoint(run_folder))
     first = state.history[0]
     return int(first["train/steps_per_worker"])
