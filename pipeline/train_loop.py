@@ -95,6 +95,7 @@ def train_epoch(
         "train/loss": loss_sum / max(rows, 1),
         "train/rows": rows,
         "train/steps_per_worker": batches,
+        "train/seconds": elapsed_sum / ray.train.get_context().get_world_size(),
         # elapsed is summed over workers: divided by the world size it is the mean wall time.
         "train/samples_per_s": rows
         / max(elapsed_sum / ray.train.get_context().get_world_size(), 1e-9),
@@ -212,9 +213,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "epoch": epoch,
             **train_epoch(module, optimizer, ray.train.get_dataset_shard("train"), config, device),
         }
-        metrics.update(
-            evaluate(network, ray.train.get_dataset_shard("validation"), config, device, "val")
-        )
+        started = time.perf_counter()
+        validation = ray.train.get_dataset_shard("validation")
+        metrics.update(evaluate(network, validation, config, device, "val"))
+        metrics["val/seconds"] = time.perf_counter() - started
         value = metrics.get(stopping.metric, float("nan"))
         state.model = _cpu_state(network)
         if _improved(value, state.best_value, stopping.mode):
