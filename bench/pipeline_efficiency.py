@@ -1,0 +1,120 @@
+"""How much of the model's raw training speed survives the product's pipeline.
+
+The same AdaTT model, data and batch size trained two ways:
+  1. through `adatt train` (Ray Data streaming -> Ray Train workers, MLflow tracking),
+     steady-state epochs only (epoch 1 is warm-up);
+  2. a plain in-memory PyTorch loop over preloaded tensors (no Ray, no I/O), same threads.
+Prints both samples/s, the start-up time of the pipeline, and last
+`pipeline_vs_inmemory=<ratio>` (target >= 0.8).
+
+    python bench/pipeline_efficiency.py [--rows 300000] [--epochs 3] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+from pipeline.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.losses import TrainingModel  # noqa: E402
+from pipeline.preprocess import fit_preprocessor  # noqa: E402
+from pipeline.report import read_split  # noqa: E402
+from pipeline.schema import check_schema  # noqa: E402
+from pipeline.synthetic import generate_logs  # noqa: E402
+from pipeline.train import run_training  # noqa: E402
+from pipeline.train_loop import build_training_model, make_optimizer  # noqa: E402
+
+
+def in_memory_samples_per_s(config, threads: int, epochs: int = 2) -> float:
+    """Train on preloaded tensors; samples/s of the last epoch."""
+    torch.set_num_threads(threads)
+    files = check_schema(config.data)
+    preprocessor = fit_preprocessor(config.data, files)
+    columns = preprocessor.input_columns(with_labels=True)
+    table = read_split(config.data, files, "train", columns)
+    arrays = preprocessor.transform(table)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    rows = len(tensors["labels"])
+    torch.manual_seed(config.train.seed)
+    module: TrainingModel = build_training_model(config)
+    optimizer = make_optimizer(module, config.train)
+    batch_size = config.data.batch_size
+    rate = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(rows)
+        start = time.perf_counter()
+        for i in range(0, rows, batch_size):
+            index = order[i : i + batch_size]
+            batch = {k: v[index] for k, v in tensors.items()}
+            total, _, _ = module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        rate = rows / (time.perf_counter() - start)
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, in-memory loop")
+    parser.add_argument("--set", action="append", default=[], help="config override")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = Path(tmp) / "logs"
+        generate_logs(logs, rows=args.rows, seed=0)
+        config = load_config(
+            REPO / "configs" / "synthetic.yaml",
+            [
+                f"data.path={logs}",
+                f"train.epochs={args.epochs}",
+                f"train.num_workers={args.workers}",
+                f"train.cpus_per_worker={args.cpus_per_worker}",
+                f"train.storage_path={tmp}/runs",
+                f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                "tracking.log_model=false",
+                *args.set,
+            ],
+        )
+        inmemory = in_memory_samples_per_s(config, args.threads)
+        started = time.perf_counter()
+        outcome = run_training(config)
+        wall = time.perf_counter() - started
+        history = load_checkpoint(outcome.checkpoint_path).history
+
+    steady = history[1:] or history
+    pipeline_rate = float(np.mean([h["train/samples_per_s"] for h in steady]))
+    busy = sum(h["train/seconds"] + h["val/seconds"] for h in history)
+    print(
+        f"config: {config.model.name} {config.model.expert_dims} batch {config.data.batch_size}, "
+        f"{args.rows:,} rows, {args.workers} worker(s) x {args.cpus_per_worker} CPU"
+    )
+    print(f"{'path':<22}{'samples/s':>12}")
+    print(f"{'in-memory torch loop':<22}{inmemory:>12,.0f}")
+    print(f"{'adatt train (steady)':<22}{pipeline_rate:>12,.0f}")
+    print(
+        f"adatt train wall time {wall:.1f} s; training+validation {busy:.1f} s; "
+        f"start-up and wrap-up {wall - busy:.1f} s"
+    )
+    print(f"pipeline_vs_inmemory={pipeline_rate / inmemory:.3f}")
+
+
+if __name__ == "__main__":
+    main()
