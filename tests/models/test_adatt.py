@@ -108,8 +108,8 @@ def test_gradients_reach_every_expert_gate_and_native_weight():
     (batched(x) ** 2).sum().backward()
     for name, p in batched.named_parameters():
         assert p.grad is not None, name
-        if p.dim() >= 2:  # stacked experts or gates: every slice (expert / gate) gets gradient
-            per_slice = p.grad.flatten(1).abs().sum(1)
+        if p.dim() == 3:  # stacked experts or gates: every slice (expert / gate) gets gradient
+            per_slice = p.grad.transpose(0, 1).flatten(1).abs().sum(1)  # [in, G, out]: by G
             assert (per_slice > 0).all(), name
         else:
             assert p.grad.abs().sum() > 0, name
