@@ -110,10 +110,11 @@ class AdaTTLevel(nn.Module):
         """
         experts = self.experts(x)  # eqs. 4, 5, 7: [B, E, H]
         if x.dim() == 2:
-            logits = self.gates.shared(x)  # level 1: every gate reads f^0, one 2-D matmul
+            # Level 1: every gate reads f^0, one 2-D matmul.
+            gates = torch.softmax(self.gates.shared(x), dim=-1)  # eq. 9
         else:
-            logits = self.gates(x[: self.fusing_units]).transpose(0, 1)  # W_t f_t^{l-1}
-        gates = torch.softmax(logits, dim=-1)  # eq. 9
+            logits = self.gates(x[: self.fusing_units])  # W_t f_t^{l-1}, [units, B, E]
+            gates = torch.softmax(logits, dim=-1).transpose(0, 1)  # eq. 9
         weights = gates + self.native_matrix()  # eq. 11: pad(v_t) + G_t
         return torch.bmm(weights, experts), weights  # eq. 11: (pad(v_t) + G_t)^T E
 

@@ -22,6 +22,13 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
+# In place where torch allows it: the pre-activations here are fresh matmul outputs that
+# autograd does not need, and a large batch of experts saves one full-size allocation.
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "tanh": torch.tanh_,
+}
 
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
@@ -117,6 +124,7 @@ class ExpertGroup(nn.Module):
         self.num_experts = sum(self.experts_per_unit)
         self.output_dim = hidden_dims[-1]
         self.activation = activation_fn(activation)
+        self.activation_in_place = _IN_PLACE.get(activation, self.activation)
         self.dropout = dropout
         widths = [input_dim, *hidden_dims]
         self.layers = nn.ModuleList(
@@ -125,7 +133,8 @@ class ExpertGroup(nn.Module):
         )
 
     def _activate(self, x: Tensor) -> Tensor:
-        return F.dropout(self.activation(x), self.dropout, self.training)
+        """Activation (in place on the fresh matmul output) then dropout."""
+        return F.dropout(self.activation_in_place(x), self.dropout, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         """Expert outputs [B, E, H].

@@ -60,10 +60,14 @@ class CGCLevel(nn.Module):
         """x: [B, D] at level 1 else [U, B, D]; returns outputs [B, rows, H], gates [B, rows, E]."""
         experts = self.experts(x)
         if x.dim() == 2:
-            logits = self.gates.shared(x)
+            logits = self.gates.shared(x)  # [B, rows, E]
+            hidden = ~self.visible
         else:
-            logits = self.gates(x[: self.fusing_units]).transpose(0, 1)
-        gates = torch.softmax(logits.masked_fill(~self.visible, float("-inf")), dim=-1)
+            logits = self.gates(x[: self.fusing_units])  # [rows, B, E]
+            hidden = ~self.visible.unsqueeze(1)
+        gates = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+        if x.dim() == 3:
+            gates = gates.transpose(0, 1)
         return torch.bmm(gates, experts), gates
 
 

@@ -40,6 +40,15 @@ def test_equals_loop_reference(experts_per_task, shared, level_dims):
     torch.testing.assert_close(batched(x), loop(x), atol=1e-5, rtol=1e-5)
 
 
+def test_input_gradients_equal_loop_reference():
+    batched, loop = _pair([2, 1, 3], 1, [[8, 7], [6]])
+    x1 = torch.randn(9, 12, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    (batched(x1) ** 2).sum().backward()
+    (loop(x2) ** 2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     experts_per_task=st.lists(st.integers(1, 3), min_size=1, max_size=4),
