@@ -108,15 +108,13 @@ class AdaTTLevel(nn.Module):
         Returns:
             f^l [B, fusing_units, H] and the fusion weights pad(v) + G, [B, fusing_units, E].
         """
+        experts = self.experts(x)  # eqs. 4, 5, 7: [B, E, H]
         if x.dim() == 2:
-            # Level 1: all experts and all gates read f^0, so they share one matmul.
-            gate_weight, gate_bias = self.gates.flat_weight()
-            experts, logits = self.experts.forward_with_side(x, (gate_weight, gate_bias))
-            logits = logits.unflatten(1, (self.fusing_units, self.num_experts))
+            # Level 1: every gate reads f^0, one 2-D matmul.
+            gates = torch.softmax(self.gates.shared(x), dim=-1)  # eq. 9
         else:
-            experts = self.experts(x)  # eqs. 4, 5, 7: [B, E, H]
-            logits = self.gates(x[: self.fusing_units]).transpose(0, 1)  # W_t f_t^{l-1}
-        gates = torch.softmax(logits, dim=-1)  # eq. 9
+            logits = self.gates(x[: self.fusing_units])  # W_t f_t^{l-1}, [units, B, E]
+            gates = torch.softmax(logits, dim=-1).transpose(0, 1)  # eq. 9
         weights = gates + self.native_matrix()  # eq. 11: pad(v_t) + G_t
         return torch.bmm(weights, experts), weights  # eq. 11: (pad(v_t) + G_t)^T E
 

@@ -22,6 +22,13 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
+# In place where torch allows it: the pre-activations here are fresh matmul outputs that
+# autograd does not need, and a large batch of experts saves one full-size allocation.
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "tanh": torch.tanh_,
+}
 
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
@@ -32,9 +39,12 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
 
 
 class StackedLinear(nn.Module):
-    """`groups` independent linear layers with stacked weights, applied with one baddbmm.
+    """`groups` independent linear layers with stacked weights.
 
-    Initialised like `nn.Linear` (uniform in +-1/sqrt(in_features)), group by group.
+    The weight is stored input-major, [in, G, out], so that applying every group to one
+    shared input is a single 2-D matmul with the weight viewed as [in, G * out] (no copy),
+    and applying group g to its own input is a batched matmul over groups. Initialised like
+    `nn.Linear` (uniform in +-1/sqrt(in_features)).
 
     Args:
         groups: number of independent layers G.
@@ -43,27 +53,33 @@ class StackedLinear(nn.Module):
 
     Example:
         >>> layer = StackedLinear(groups=3, in_features=8, out_features=4)
-        >>> layer(torch.randn(3, 5, 8)).shape
+        >>> layer(torch.randn(3, 5, 8)).shape  # group g reads x[g]
         torch.Size([3, 5, 4])
+        >>> layer.shared(torch.randn(5, 8)).shape  # every group reads the same x
+        torch.Size([5, 3, 4])
     """
 
     def __init__(self, groups: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.groups, self.in_features, self.out_features = groups, in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features))
+        self.weight = nn.Parameter(torch.empty(in_features, groups, out_features))
         self.bias = nn.Parameter(torch.empty(groups, out_features))
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
         """[G, B, in] -> [G, B, out]: group g's input through group g's layer."""
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(0, 1))
 
-    def flat_weight(self) -> tuple[Tensor, Tensor]:
-        """Weight [in, G * out] and bias [G * out] for applying all groups to one input."""
-        weight = self.weight.permute(1, 0, 2).reshape(self.in_features, -1)
-        return weight, self.bias.reshape(-1)
+    def shared(self, x: Tensor) -> Tensor:
+        """[B, in] -> [B, G, out]: every group applied to the same input, one 2-D matmul."""
+        out = torch.addmm(self.bias.flatten(), x, self.weight.flatten(1))
+        return out.unflatten(1, (self.groups, self.out_features))
+
+    def group(self, index: int) -> tuple[Tensor, Tensor]:
+        """Weight [in, out] and bias [out] of one group (for tests and weight copies)."""
+        return self.weight[:, index], self.bias[index]
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}"
@@ -108,6 +124,7 @@ class ExpertGroup(nn.Module):
         self.num_experts = sum(self.experts_per_unit)
         self.output_dim = hidden_dims[-1]
         self.activation = activation_fn(activation)
+        self.activation_in_place = _IN_PLACE.get(activation, self.activation)
         self.dropout = dropout
         widths = [input_dim, *hidden_dims]
         self.layers = nn.ModuleList(
@@ -116,56 +133,33 @@ class ExpertGroup(nn.Module):
         )
 
     def _activate(self, x: Tensor) -> Tensor:
-        return F.dropout(self.activation(x), self.dropout, self.training)
+        """Activation (in place on the fresh matmul output) then dropout."""
+        return F.dropout(self.activation_in_place(x), self.dropout, self.training)
 
-    def forward(self, x: Tensor, side: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Expert outputs [B, E, H] from x [B, D] (shared input) or [U, B, D] (per unit)."""
-        return self.forward_with_side(x, side)[0]
-
-    def forward_with_side(
-        self, x: Tensor, side: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Expert outputs, plus a side linear map of a shared input in the same matmul.
+    def forward(self, x: Tensor) -> Tensor:
+        """Expert outputs [B, E, H].
 
         Args:
             x: [B, D] read by every expert, or [U, B, D] where unit u's experts read x[u].
-            side: optional (weight [D, K], bias [K]) of another layer reading the shared
-                input x (the level's gates); it joins the first expert layer's matmul.
-
-        Returns:
-            experts [B, E, H] and the side output [B, K] (None without `side`).
         """
         first = self.layers[0]
-        hidden = first.out_features
-        side_out = None
         if x.dim() == 2:
-            # Every expert reads the same input: one 2-D matmul for all of them (and the side).
-            weight, bias = first.flat_weight()
-            if side is not None:
-                weight = torch.cat([weight, side[0]], dim=1)
-                bias = torch.cat([bias, side[1]])
-            out = torch.addmm(bias, x, weight)
-            expert_cols = self.num_experts * hidden
-            if side is not None:
-                side_out = out[:, expert_cols:]
-            h = out[:, :expert_cols].unflatten(1, (self.num_experts, hidden))
-        elif side is not None:
-            raise ValueError("side outputs need a shared input [B, D]")
+            # Every expert reads the same input: one 2-D matmul for all of them.
+            h = first.shared(x)
         elif len(set(self.experts_per_unit)) == 1:
             # Every unit owns m experts: one batched matmul over units, m experts side by side.
-            units, m = len(self.experts_per_unit), self.experts_per_unit[0]
-            weight = first.weight.unflatten(0, (units, m)).permute(0, 2, 1, 3).flatten(2)
-            bias = first.bias.view(units, 1, m * hidden)
-            out = torch.baddbmm(bias, x, weight)  # [U, B, m * H]
-            h = out.transpose(0, 1).reshape(x.shape[1], self.num_experts, hidden)
+            units, batch = len(self.experts_per_unit), x.shape[1]
+            weight = first.weight.view(first.in_features, units, -1).transpose(0, 1)
+            bias = first.bias.view(units, 1, -1)
+            h = torch.baddbmm(bias, x, weight).transpose(0, 1).reshape(batch, self.num_experts, -1)
         else:
             # Unequal m_u: one matmul per unit over all of its experts (a loop over units).
             outs, start = [], 0
             for unit, m in enumerate(self.experts_per_unit):
-                weight = first.weight[start : start + m].permute(1, 0, 2).flatten(1)
+                weight = first.weight[:, start : start + m].flatten(1)
                 outs.append(torch.addmm(first.bias[start : start + m].flatten(), x[unit], weight))
                 start += m
-            h = torch.cat(outs, dim=1).unflatten(1, (self.num_experts, hidden))
+            h = torch.cat(outs, dim=1).unflatten(1, (self.num_experts, first.out_features))
         h = self._activate(h)
         if len(self.layers) > 1:
             # Deeper expert layers: one batched matmul with the experts as the batch.
@@ -173,4 +167,4 @@ class ExpertGroup(nn.Module):
             for layer in self.layers[1:]:
                 h = self._activate(layer(h))
             h = h.transpose(0, 1)
-        return h, side_out
+        return h

@@ -4,8 +4,8 @@ Level l has N experts. At level 1 every expert reads the input embedding; at dee
 expert n reads its own mixture of the previous level's experts. Each mixture is a softmax
 gate over the level's N experts: at a level below the last there is one gate per
 next-level expert, at the last level one gate per task. As in MMoE and the AdaTT authors'
-ML-MMoE, every gate reads the input embedding, so all gates of all levels are computed in
-the same matmul as the first level's experts. One level is plain MMoE.
+ML-MMoE, every gate reads the input embedding, so the gates of all levels are one matmul.
+One level is plain MMoE.
 """
 
 from __future__ import annotations
@@ -68,9 +68,7 @@ class MLMMoE(Backbone):
 
     def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Task representations [B, T, H] and each level's gate softmax [B, rows, N]."""
-        experts, logits = self.levels[0].forward_with_side(
-            x, (self.gates.weight.t(), self.gates.bias)
-        )
+        experts, logits = self.levels[0](x), self.gates(x)  # all gates of all levels
         sizes = [rows * self.num_experts for rows in self.gate_rows]
         weights = [
             torch.softmax(part.unflatten(1, (-1, self.num_experts)), dim=-1)

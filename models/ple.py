@@ -53,18 +53,21 @@ class CGCLevel(nn.Module):
         self.register_buffer("visible", visible, persistent=False)
         self.gates = StackedLinear(fusing_units, input_dim, self.num_experts)
         with torch.no_grad():
-            self.gates.weight.mul_(visible.unsqueeze(1))
+            self.gates.weight.mul_(visible)  # [in, rows, E] * [rows, E]
             self.gates.bias.mul_(visible)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, D] at level 1 else [U, B, D]; returns outputs [B, rows, H], gates [B, rows, E]."""
+        experts = self.experts(x)
         if x.dim() == 2:
-            experts, logits = self.experts.forward_with_side(x, self.gates.flat_weight())
-            logits = logits.unflatten(1, (self.fusing_units, self.num_experts))
+            logits = self.gates.shared(x)  # [B, rows, E]
+            hidden = ~self.visible
         else:
-            experts = self.experts(x)
-            logits = self.gates(x[: self.fusing_units]).transpose(0, 1)
-        gates = torch.softmax(logits.masked_fill(~self.visible, float("-inf")), dim=-1)
+            logits = self.gates(x[: self.fusing_units])  # [rows, B, E]
+            hidden = ~self.visible.unsqueeze(1)
+        gates = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+        if x.dim() == 3:
+            gates = gates.transpose(0, 1)
         return torch.bmm(gates, experts), gates
 
 

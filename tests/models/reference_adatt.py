@@ -98,10 +98,10 @@ class LoopAdaTT(nn.Module):
             for e, expert in enumerate(experts):
                 linears = [m for m in expert if isinstance(m, nn.Linear)]
                 for linear, stacked in zip(linears, source.experts.layers, strict=True):
-                    linear.weight.copy_(stacked.weight[e].t())
+                    linear.weight.copy_(stacked.weight[:, e].t())
                     linear.bias.copy_(stacked.bias[e])
             for r, gate in enumerate(gates):
-                gate.weight.copy_(source.gates.weight[r].t())
+                gate.weight.copy_(source.gates.weight[:, r].t())
                 gate.bias.copy_(source.gates.bias[r])
             for (lvl, unit), index in self.native_index.items():
                 if lvl == level:
@@ -127,7 +127,7 @@ class LoopTowers(nn.Module):
         for t, tower in enumerate(self.towers):
             linears = [m for m in tower if isinstance(m, nn.Linear)]
             for linear, layer in zip(linears, stacked, strict=True):
-                linear.weight.copy_(layer.weight[t].t())
+                linear.weight.copy_(layer.weight[:, t].t())
                 linear.bias.copy_(layer.bias[t])
         return self
 

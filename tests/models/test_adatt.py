@@ -40,6 +40,15 @@ def test_equals_loop_reference(experts_per_task, shared, level_dims):
     torch.testing.assert_close(batched(x), loop(x), atol=1e-5, rtol=1e-5)
 
 
+def test_input_gradients_equal_loop_reference():
+    batched, loop = _pair([2, 1, 3], 1, [[8, 7], [6]])
+    x1 = torch.randn(9, 12, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    (batched(x1) ** 2).sum().backward()
+    (loop(x2) ** 2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     experts_per_task=st.lists(st.integers(1, 3), min_size=1, max_size=4),
@@ -108,8 +117,8 @@ def test_gradients_reach_every_expert_gate_and_native_weight():
     (batched(x) ** 2).sum().backward()
     for name, p in batched.named_parameters():
         assert p.grad is not None, name
-        if p.dim() >= 2:  # stacked experts or gates: every slice (expert / gate) gets gradient
-            per_slice = p.grad.flatten(1).abs().sum(1)
+        if p.dim() == 3:  # stacked experts or gates: every slice (expert / gate) gets gradient
+            per_slice = p.grad.transpose(0, 1).flatten(1).abs().sum(1)  # [in, G, out]: by G
             assert (per_slice > 0).all(), name
         else:
             assert p.grad.abs().sum() > 0, name

@@ -9,7 +9,7 @@ from models.baselines import CrossStitch, SharedBottom, SingleTask
 
 def _expert(group, e, x):
     for layer in group.layers:
-        x = torch.relu(x @ layer.weight[e] + layer.bias[e])
+        x = torch.relu(x @ layer.weight[:, e] + layer.bias[e])
     return x
 
 
@@ -29,7 +29,7 @@ def test_single_task_networks_are_independent():
     for t in range(3):
         torch.testing.assert_close(out[:, t], _expert(model.networks, t, x))
     out[:, 1].sum().backward()
-    grads = model.networks.layers[0].weight.grad.flatten(1).abs().sum(1)
+    grads = model.networks.layers[0].weight.grad.transpose(0, 1).flatten(1).abs().sum(1)
     assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0  # task 1's loss touches only its net
 
 

@@ -14,20 +14,20 @@ from models.experts import ExpertGroup, StackedLinear, activation_fn
 def _expert(group: ExpertGroup, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert e of the group, computed alone."""
     for layer in group.layers:
-        x = group.activation(x @ layer.weight[e] + layer.bias[e])
+        x = group.activation(x @ layer.weight[:, e] + layer.bias[e])
     return x
 
 
 def test_stacked_linear_equals_separate_layers():
     layer = StackedLinear(3, 5, 4)
     x = torch.randn(3, 7, 5)
-    expected = torch.stack([x[g] @ layer.weight[g] + layer.bias[g] for g in range(3)])
+    expected = torch.stack([x[g] @ layer.weight[:, g] + layer.bias[g] for g in range(3)])
     torch.testing.assert_close(layer(x), expected)
-    weight, bias = layer.flat_weight()
-    torch.testing.assert_close(
-        (x[0] @ weight + bias).unflatten(1, (3, 4)),
-        torch.stack([x[0] @ layer.weight[g] + layer.bias[g] for g in range(3)], 1),
-    )
+    shared = layer.shared(x[0])
+    for g in range(3):
+        torch.testing.assert_close(shared[:, g], x[0] @ layer.weight[:, g] + layer.bias[g])
+    weight, bias = layer.group(1)
+    assert torch.equal(weight, layer.weight[:, 1]) and torch.equal(bias, layer.bias[1])
 
 
 def test_stacked_linear_init_like_nn_linear():
@@ -53,17 +53,6 @@ def test_group_equals_each_expert_alone(experts_per_unit, hidden_dims, shared_in
     torch.testing.assert_close(group(x), expected)
 
 
-def test_side_output_shares_the_first_matmul():
-    group = ExpertGroup(6, [4], [2, 1])
-    side_weight, side_bias = torch.randn(6, 3), torch.randn(3)
-    x = torch.randn(5, 6)
-    experts, side = group.forward_with_side(x, (side_weight, side_bias))
-    torch.testing.assert_close(side, x @ side_weight + side_bias)
-    torch.testing.assert_close(experts, group(x))
-    with pytest.raises(ValueError, match="shared input"):
-        group.forward_with_side(torch.randn(2, 5, 6), (side_weight, side_bias))
-
-
 def test_dropout_only_in_training():
     group = ExpertGroup(6, [50], [4], dropout=0.5)
     x = torch.randn(8, 6)
@@ -79,7 +68,7 @@ def test_activation_choice_and_errors():
     group = ExpertGroup(3, [4], [1], activation="tanh")
     x = torch.randn(2, 3)
     torch.testing.assert_close(
-        group(x)[:, 0], torch.tanh(x @ group.layers[0].weight[0] + group.layers[0].bias[0])
+        group(x)[:, 0], torch.tanh(x @ group.layers[0].weight[:, 0] + group.layers[0].bias[0])
     )
     assert activation_fn("gelu") is F.gelu
     with pytest.raises(ValueError, match="activation"):

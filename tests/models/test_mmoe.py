@@ -10,7 +10,7 @@ from models.mmoe import MLMMoE
 
 def _expert(group, e, x):
     for layer in group.layers:
-        x = torch.relu(x @ layer.weight[e] + layer.bias[e])
+        x = torch.relu(x @ layer.weight[:, e] + layer.bias[e])
     return x
 
 

@@ -9,7 +9,7 @@ from models.ple import PLE
 
 def _expert(group, e, x):
     for layer in group.layers:
-        x = torch.relu(x @ layer.weight[e] + layer.bias[e])
+        x = torch.relu(x @ layer.weight[:, e] + layer.bias[e])
     return x
 
 
@@ -23,7 +23,7 @@ def _loop(model: PLE, x: torch.Tensor) -> torch.Tensor:
         outputs = []
         for row in range(level.fusing_units):
             seen = level.visible[row].nonzero().flatten().tolist()
-            weight, bias = level.gates.weight[row][:, seen], level.gates.bias[row][seen]
+            weight, bias = level.gates.weight[:, row][:, seen], level.gates.bias[row][seen]
             gate = torch.softmax(inputs[row] @ weight + bias, dim=-1)
             outputs.append(sum(gate[:, k : k + 1] * experts[e] for k, e in enumerate(seen)))
         inputs = outputs
@@ -65,5 +65,5 @@ def test_hidden_gate_weights_stay_zero_when_training():
         optimizer.step()
     for level in model.levels:
         hidden = ~level.visible
-        assert (level.gates.weight.detach().permute(0, 2, 1)[hidden] == 0).all()
+        assert (level.gates.weight.detach().permute(1, 2, 0)[hidden] == 0).all()
         assert (level.gates.bias.detach()[hidden] == 0).all()

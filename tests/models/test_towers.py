@@ -15,8 +15,8 @@ def test_towers_equal_separate_mlps():
     for t in range(3):
         h = x[:, t]
         for layer in towers.hidden:
-            h = torch.relu(h @ layer.weight[t] + layer.bias[t])
-        expected.append(h @ towers.head.weight[t] + towers.head.bias[t])
+            h = torch.relu(h @ layer.weight[:, t] + layer.bias[t])
+        expected.append(h @ towers.head.weight[:, t] + towers.head.bias[t])
     torch.testing.assert_close(towers(x), torch.cat(expected, dim=1))
 
 
@@ -24,7 +24,9 @@ def test_empty_tower_is_linear_head():
     towers = Towers(input_dim=6, num_tasks=2, hidden_dims=[])
     assert len(towers.hidden) == 0
     x = torch.randn(4, 2, 6)
-    expected = torch.einsum("btd,td->bt", x, towers.head.weight[..., 0]) + towers.head.bias[:, 0]
+    expected = (
+        torch.einsum("btd,td->bt", x, towers.head.weight[..., 0].t()) + towers.head.bias[:, 0]
+    )
     torch.testing.assert_close(towers(x), expected)
     assert sum(p.numel() for p in towers.parameters()) == 2 * (6 + 1)
 

@@ -1,0 +1,128 @@
+"""Train-step speed of the batched AdaTT against the loop implementation (prints figures).
+
+A step is forward, per-task BCE, backward and an Adam step; the loop implementation is
+tests/models/reference_adatt.py (one module per expert, gate and tower, as in the authors'
+code) with the same weights. Median of `--steps` steps after a warm-up.
+
+    python bench/model_speed.py                      # CPU, 2 threads, the issue's table
+    python bench/model_speed.py --device cuda --bf16 # on a GPU, bf16 autocast
+    python bench/model_speed.py --compile            # also time torch.compile(batched)
+
+The last line is `min_speedup_vs_loop=<x>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import FeatureSchema, build_model  # noqa: E402
+from tests.models.reference_adatt import loop_model_from  # noqa: E402
+
+# (name, input width, tasks, model section)
+CONFIGS = [
+    (
+        "census-like",
+        482,
+        3,
+        {"experts_per_task": 2, "shared_experts": 0, "expert_dims": [128, 64], "tower_dims": [32]},
+    ),
+    (
+        "industrial-like",
+        512,
+        3,
+        {"experts_per_task": 1, "shared_experts": 1, "expert_dims": [256, 128], "tower_dims": [64]},
+    ),
+    (
+        "wide",
+        512,
+        4,
+        {
+            "experts_per_task": 4,
+            "shared_experts": 1,
+            "expert_dims": [256, 256, 128],
+            "tower_dims": [64],
+        },
+    ),
+]
+
+
+def time_train_step(model, batch, labels, steps, warmup, device, bf16) -> float:
+    """Median seconds of one full train step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
+    times = []
+    for step in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = model(batch).float()
+        loss = sum(
+            F.binary_cross_entropy_with_logits(logits[:, t], labels[:, t])
+            for t in range(labels.shape[1])
+        )
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[512, 4096])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    header = f"{'config':<16} {'batch':>6} {'batched ms':>11} {'loop ms':>9} {'speedup':>8}"
+    if args.compile:
+        header += f" {'compiled ms':>12}"
+    print(f"device={device} threads={args.threads} bf16={args.bf16} steps={args.steps}")
+    print(header)
+    speedups = []
+    for name, width, tasks, section in CONFIGS:
+        torch.manual_seed(0)
+        schema = FeatureSchema(num_dense=width, tasks=tuple(f"task{t}" for t in range(tasks)))
+        batched = build_model({"name": "adatt", **section}, schema)
+        loop = loop_model_from(batched).to(device)
+        batched = batched.to(device)
+        for batch_size in args.batches:
+            batch = {"dense": torch.randn(batch_size, width, device=device)}
+            labels = torch.randint(0, 2, (batch_size, tasks), device=device).float()
+            timing = (batch, labels, args.steps, args.warmup, device, args.bf16)
+            fast = time_train_step(batched, *timing)
+            slow = time_train_step(loop, *timing)
+            speedups.append(slow / fast)
+            row = f"{name:<16} {batch_size:>6} {fast * 1e3:>11.1f} {slow * 1e3:>9.1f} {slow / fast:>7.2f}x"
+            if args.compile:
+                row += f" {time_train_step(torch.compile(batched), *timing) * 1e3:>12.1f}"
+            print(row, flush=True)
+    print(f"min_speedup_vs_loop={min(speedups):.2f}")
+
+
+if __name__ == "__main__":
+    main()
