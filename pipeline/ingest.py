@@ -154,6 +154,34 @@ def iter_batches(
     )
 
 
+def _data_config_class() -> type:
+    """`ray.train.DataConfig` that splits only `train` into equal shards.
+
+    Equal shards drop up to `num_workers - 1` rows per epoch; the train split needs them
+    (DDP hangs if workers see different batch counts), but validation and test metrics
+    should see every row, so those are split with `equal=False`.
+    """
+    import ray.train
+
+    class ExactEvalDataConfig(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            equal = {k: v for k, v in datasets.items() if k == "train"}
+            exact = {k: v for k, v in datasets.items() if k != "train"}
+            output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if getattr(self, "_enable_shard_locality", True) else None
+            for name, ds in exact.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                shards = ds.streaming_split(world_size, equal=False, locality_hints=hints)
+                for i, shard in enumerate(shards):
+                    output[i][name] = shard
+            return output
+
+    return ExactEvalDataConfig
+
+
 def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float = 0.5) -> Any:
     """Make Ray Data leave the train workers' CPUs alone, so neither side starves.
 
@@ -161,7 +189,9 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
     for its read tasks and the job hangs silently. Workers should take fractional CPUs
     (`cpus_per_worker`), and Ray Data is capped at the CPUs that remain (at least one).
     Sets the driver's `DataContext` and returns a `ray.train.DataConfig` carrying the same
-    limits (Ray Train applies a dataset's options from its `DataConfig`).
+    limits (Ray Train applies a dataset's options from its `DataConfig`). That config
+    shards every dataset across workers; `train` in equal shards (up to `num_workers - 1`
+    rows dropped per epoch, as DDP needs), the others exactly (every row seen once).
 
     Args:
         num_workers: train workers.
@@ -176,7 +206,6 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
         ...     dataset_config=ray_data_context_for_training(2, 0.5))
     """
     import ray
-    import ray.train
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
 
     ctx = DataContext.get_current()
@@ -189,4 +218,4 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
     ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False
     options = ExecutionOptions(resource_limits=limits, preserve_order=False)
-    return ray.train.DataConfig(datasets_to_split="all", execution_options=options)
+    return _data_config_class()(datasets_to_split="all", execution_options=options)
