@@ -74,11 +74,9 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
     from pipeline.preprocess import fit_preprocessor
     from pipeline.schema import check_schema
 
-    subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", "--out", str(data_dir),
-         "--rows", str(rows), "--seed", "0"],
-        check=True, cwd=ROOT,
-    )  # fmt: skip
+    if not any(data_dir.glob("*.parquet")):  # --keep reuses logs from an earlier run
+        command = ["generate", "--out", str(data_dir), "--rows", str(rows), "--seed", "0"]
+        subprocess.run([sys.executable, "-m", "pipeline.cli", *command], check=True, cwd=ROOT)
     cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={data_dir}"]).data
     files = check_schema(cfg)
     started = time.perf_counter()
