@@ -23,7 +23,7 @@ from pipeline.synthetic import generate_logs
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 4_000
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")
