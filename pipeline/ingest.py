@@ -24,25 +24,35 @@ from pipeline.split import prune_files, split_mask, split_names
 # Rows per preprocess call: large enough to amortise per-batch overhead, small enough
 # (a few MiB) to keep memory flat.
 PREPROCESS_BATCH_ROWS = 32_768
+# Object-store budget of one dataset's pipeline. Without it Ray Data lets blocks pile up
+# to a share of the whole object store when the consumer is slower than the readers, and
+# memory grows with the data instead of staying flat.
+OBJECT_STORE_LIMIT_BYTES = 256 * 2**20
+
+
+# Largest block the Parquet reader emits. Ray's default (128 MiB) makes a read task
+# decode a whole file of a few hundred MB at once, so memory grows with the file size.
+READ_BLOCK_BYTES = 16 * 2**20
 
 
 @contextlib.contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Build reads with Ray's V1 Parquet reader.
+def _read_settings() -> Iterator[None]:
+    """Build reads with Ray's V1 Parquet reader and bounded blocks.
 
     Ray 2.60's default V2 reader packs small files into one read task that emits a single
     block holding every row: no parallelism, and memory that grows with the data. V1 reads
-    each file in its own task and splits it into blocks of bounded size.
+    each file in its own task, in batches of at most `READ_BLOCK_BYTES`.
     """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    before = getattr(ctx, "use_datasource_v2", False)
+    before = getattr(ctx, "use_datasource_v2", False), ctx.target_max_block_size
     ctx.use_datasource_v2 = False
+    ctx.target_max_block_size = READ_BLOCK_BYTES
     try:
         yield
     finally:
-        ctx.use_datasource_v2 = before
+        ctx.use_datasource_v2, ctx.target_max_block_size = before
 
 
 def input_columns(data: DataConfig) -> list[str]:
@@ -100,13 +110,17 @@ def build_datasets(
     columns = input_columns(data)
     out = {}
     for name in split_names(data.split):
-        with _parquet_reader_v1():
+        with _read_settings():
             ds = ray.data.read_parquet(
                 prune_files(data.split, files, name),
                 columns=columns,
                 shuffle="files" if shuffle_files and name == "train" else None,
                 file_extensions=None,  # check_schema already chose the files
             )
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=OBJECT_STORE_LIMIT_BYTES
+        )
         out[name] = ds.map_batches(
             _prepare,
             batch_format="pyarrow",
@@ -154,14 +168,45 @@ def iter_batches(
     )
 
 
+def _data_config_class() -> type:
+    """`ray.train.DataConfig` that splits only `train` into equal shards.
+
+    Equal shards drop up to `num_workers - 1` rows per epoch; the train split needs them
+    (DDP hangs if workers see different batch counts), but validation and test metrics
+    should see every row, so those are split with `equal=False`.
+    """
+    import ray.train
+
+    class ExactEvalDataConfig(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            equal = {k: v for k, v in datasets.items() if k == "train"}
+            exact = {k: v for k, v in datasets.items() if k != "train"}
+            output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if getattr(self, "_enable_shard_locality", True) else None
+            for name, ds in exact.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                shards = ds.streaming_split(world_size, equal=False, locality_hints=hints)
+                for i, shard in enumerate(shards):
+                    output[i][name] = shard
+            return output
+
+    return ExactEvalDataConfig
+
+
 def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float = 0.5) -> Any:
     """Make Ray Data leave the train workers' CPUs alone, so neither side starves.
 
     On a small machine (2 CPUs), train workers holding whole CPUs leave Ray Data no CPU
     for its read tasks and the job hangs silently. Workers should take fractional CPUs
-    (`cpus_per_worker`), and Ray Data is capped at the CPUs that remain (at least one).
+    (`cpus_per_worker`), and Ray Data is capped at the CPUs that remain (at least one) and
+    at `OBJECT_STORE_LIMIT_BYTES` of object store (flat memory for any data size).
     Sets the driver's `DataContext` and returns a `ray.train.DataConfig` carrying the same
-    limits (Ray Train applies a dataset's options from its `DataConfig`).
+    limits (Ray Train applies a dataset's options from its `DataConfig`). That config
+    shards every dataset across workers; `train` in equal shards (up to `num_workers - 1`
+    rows dropped per epoch, as DDP needs), the others exactly (every row seen once).
 
     Args:
         num_workers: train workers.
@@ -176,17 +221,18 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
         ...     dataset_config=ray_data_context_for_training(2, 0.5))
     """
     import ray
-    import ray.train
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
 
     ctx = DataContext.get_current()
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else None
-    limits = ExecutionResources.for_limits()
+    data_cpus = None
     if cluster_cpus is not None:
         data_cpus = max(1.0, cluster_cpus - num_workers * cpus_per_worker)
-        limits = ExecutionResources.for_limits(cpu=data_cpus)
+    limits = ExecutionResources.for_limits(
+        cpu=data_cpus, object_store_memory=OBJECT_STORE_LIMIT_BYTES
+    )
     ctx.execution_options.resource_limits = limits
     ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False
     options = ExecutionOptions(resource_limits=limits, preserve_order=False)
-    return ray.train.DataConfig(datasets_to_split="all", execution_options=options)
+    return _data_config_class()(datasets_to_split="all", execution_options=options)

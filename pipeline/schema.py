@@ -121,6 +121,10 @@ def _base(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
+def _bool(t: pa.DataType) -> bool:
+    return pa.types.is_boolean(_base(t))
+
+
 def _numeric(t: pa.DataType) -> bool:
     t = _base(t)
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
@@ -176,10 +180,6 @@ def required_columns(data: DataConfig) -> dict[str, _Need]:
     for column in data.passthrough:
         need.setdefault(column, _Need("passthrough column", _anything, "any type"))
     return need
-
-
-def _bool(t: pa.DataType) -> bool:
-    return pa.types.is_boolean(_base(t))
 
 
 def _normalised(t: pa.DataType) -> pa.DataType:
