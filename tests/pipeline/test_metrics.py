@@ -90,13 +90,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, queue: mp.Queue) -> None:
+def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     logits, labels, mask = _data(2)
     # Uneven shards with different score distributions: per-worker AUCs would not average
     # to the global AUC.
-    cut = 1000
     sl = slice(0, cut) if rank == 0 else slice(cut, None)
     shift = 0.0 if rank == 0 else 1.5
     metrics = MultiTaskMetrics(TASKS, torch.device("cpu"))
@@ -105,11 +104,12 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
     dist.destroy_process_group()
 
 
-def test_metrics_are_exact_across_two_workers() -> None:
+@pytest.mark.parametrize("cut", [1000, 3000])  # 3000: the second worker's shard is empty
+def test_metrics_are_exact_across_two_workers(cut: int) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, queue, cut)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)
@@ -117,7 +117,7 @@ def test_metrics_are_exact_across_two_workers() -> None:
         p.join(timeout=60)
     logits, labels, mask = _data(2)
     logits = logits.clone()
-    logits[1000:] += 1.5
+    logits[cut:] += 1.5
     want = _expected(logits, labels, mask)
     _check(results[0], want)
     assert results[0] == results[1]
