@@ -56,9 +56,14 @@ def schema_hash(data: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _kind(metric: str) -> str:
+    """`val/click/auc` -> `auc`; `val/mean_ne` -> `ne`."""
+    return metric.rsplit("/", 1)[-1].removeprefix("mean_")
+
+
 def lower_is_better(metric: str) -> bool:
     """Whether `metric` improves downwards (NE, log loss, MSE)."""
-    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+    return _kind(metric) in LOWER_IS_BETTER
 
 
 def check_metric(metric: str) -> None:
@@ -68,7 +73,7 @@ def check_metric(metric: str) -> None:
             f"--promote-if-better {metric}: use a validation metric (val/...); test metrics "
             "stay out of model selection"
         )
-    if metric.rsplit("/", 1)[-1] in NOT_COMPARABLE:
+    if _kind(metric) in NOT_COMPARABLE:
         raise InputError(f"--promote-if-better {metric}: not a metric that ranks models")
 
 
@@ -124,7 +129,9 @@ def register_run(
 
     Example:
         >>> register_run(client, run_id, "adatt", "champion", "val/mean_auc").message
-        'val/mean_auc: new version 2 = 0.71 vs @champion version 1 = 0.69; version 2 wins ...'
+        ... # doctest: +SKIP
+        'registered adatt version 2 (run 5f2e...); val/mean_auc: new version 2 = 0.712 vs
+        @champion version 1 = 0.695 (higher is better); version 2 wins, @champion -> 2'
     """
     if promote_if_better:
         check_metric(promote_if_better)

@@ -121,3 +121,33 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
+    """One tiny 1-epoch training tracked on `mlflow_server`: (config, TrainingOutcome)."""
+    from pipeline.train import run_training
+
+    config = tiny_config(
+        tiny_logs,
+        tmp_path_factory.mktemp("served"),
+        f"tracking.tracking_uri={mlflow_server}",
+        "train.epochs=1",
+    )
+    return config, run_training(config)
+
+
+@pytest.fixture(scope="session")
+def weak_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
+    """Like `served_training` but with a learning rate too small to learn: a worse model."""
+    from pipeline.train import run_training
+
+    config = tiny_config(
+        tiny_logs,
+        tmp_path_factory.mktemp("weak"),
+        f"tracking.tracking_uri={mlflow_server}",
+        "train.epochs=1",
+        "train.lr=0.000001",
+        "train.seed=1",
+    )
+    return config, run_training(config)

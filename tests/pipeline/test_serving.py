@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.types.schema import AnyType, DataType
 
 from models import build_model
 from pipeline.preprocess import fit_preprocessor
@@ -84,14 +85,14 @@ def test_model_is_code_plus_state_dict_and_spec(logged, tmp_path: Path) -> None:
 def test_signature_types_by_role_and_nulls_accepted(logged) -> None:
     uri, network, preprocessor, tasks, rows = logged
     model = mlflow.pyfunc.load_model(uri)
-    inputs = {c.name: str(c.type) for c in model.metadata.get_input_schema().inputs}
+    inputs = {c.name: c.type for c in model.metadata.get_input_schema().inputs}
     # Integer ids accept any type (nulls arrive as float NaN); strings stay strings; the
     # int16 `position` and float dense columns are doubles.
-    assert inputs["user_id"] == inputs["hour"] == "Any"
-    assert inputs["device"] == "string"
-    assert inputs["position"] == inputs["item_age_hours"] == "double"
-    outputs = {c.name: str(c.type) for c in model.metadata.get_output_schema().inputs}
-    assert outputs == dict.fromkeys(["click", "like", "share", "watch_time"], "float")
+    assert isinstance(inputs["user_id"], AnyType) and isinstance(inputs["hour"], AnyType)
+    assert inputs["device"] == DataType.string
+    assert inputs["position"] == inputs["item_age_hours"] == DataType.double
+    outputs = {c.name: c.type for c in model.metadata.get_output_schema().inputs}
+    assert outputs == dict.fromkeys(["click", "like", "share", "watch_time"], DataType.float)
 
     head = rows.head(6).copy()
     head["user_id"] = head["user_id"].astype("float64")
