@@ -21,6 +21,7 @@ from pipeline.config import DataConfig
 from pipeline.errors import InputError
 from pipeline.schema import check_schema, filesystem_for, read_footers, resolve_files
 from pipeline.serving import read_spec
+from pipeline.train import init_ray
 
 
 @dataclass
@@ -115,8 +116,6 @@ def predict(
         >>> predict("models:/adatt@champion", "logs/", "scores/", uri, ["event_id"])  # doctest: +SKIP
         6000
     """
-    from pipeline.train import init_ray
-
     mlflow.set_tracking_uri(tracking_uri)
     spec = load_spec(model_uri)
     passthrough = list(dict.fromkeys(passthrough or []))

@@ -66,6 +66,13 @@ def lower_is_better(metric: str) -> bool:
     return _kind(metric) in LOWER_IS_BETTER
 
 
+def beats(new: float, old: float | None, metric: str) -> bool:
+    """Whether `new` is strictly better than `old` on `metric`; any value beats a missing one."""
+    if old is None:
+        return True
+    return new < old if lower_is_better(metric) else new > old
+
+
 def check_metric(metric: str) -> None:
     """A promotion metric must be a validation quality: `val/...` or `best/val/...`."""
     if not metric.startswith(("val/", "best/val/")):
@@ -175,12 +182,7 @@ def register_run(
         )
 
     old_value = validation_metric(client.get_run(current.run_id).data.metrics, promote_if_better)
-    if old_value is None:
-        better = True
-    elif lower_is_better(promote_if_better):
-        better = new_value < old_value
-    else:
-        better = new_value > old_value
+    better = beats(new_value, old_value, promote_if_better)
     shown_old = "n/a" if old_value is None else f"{old_value:.6g}"
     verdict = (
         f"{promote_if_better}: new version {version} = {new_value:.6g} vs @{alias} version "

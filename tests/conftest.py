@@ -138,16 +138,57 @@ def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def weak_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
-    """Like `served_training` but with a learning rate too small to learn: a worse model."""
-    from pipeline.train import run_training
+def untrained_run(mlflow_server, tiny_logs, tmp_path_factory):
+    """A run made without Ray on `mlflow_server`: an untrained tiny network (seed 0) with
+    fitted preprocessing, logged as the scoring model, with its real validation metrics
+    logged as `best/val/...` the way a training run logs its selected epoch's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from models import build_model
+    from pipeline.metrics import MultiTaskMetrics, TaskKind
+    from pipeline.preprocess import fit_preprocessor
+    from pipeline.report import raw_example, read_split
+    from pipeline.schema import check_schema
+    from pipeline.serving import log_scoring_model
+    from pipeline.tracking import log_metrics, set_tracking, start_run
 
     config = tiny_config(
-        tiny_logs,
-        tmp_path_factory.mktemp("weak"),
-        f"tracking.tracking_uri={mlflow_server}",
-        "train.epochs=1",
-        "train.lr=0.000001",
-        "train.seed=1",
+        tiny_logs, tmp_path_factory.mktemp("untrained"), f"tracking.tracking_uri={mlflow_server}"
     )
-    return config, run_training(config)
+    files = check_schema(config.data)
+    preprocessor = fit_preprocessor(config.data, files)
+    torch.manual_seed(0)
+    network = build_model(config.model, config.data.feature_schema()).eval()
+    client = set_tracking(mlflow_server)
+    tags = {"adatt.git_commit": "0" * 40, "adatt.model": config.model.name}
+    run_id = start_run(client, config, mlflow_server, tags=tags)
+    tasks = [(t.name, t.type) for t in config.data.tasks]
+    example = raw_example(config.data, files).head(5)
+    model_uri = log_scoring_model(
+        run_id,
+        network,
+        config.model.model_dump(mode="json"),
+        config.data.feature_schema(),
+        tasks,
+        preprocessor,
+        example,
+    )
+    columns = [*config.data.feature_columns, *(t.label_column for t in config.data.tasks)]
+    rows = read_split(config.data, files, "validation", columns).to_pandas()
+    batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
+    metrics = MultiTaskMetrics([TaskKind(*t) for t in tasks], torch.device("cpu"))
+    with torch.no_grad():
+        metrics.update(network(batch), batch["labels"], batch["mask"])
+    log_metrics(client, run_id, {f"best/{k}": v for k, v in metrics.compute("val").items()})
+    client.set_terminated(run_id)
+    return SimpleNamespace(
+        config=config,
+        run_id=run_id,
+        model_uri=model_uri,
+        network=network,
+        preprocessor=preprocessor,
+        tasks=tasks,
+        files=files,
+    )

@@ -14,41 +14,19 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import AnyType, DataType
 
-from models import build_model
-from pipeline.preprocess import fit_preprocessor
-from pipeline.report import raw_example, read_split
-from pipeline.schema import check_schema
-from pipeline.serving import log_scoring_model, read_spec, score_frame
-from pipeline.tracking import set_tracking, start_run
-from tests.conftest import tiny_config
+from pipeline.report import read_split
+from pipeline.serving import read_spec, score_frame
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def logged(mlflow_server, tiny_logs, tmp_path_factory):
-    """An untrained tiny network with fitted preprocessing, logged to a real server."""
-    workdir = tmp_path_factory.mktemp("serving")
-    config = tiny_config(tiny_logs, workdir, f"tracking.tracking_uri={mlflow_server}")
-    files = check_schema(config.data)
-    preprocessor = fit_preprocessor(config.data, files)
-    torch.manual_seed(0)
-    network = build_model(config.model, config.data.feature_schema())
-    client = set_tracking(mlflow_server)
-    run_id = start_run(client, config, mlflow_server, tags={})
-    tasks = [(t.name, t.type) for t in config.data.tasks]
-    example = raw_example(config.data, files).head(5)
-    uri = log_scoring_model(
-        run_id,
-        network,
-        config.model.model_dump(mode="json"),
-        config.data.feature_schema(),
-        tasks,
-        preprocessor,
-        example,
-    )
-    rows = read_split(config.data, files, "test", config.data.feature_columns).to_pandas()
-    return uri, network, preprocessor, tasks, rows
+def logged(untrained_run):
+    """The untrained tiny network's run (tests/conftest.py) and its test-split rows."""
+    run = untrained_run
+    columns = run.config.data.feature_columns
+    rows = read_split(run.config.data, run.files, "test", columns).to_pandas()
+    return run.model_uri, run.network, run.preprocessor, run.tasks, rows
 
 
 def test_pyfunc_scores_raw_rows_like_the_network(logged) -> None:
