@@ -21,7 +21,6 @@ from pipeline.config import DataConfig
 from pipeline.errors import InputError
 from pipeline.schema import check_schema, filesystem_for, read_footers, resolve_files
 from pipeline.serving import read_spec
-from pipeline.train import init_ray
 
 
 @dataclass
@@ -116,6 +115,10 @@ def predict(
         >>> predict("models:/adatt@champion", "logs/", "scores/", uri, ["event_id"])  # doctest: +SKIP
         6000
     """
+    # Here, not at module level: the scoring actors import this module, and need neither
+    # Ray Train nor the training driver.
+    from pipeline.train import init_ray
+
     mlflow.set_tracking_uri(tracking_uri)
     spec = load_spec(model_uri)
     passthrough = list(dict.fromkeys(passthrough or []))
@@ -130,13 +133,18 @@ def predict(
 
     init_ray()
     gpus = _gpus(use_gpu, actors)
-    scored = ray.data.read_parquet(files, columns=columns).map_batches(
-        _Scorer,
-        fn_constructor_args=(model_uri, tracking_uri, spec.data.feature_columns, passthrough),
-        batch_size=batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus,
+    # select_columns is pushed down into the Parquet read: only these columns are read.
+    scored = (
+        ray.data.read_parquet(files)
+        .select_columns(columns)
+        .map_batches(
+            _Scorer,
+            fn_constructor_args=(model_uri, tracking_uri, spec.data.feature_columns, passthrough),
+            batch_size=batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+        )
     )
     scored.write_parquet(output_path)
     written = sum(f.metadata.num_rows for f in read_footers(resolve_files(output_path)))
