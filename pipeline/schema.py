@@ -156,8 +156,12 @@ class _Need:
     expected: str
 
 
-def required_columns(data: DataConfig) -> dict[str, _Need]:
-    """Every column the config reads, with what it is used for and the types it accepts."""
+def required_columns(data: DataConfig, labels: bool = True) -> dict[str, _Need]:
+    """Every column the config reads, with what it is used for and the types it accepts.
+
+    With `labels=False` (scoring) only the feature and passthrough columns are required:
+    no labels, no sample weight, no split column.
+    """
     need: dict[str, _Need] = {}
     for f in data.categorical:
         need[f.column] = _Need("categorical feature", _hashable, "an integer, string or bool")
@@ -165,18 +169,19 @@ def required_columns(data: DataConfig) -> dict[str, _Need]:
         need[f.column] = _Need(f"dense feature ({f.transform})", _numeric, "a number")
     for f in data.multi_hot:
         need[f.column] = _Need("multi-hot feature", _list_of_ids, "a list of ints or strings")
-    for t in data.tasks:
-        expected = "a number or bool" if t.type == "binary" else "a number"
-        accepts = _numeric if t.type == "binary" else (lambda x: _numeric(x) and not _bool(x))
-        need[t.label_column] = _Need(f"{t.type} label of task {t.name!r}", accepts, expected)
-    if data.weight_column:
-        need[data.weight_column] = _Need("sample weight", _numeric, "a number")
-    split_need = {
-        "hash": _Need("split key (hash)", _hashable, "an integer, string or bool"),
-        "values": _Need("split column (values)", _hashable, "an integer or string"),
-        "cutoff": _Need("split column (cutoff)", _ordered, "a number, string, date or time"),
-    }[data.split.method]
-    need.setdefault(data.split.column, split_need)
+    if labels:
+        for t in data.tasks:
+            expected = "a number or bool" if t.type == "binary" else "a number"
+            accepts = _numeric if t.type == "binary" else (lambda x: _numeric(x) and not _bool(x))
+            need[t.label_column] = _Need(f"{t.type} label of task {t.name!r}", accepts, expected)
+        if data.weight_column:
+            need[data.weight_column] = _Need("sample weight", _numeric, "a number")
+        split_need = {
+            "hash": _Need("split key (hash)", _hashable, "an integer, string or bool"),
+            "values": _Need("split column (values)", _hashable, "an integer or string"),
+            "cutoff": _Need("split column (cutoff)", _ordered, "a number, string, date or time"),
+        }[data.split.method]
+        need.setdefault(data.split.column, split_need)
     for column in data.passthrough:
         need.setdefault(column, _Need("passthrough column", _anything, "any type"))
     return need
@@ -228,7 +233,7 @@ def _label_statistics(footers: list[_Footer], data: DataConfig) -> None:
             )
 
 
-def check_schema(data: DataConfig) -> list[str]:
+def check_schema(data: DataConfig, labels: bool = True) -> list[str]:
     """Resolve the input files and check them against the config from their footers only.
 
     Raises one `SchemaError` naming the file and the column for: no input files or no rows,
@@ -238,6 +243,8 @@ def check_schema(data: DataConfig) -> list[str]:
 
     Args:
         data: the `data:` section of the config.
+        labels: False for scoring inputs: only feature and passthrough columns are checked
+            (see `required_columns`), and the label statistics are skipped.
 
     Returns:
         The resolved list of files (local paths or URIs), ready for `ray.data.read_parquet`.
@@ -246,7 +253,7 @@ def check_schema(data: DataConfig) -> list[str]:
     if not files:
         raise SchemaError(f"data.path {data.path!r}: no Parquet files found")
     footers = read_footers(files)
-    need = required_columns(data)
+    need = required_columns(data, labels=labels)
     for footer in footers:
         for column, spec in need.items():
             index = footer.schema.get_field_index(column)
@@ -274,5 +281,6 @@ def check_schema(data: DataConfig) -> list[str]:
                 )
     if sum(f.metadata.num_rows for f in footers) == 0:
         raise SchemaError(f"data.path {data.path!r}: all {len(files)} file(s) have 0 rows")
-    _label_statistics(footers, data)
+    if labels:
+        _label_statistics(footers, data)
     return files

@@ -64,3 +64,131 @@ def tiny_config(logs: Path, workdir: Path, *overrides: str):
             *overrides,
         ],
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact store); its URI."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"),
+        *("--artifacts-destination", str(folder / "artifacts")),
+    ]
+    log = (folder / "server.log").open("w")
+    # Its own session: the server's worker processes are stopped with it.
+    # No job runner: its worker processes (for GenAI jobs) only compete for the 2 CPUs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(folder / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
+    """One tiny 1-epoch training tracked on `mlflow_server`: (config, TrainingOutcome)."""
+    from pipeline.train import run_training
+
+    config = tiny_config(
+        tiny_logs,
+        tmp_path_factory.mktemp("served"),
+        f"tracking.tracking_uri={mlflow_server}",
+        "train.epochs=1",
+    )
+    return config, run_training(config)
+
+
+@pytest.fixture(scope="session")
+def untrained_run(mlflow_server, tiny_logs, tmp_path_factory):
+    """A run made without Ray on `mlflow_server`: an untrained tiny network (seed 0) with
+    fitted preprocessing, logged as the scoring model, with its real validation metrics
+    logged as `best/val/...` the way a training run logs its selected epoch's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from models import build_model
+    from pipeline.metrics import MultiTaskMetrics, TaskKind
+    from pipeline.preprocess import fit_preprocessor
+    from pipeline.report import raw_example, read_split
+    from pipeline.schema import check_schema
+    from pipeline.serving import log_scoring_model
+    from pipeline.tracking import log_metrics, set_tracking, start_run
+
+    config = tiny_config(
+        tiny_logs, tmp_path_factory.mktemp("untrained"), f"tracking.tracking_uri={mlflow_server}"
+    )
+    files = check_schema(config.data)
+    preprocessor = fit_preprocessor(config.data, files)
+    torch.manual_seed(0)
+    network = build_model(config.model, config.data.feature_schema()).eval()
+    client = set_tracking(mlflow_server)
+    tags = {"adatt.git_commit": "0" * 40, "adatt.model": config.model.name}
+    run_id = start_run(client, config, mlflow_server, tags=tags)
+    tasks = [(t.name, t.type) for t in config.data.tasks]
+    example = raw_example(config.data, files).head(5)
+    model_uri = log_scoring_model(
+        run_id,
+        network,
+        config.model.model_dump(mode="json"),
+        config.data.feature_schema(),
+        tasks,
+        preprocessor,
+        example,
+    )
+    columns = [*config.data.feature_columns, *(t.label_column for t in config.data.tasks)]
+    rows = read_split(config.data, files, "validation", columns).to_pandas()
+    batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
+    metrics = MultiTaskMetrics([TaskKind(*t) for t in tasks], torch.device("cpu"))
+    with torch.no_grad():
+        metrics.update(network(batch), batch["labels"], batch["mask"])
+    log_metrics(client, run_id, {f"best/{k}": v for k, v in metrics.compute("val").items()})
+    client.set_terminated(run_id)
+    return SimpleNamespace(
+        config=config,
+        run_id=run_id,
+        model_uri=model_uri,
+        network=network,
+        preprocessor=preprocessor,
+        tasks=tasks,
+        files=files,
+    )

@@ -159,3 +159,21 @@ def test_many_files_are_read_in_parallel(tmp_path: Path) -> None:
         _write(tmp_path / f"p{i:02d}.parquet", _table(5))
     bad = _write(tmp_path / "p07.parquet", _table(5, price=pa.array(["x"] * 5)))
     assert str(bad) in _error(tmp_path)
+
+
+def test_scoring_inputs_need_features_and_passthrough_only(tmp_path: Path) -> None:
+    # labels=False (adatt predict): no labels, weight or split column needed.
+    f = _write(
+        tmp_path / "a.parquet",
+        _table(click=None, watch=None).append_column("id", pa.array(range(20))),
+    )
+    split = {"method": "cutoff", "column": "day", "validation_from": 3}
+    data = _config(str(f), split=split, weight_column="w", passthrough=["id"])
+    assert check_schema(data, labels=False) == [str(f)]
+    with pytest.raises(SchemaError, match="'click'"):
+        check_schema(data)
+    g = _write(tmp_path / "b.parquet", _table(click=None, price=pa.array(["x"] * 20)))
+    with pytest.raises(SchemaError, match=r"b\.parquet: column 'price' \(dense"):
+        check_schema(_config(str(g)), labels=False)
+    with pytest.raises(SchemaError, match="'event_id'"):
+        check_schema(_config(str(f), passthrough=["event_id"]), labels=False)
