@@ -154,7 +154,9 @@ def iter_batches(
     )
 
 
-def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float = 0.5) -> Any:
+def ray_data_context_for_training(
+    num_workers: int = 2, cpus_per_worker: float = 0.5, preserve_order: bool = False
+) -> Any:
     """Make Ray Data leave the train workers' CPUs alone, so neither side starves.
 
     On a small machine (2 CPUs), train workers holding whole CPUs leave Ray Data no CPU
@@ -166,6 +168,8 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
     Args:
         num_workers: train workers.
         cpus_per_worker: CPUs each train worker reserves.
+        preserve_order: blocks reach the workers in file order and are split among them
+            the same way every time (`train.deterministic`), at some cost in throughput.
 
     Returns:
         A `ray.train.DataConfig` for `TorchTrainer(dataset_config=...)`.
@@ -186,7 +190,7 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
         data_cpus = max(1.0, cluster_cpus - num_workers * cpus_per_worker)
         limits = ExecutionResources.for_limits(cpu=data_cpus)
     ctx.execution_options.resource_limits = limits
-    ctx.execution_options.preserve_order = False
+    ctx.execution_options.preserve_order = preserve_order
     ctx.enable_progress_bars = False
-    options = ExecutionOptions(resource_limits=limits, preserve_order=False)
+    options = ExecutionOptions(resource_limits=limits, preserve_order=preserve_order)
     return ray.train.DataConfig(datasets_to_split="all", execution_options=options)
