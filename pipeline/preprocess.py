@@ -300,7 +300,8 @@ def _file_moments(file: str, data: DataConfig) -> tuple[dict[str, _Moments], int
                 values = _elementwise(_as_float(batch.column(f.column)), f, file)
                 moments[f.column].add(values[keep])
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise SchemaError(f"{file}: corrupt Parquet data, cannot read it ({err})") from None
+        reason = " ".join(str(err).split())  # Arrow's messages span lines; keep one
+        raise SchemaError(f"{file}: corrupt Parquet data, cannot read it ({reason})") from None
     return moments, train_rows, observed, rows
 
 
