@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -50,6 +51,11 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[in
 
 def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
+
+
+def _logged_models(client: MlflowClient, run_id: str) -> list:
+    experiment = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
 
 
 def restarts_by_epoch(client: MlflowClient, run_id: str) -> dict[int, float]:
@@ -95,8 +101,13 @@ def test_no_credentials_in_params_tags_or_artifacts(client, one_worker_runs, tmp
     run = client.get_run(run_id)
     assert run.data.params and run.data.tags
     texts = [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
-    folder = Path(client.download_artifacts(run_id, "", str(tmp_path)))
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    folders = [Path(client.download_artifacts(run_id, "", str(tmp_path / "run")))]
+    # MLflow 3 keeps a logged model's files apart from the run's artifacts.
+    for model in _logged_models(client, run_id):
+        folders.append(
+            Path(download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path)))
+        )
+    files = [p for folder in folders for p in folder.rglob("*") if p.is_file()]
     assert {"config.yaml", "MLmodel", "spec.json"} <= {p.name for p in files}
     blobs = [p.read_bytes() for p in files]
     for name, secret in FAKE_SECRETS.items():
@@ -192,11 +203,7 @@ def test_sigkilled_driver_resumes_into_the_same_run(
     assert run.info.status == "FINISHED"
     assert epochs_logged(client, run_id) == [1, 2]  # each epoch once
     assert restarts_by_epoch(client, run_id) == {1: 0, 2: 1}  # epoch 2 ran from a checkpoint
-    assert [
-        m.name
-        for m in client.search_logged_models([run.info.experiment_id])
-        if m.source_run_id == run_id
-    ] == ["model"]
+    assert [m.name for m in _logged_models(client, run_id)] == ["model"]
     # The same end state as an uninterrupted run with the same seed.
     assert metric_history(client, run_id) == metric_history(client, one_worker_runs[0])
 
