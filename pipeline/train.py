@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,18 +315,25 @@ def terminate_as_interrupt() -> Iterator[None]:
     run FAILED; a stop is not a failure. Only the main thread can handle signals: elsewhere
     (e.g. a Tune trial thread) this does nothing.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    received: list[int] = []
+
     def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
         raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except KeyboardInterrupt as err:
+        # Raised inside `ray.get`, the handler's exception comes back as a plain
+        # KeyboardInterrupt; the flag still tells a SIGTERM from a Ctrl-C.
+        if received and not isinstance(err, Terminated):
+            raise Terminated(f"signal {received[0]}") from err
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

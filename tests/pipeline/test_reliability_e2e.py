@@ -187,9 +187,17 @@ def test_sigkilled_driver_resumes_into_the_same_run(
     before = _run_ids(client)
     # Rank 0 stops at epoch 2, after epoch 1's checkpoint: the kill lands mid-run.
     proc, log = driver(_train_command(tiny_logs, workdir), fault="hang@2")
-    _wait_for(lambda: "hangs at epoch 2" in log.read_text(), "epoch 2 to start", log)
+    # The worker reports asynchronously: wait until the controller has also logged epoch 1
+    # (it registers the checkpoint before it calls the MLflow callback).
+    _wait_for(
+        lambda: (
+            "hangs at epoch 2" in log.read_text()
+            and epochs_logged(client, _only_run(client, before)) == [1]
+        ),
+        "epoch 1 logged and epoch 2 started",
+        log,
+    )
     run_id = _only_run(client, before)
-    assert epochs_logged(client, run_id) == [1]
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody left to mark it
