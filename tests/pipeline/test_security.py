@@ -127,8 +127,8 @@ finally:
 @pytest.mark.timeout(300)
 def test_local_ray_dashboard_listens_on_loopback_only() -> None:
     """`adatt train`'s own local cluster (no RAY_ADDRESS): dashboard on 127.0.0.1 only."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    # "local": start a cluster, never join one another user started on this machine.
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", DASHBOARD_PROBE],
         cwd=REPO_ROOT,
