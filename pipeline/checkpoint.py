@@ -35,6 +35,7 @@ class TrainingState:
         preprocessor: the fitted preprocessing statistics.
         mlflow_run_id: the MLflow run this training logs to.
         final: True for the last checkpoint, whose `model` is the selected (best) model.
+        restarts: how often training restarted from a checkpoint (worker failure, resume).
     """
 
     model: dict[str, torch.Tensor]
@@ -49,6 +50,7 @@ class TrainingState:
     best_model: dict[str, torch.Tensor] | None = None
     mlflow_run_id: str | None = None
     final: bool = False
+    restarts: int = 0
 
 
 def save_checkpoint(state: TrainingState, folder: str | Path) -> Path:

@@ -100,10 +100,14 @@ def train(
 ) -> None:
     """Train a model: Parquet logs -> Ray Data -> Ray Train -> MLflow run."""
     from pipeline.config import load_config
-    from pipeline.train import run_training
+    from pipeline.train import Terminated, run_training
 
     cfg = load_config(config, set_ or [])
-    outcome = run_training(cfg, resume=resume)
+    try:
+        outcome = run_training(cfg, resume=resume)
+    except KeyboardInterrupt as err:
+        # 128 + the signal's number, as a shell reports a process a signal stopped.
+        raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
     _print_outcome(outcome, cfg)
 
 

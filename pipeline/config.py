@@ -155,6 +155,9 @@ class TrainConfig(_Strict):
     bf16: bool = True  # autocast on GPU only
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_failures: int = Field(default=0, ge=-1)
+    # Same seed, data and workers -> the same metrics, also across a restart or a resume:
+    # a fixed seeded file order and blocks split among workers in order (a little slower).
+    deterministic: bool = False
     storage_path: str = "runs"
     checkpoints_to_keep: PositiveInt = 2
 

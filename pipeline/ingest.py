@@ -196,7 +196,9 @@ def _data_config_class() -> type:
     return ExactEvalDataConfig
 
 
-def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float = 0.5) -> Any:
+def ray_data_context_for_training(
+    num_workers: int = 2, cpus_per_worker: float = 0.5, preserve_order: bool = False
+) -> Any:
     """Make Ray Data leave the train workers' CPUs alone, so neither side starves.
 
     On a small machine (2 CPUs), train workers holding whole CPUs leave Ray Data no CPU
@@ -211,6 +213,8 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
     Args:
         num_workers: train workers.
         cpus_per_worker: CPUs each train worker reserves.
+        preserve_order: blocks reach the workers in file order and are split among them
+            the same way every time (`train.deterministic`), at some cost in throughput.
 
     Returns:
         A `ray.train.DataConfig` for `TorchTrainer(dataset_config=...)`.
@@ -232,7 +236,7 @@ def ray_data_context_for_training(num_workers: int = 2, cpus_per_worker: float =
         cpu=data_cpus, object_store_memory=OBJECT_STORE_LIMIT_BYTES
     )
     ctx.execution_options.resource_limits = limits
-    ctx.execution_options.preserve_order = False
+    ctx.execution_options.preserve_order = preserve_order
     ctx.enable_progress_bars = False
-    options = ExecutionOptions(resource_limits=limits, preserve_order=False)
+    options = ExecutionOptions(resource_limits=limits, preserve_order=preserve_order)
     return _data_config_class()(datasets_to_split="all", execution_options=options)

@@ -235,28 +235,83 @@ class _Moments:
         self.count = total
 
 
-def _file_moments(file: str, data: DataConfig) -> tuple[dict[str, _Moments], int]:
-    fs, fs_path = filesystem_for(file)
-    columns = list(dict.fromkeys([*(f.column for f in data.dense), data.split.column]))
-    moments = {f.column: _Moments() for f in data.dense}
-    train_rows = 0
-    for batch in pq.ParquetFile(fs_path, filesystem=fs).iter_batches(
-        batch_size=131_072, columns=columns
-    ):
-        keep = split_mask(batch.column(data.split.column), data.split, "train")
-        if not keep.any():
+# --- Row checks on the driver (reliability). The fit pass reads every row of the dense,
+# label and weight columns anyway, so it also rejects, naming the file and the column,
+# what would otherwise fail later inside a Ray worker: NaN/inf dense values in any split
+# (unless `impute`), binary labels outside {0, 1} (also without footer statistics),
+# invalid sample weights, unreadable pages, and a label that is null in every row.
+
+
+def _check_rows(batch: pa.RecordBatch, data: DataConfig, file: str, observed: np.ndarray) -> None:
+    """Fail on label and weight values a worker would reject; count observed labels."""
+    names = set(batch.schema.names)
+    for j, task in enumerate(data.tasks):
+        if task.label_column not in names:  # `check_schema` requires it; unit tests may not
+            observed[j] += batch.num_rows
             continue
-        train_rows += int(keep.sum())
-        for f in data.dense:
-            values = _as_float(batch.column(f.column))[keep]
-            moments[f.column].add(_elementwise(values, f, file))
-    return moments, train_rows
+        y = _as_float(batch.column(task.label_column))
+        seen = np.isfinite(y)
+        observed[j] += int(seen.sum())
+        if task.type == "binary" and ((y[seen] != 0) & (y[seen] != 1)).any():
+            bad = np.unique(y[seen][(y[seen] != 0) & (y[seen] != 1)])[:5].tolist()
+            raise SchemaError(
+                f"{file}: column {task.label_column!r} (binary label of task {task.name!r}) "
+                f"has values {bad}; binary labels must be 0 or 1"
+            )
+    if data.weight_column in names:
+        weight = _as_float(batch.column(data.weight_column))
+        if not (np.isfinite(weight) & (weight >= 0)).all():
+            raise SchemaError(
+                f"{file}: column {data.weight_column!r} (sample weight) has null, negative "
+                f"or non-finite values"
+            )
+
+
+def _check_labels_observed(data: DataConfig, observed: np.ndarray, rows: int) -> None:
+    for task, count in zip(data.tasks, observed, strict=True):
+        if rows and count == 0:
+            raise SchemaError(
+                f"data.path {data.path!r}: column {task.label_column!r} (label of task "
+                f"{task.name!r}) is null in all {rows} rows"
+            )
+
+
+# --- end of row checks
+
+
+def _file_moments(file: str, data: DataConfig) -> tuple[dict[str, _Moments], int, np.ndarray, int]:
+    fs, fs_path = filesystem_for(file)
+    moments = {f.column: _Moments() for f in data.dense}
+    train_rows, rows = 0, 0
+    observed = np.zeros(len(data.tasks), dtype=np.int64)
+    try:
+        parquet = pq.ParquetFile(fs_path, filesystem=fs)
+        checked = [t.label_column for t in data.tasks] + [data.weight_column or ""]
+        checked = [c for c in checked if c in parquet.schema_arrow.names]
+        columns = [*(f.column for f in data.dense), data.split.column, *checked]
+        batches = parquet.iter_batches(batch_size=131_072, columns=list(dict.fromkeys(columns)))
+        for batch in batches:
+            rows += batch.num_rows
+            _check_rows(batch, data, file, observed)
+            keep = split_mask(batch.column(data.split.column), data.split, "train")
+            train_rows += int(keep.sum())
+            for f in data.dense:
+                # Every row, not only train rows: a NaN in validation fails here, not later.
+                values = _elementwise(_as_float(batch.column(f.column)), f, file)
+                moments[f.column].add(values[keep])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        reason = " ".join(str(err).split())  # Arrow's messages span lines; keep one
+        raise SchemaError(f"{file}: corrupt Parquet data, cannot read it ({reason})") from None
+    return moments, train_rows, observed, rows
 
 
 def fit_preprocessor(data: DataConfig, files: list[str]) -> Preprocessor:
     """Compute dense statistics in one streaming pass over the training rows.
 
-    Memory stays bounded (one 128k-row batch of the dense and split columns per thread).
+    The same pass checks every row's dense, label and weight values (see `_check_rows`), so
+    bad values fail here, on the driver, naming the file and the column.
+    Memory stays bounded (one 128k-row batch of the dense, split, label and weight columns
+    per thread).
 
     Args:
         data: the `data:` section of the config.
@@ -265,15 +320,17 @@ def fit_preprocessor(data: DataConfig, files: list[str]) -> Preprocessor:
     Example:
         >>> pre = fit_preprocessor(cfg.data, check_schema(cfg.data))  # doctest: +SKIP
     """
-    if not data.dense:
-        return Preprocessor(data)
     totals = {f.column: _Moments() for f in data.dense}
-    train_rows = 0
+    train_rows, all_rows = 0, 0
+    observed = np.zeros(len(data.tasks), dtype=np.int64)
     with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:
-        for moments, rows in pool.map(lambda f: _file_moments(f, data), files):
+        for moments, rows, seen, file_rows in pool.map(lambda f: _file_moments(f, data), files):
             train_rows += rows
+            all_rows += file_rows
+            observed += seen
             for column, m in moments.items():
                 totals[column].merge(m)
+    _check_labels_observed(data, observed, all_rows)
     if train_rows == 0:
         raise SchemaError(
             f"data.path {data.path!r}: no rows fall in the train split "

@@ -1,14 +1,23 @@
 """`adatt train`: the driver. Checks inputs, starts the MLflow run, runs the Ray Train
 `TorchTrainer` over the Ray Data splits, then logs the selected model and its plots.
 
-Everything that can be wrong with the input (config, data schema, tracking server) is
-checked here, before any Ray worker starts.
+Everything that can be wrong with the input (config, data, tracking server) is checked
+here, in this order, before Ray starts and before anything is written: the tracking store,
+credentials in URIs, the files' footers (`check_schema`), then one streaming pass over the
+rows (`fit_preprocessor`: NaN/inf, label values). Only then is Ray started, the cluster
+rules checked and the MLflow run created. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import signal
 import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +27,17 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from models import build_model
+from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
 from pipeline.checkpoint import TrainingState, load_checkpoint
 from pipeline.cluster_rules import check_cluster_rules, is_remote_submission
 from pipeline.config import Config, parse_config
 from pipeline.errors import InputError
+from pipeline.faults import FAULT_ENV, fault_from_env
 from pipeline.ingest import build_datasets, ray_data_context_for_training
 from pipeline.preprocess import Preprocessor, fit_preprocessor
 from pipeline.report import log_fusion_plots, oracle_metrics, raw_example
 from pipeline.schema import check_schema
+from pipeline.security import check_no_credentials
 from pipeline.serving import log_scoring_model
 from pipeline.tracking import (
     EpochLogger,
@@ -66,9 +78,11 @@ def _git_commit() -> str:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint_*` folder of a Ray Train run folder, if any."""
+    """The newest `checkpoint_*` folder of a Ray Train run folder that holds a checkpoint
+    file, if any (a driver killed while a checkpoint was copied can leave an empty one)."""
     found = sorted(
-        (p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime
+        (p for p in folder.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file()),
+        key=lambda p: p.stat().st_mtime,
     )
     return found[-1] if found else None
 
@@ -88,6 +102,16 @@ def _resolve_resume(resume: str, client: Any) -> tuple[str, TrainingState, str]:
         raise InputError(
             f"--resume {resume}: neither a checkpoint path nor an MLflow run id"
         ) from None
+    if run.info.status == "FINISHED":
+        raise InputError(f"--resume {resume}: the run already FINISHED; nothing to resume")
+    if TAG_RAY_RUN not in run.data.tags or TAG_STORAGE not in run.data.tags:
+        raise InputError(f"--resume {resume}: not a run started by `adatt train`")
+    if run.info.status == "RUNNING":
+        # What a SIGKILL'd driver leaves behind; a live driver would make this a mistake.
+        print(
+            f"resuming run {resume}, marked RUNNING: its driver must have died",
+            file=sys.stderr,
+        )
     name = run.data.tags[TAG_RAY_RUN]
     folder = Path(run.data.tags[TAG_STORAGE]) / name
     checkpoint = latest_checkpoint(folder)
@@ -108,14 +132,40 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def check_inputs(config: Config, uri: str, storage: str) -> list[str]:
-    """Every check that can fail on bad input, before anything is written: the tracking
-    store, the cluster rules and the data schema. Returns the resolved data files."""
+def check_data(config: Config, uri: str) -> list[str]:
+    """The checks that need neither Ray nor a write: the tracking store (reachable, with a
+    timeout), credentials in URIs, the fault hook, and the data files' footers. Returns the
+    resolved data files."""
     check_tracking_reachable(uri)
+    check_no_credentials(config)
+    fault_from_env()  # a malformed ADATT_FAULT fails here, not in a worker
+    return check_schema(config.data)
+
+
+def check_cluster(uri: str, storage: str) -> None:
+    """Start (or join) Ray and check the cluster rules: shared storage, a tracking server."""
     init_ray()
     alive = [n for n in ray.nodes() if n["Alive"]]
     check_cluster_rules(storage, uri, len(alive), is_remote_submission())
-    return check_schema(config.data)
+
+
+def check_inputs(config: Config, uri: str, storage: str) -> list[str]:
+    """Every check that can fail on bad input, before anything is written: the tracking
+    store and the data schema (without Ray), then the cluster rules. Returns the resolved
+    data files."""
+    files = check_data(config, uri)
+    check_cluster(uri, storage)
+    return files
+
+
+def training_file_order(files: list[str], config: Config) -> list[str]:
+    """Files in the order Ray Data reads them: as given (shuffled anew by Ray each epoch),
+    or, with `train.deterministic`, one permutation seeded by `train.seed`."""
+    if not config.train.deterministic:
+        return files
+    order = sorted(files)
+    random.Random(config.train.seed).shuffle(order)
+    return order
 
 
 def make_trainer(
@@ -133,10 +183,16 @@ def make_trainer(
     """The TorchTrainer for one training run; a Tune trial builds the same one."""
     tasks = [t.name for t in config.data.tasks]
     # Before the datasets are built: they capture the Ray Data context they are made in.
+    deterministic = config.train.deterministic
     dataset_config = ray_data_context_for_training(
-        config.train.num_workers, config.train.cpus_per_worker
+        config.train.num_workers, config.train.cpus_per_worker, preserve_order=deterministic
     )
-    datasets = build_datasets(config.data, preprocessor, files)
+    datasets = build_datasets(
+        config.data,
+        preprocessor,
+        training_file_order(files, config),
+        shuffle_files=not deterministic,
+    )
     return TorchTrainer(
         train_loop,
         train_loop_config={
@@ -196,47 +252,96 @@ def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
     """
     quiet_telemetry()
     uri = resolve_tracking_uri(config.tracking)
-    check_tracking_reachable(uri)
-    client = set_tracking(uri)
     storage = storage_uri(config.train.storage_path)
     state = None
     if resume:
+        check_tracking_reachable(uri)
+        client = set_tracking(uri)
         run_id, state, name = _resolve_resume(resume, client)
         stored = parse_config(state.config, source="checkpoint config")
         config = stored.model_copy(
             update={"train": stored.train.model_copy(update={"epochs": config.train.epochs})}
         )
         storage = client.get_run(run_id).data.tags.get(TAG_STORAGE, storage)
-    files = check_inputs(config, uri, storage)
+    # Every data check runs before Ray starts and before the MLflow run exists; the
+    # preprocessor's fit is the one pass over the rows (NaN/inf, label values).
+    files = check_data(config, uri)
     if state is not None:
         preprocessor = Preprocessor.from_dict(state.preprocessor)
     else:
         preprocessor = fit_preprocessor(config.data, files)
+    check_cluster(uri, storage)
+    if state is None:
+        client = set_tracking(uri)
         tags = {"adatt.git_commit": _git_commit(), "adatt.model": config.model.name}
         run_id = start_run(client, config, uri, tags=tags)
         name = f"adatt-{run_id}"
         client.set_tag(run_id, TAG_STORAGE, storage)
         client.set_tag(run_id, TAG_RAY_RUN, name)
 
-    with run_lifecycle(client, run_id):
-        trainer = make_trainer(
-            config,
-            preprocessor,
-            files,
-            run_id=run_id,
-            tracking_uri=uri,
-            name=name,
-            storage=storage,
-            resume_from=resume if resume and Path(resume).exists() else None,
+    try:
+        with terminate_as_interrupt(), run_lifecycle(client, run_id):
+            trainer = make_trainer(
+                config,
+                preprocessor,
+                files,
+                run_id=run_id,
+                tracking_uri=uri,
+                name=name,
+                storage=storage,
+                resume_from=resume if resume and Path(resume).exists() else None,
+            )
+            result = trainer.fit()
+            return finish_run(client, uri, run_id, config, result, preprocessor, files)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: MLflow run {run_id} marked KILLED; continue it from its last "
+            f"checkpoint with: adatt train --config <config> --resume {run_id}",
+            file=sys.stderr,
+            flush=True,
         )
-        result = trainer.fit()
-        return finish_run(client, uri, run_id, config, result, preprocessor, files)
+        raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so that the run ends as KILLED, not FAILED."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM (e.g. `kill`, a scheduler's stop) raises `Terminated`.
+
+    Ray's `ray.init` installs a SIGTERM handler that calls `sys.exit`, which would mark the
+    run FAILED; a stop is not a failure. Only the main thread can handle signals: elsewhere
+    (e.g. a Tune trial thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        # Raised inside `ray.get`, the handler's exception comes back as a plain
+        # KeyboardInterrupt; the flag still tells a SIGTERM from a Ctrl-C.
+        if received and not isinstance(err, Terminated):
+            raise Terminated(f"signal {received[0]}") from err
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _forwarded_env() -> dict[str, Any] | None:
-    """Pass the fault-injection test hook (see `train_loop.inject_fault`) to the workers."""
-    fault = os.environ.get("ADATT_FAULT")
-    return {"env_vars": {"ADATT_FAULT": fault}} if fault else None
+    """Pass the fault-injection test hook (see `pipeline/faults.py`) to the workers."""
+    fault = os.environ.get(FAULT_ENV)
+    return {"env_vars": {FAULT_ENV: fault}} if fault else None
 
 
 def _use_gpu(config: Config) -> bool:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import nn
 from models import build_model
 from pipeline.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from pipeline.config import Config, TrainConfig, parse_config
+from pipeline.faults import fault_trigger
 from pipeline.ingest import iter_batches
 from pipeline.losses import MultiTaskLoss, TrainingModel
 from pipeline.metrics import MultiTaskMetrics, TaskKind
@@ -66,8 +67,16 @@ def train_epoch(
     shard: Any,
     config: Config,
     device: torch.device,
+    *,
+    shuffle_seed: int | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over this worker's training shard; returns global loss and samples/s."""
+    """One pass over this worker's training shard; returns global loss and samples/s.
+
+    Args:
+        shuffle_seed: seed of the local shuffle buffer (see `epoch_seed`).
+        before_step: called with the number of steps done before each step (fault hook).
+    """
     module.train()
     num_tasks = len(config.data.tasks)
     loss_sum, rows, batches = 0.0, 0, 0
@@ -78,7 +87,12 @@ def train_epoch(
     )
     start = time.perf_counter()
     with join:
-        for batch in iter_batches(shard, config.data.batch_size, device, shuffle=True):
+        batches_in = iter_batches(
+            shard, config.data.batch_size, device, shuffle=True, seed=shuffle_seed
+        )
+        for batch in batches_in:
+            if before_step is not None:
+                before_step(batches)
             with _autocast(device, config.train):
                 total, per_task, _ = module(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -156,21 +170,10 @@ def _restore(loop_config: dict[str, Any]) -> TrainingState | None:
     return None
 
 
-def inject_fault(epoch: int, restored: bool) -> None:
-    """Test hook for fault-tolerance tests: `ADATT_FAULT=<raise|exit>@<epoch>[@<rank>]`.
-
-    `raise` raises in the train function; `exit` kills the worker process as a crash would.
-    It fires only in a worker that started without a checkpoint, so a restarted run goes on.
-    """
-    spec = os.environ.get("ADATT_FAULT")
-    if not spec or restored:
-        return
-    kind, at, *rank = spec.split("@")
-    if int(at) != epoch or ray.train.get_context().get_world_rank() != int(rank[0] if rank else 0):
-        return
-    if kind == "exit":
-        os._exit(1)
-    raise RuntimeError(f"ADATT_FAULT: injected failure at epoch {epoch}")
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one worker's epoch: torch's RNG and the shuffle buffer restart from it, so
+    an epoch re-run after a failure or a `--resume` repeats the uninterrupted run's epoch."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -183,6 +186,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     state = _restore(loop_config)
     restored = state is not None
     if state is not None:
+        # Counted in the checkpoint, so a restart shows in the next epochs' metrics.
+        state.restarts += 1
         training_model.model.load_state_dict(state.model)
         training_model.loss.load_state_dict(state.loss)
     module = ray.train.torch.prepare_model(training_model)
@@ -205,13 +210,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if best_model is None and state.best_epoch == state.epoch and state.epoch > 0:
         best_model = state.model
 
+    rank = ray.train.get_context().get_world_rank()
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
         if state.final:
             break
-        inject_fault(epoch, restored)
+        seed = epoch_seed(config.train.seed, epoch, rank)
+        torch.manual_seed(seed)
+        previous_steps = state.history[-1]["train/steps_per_worker"] if state.history else None
         metrics = {
             "epoch": epoch,
-            **train_epoch(module, optimizer, ray.train.get_dataset_shard("train"), config, device),
+            **train_epoch(
+                module,
+                optimizer,
+                ray.train.get_dataset_shard("train"),
+                config,
+                device,
+                shuffle_seed=seed,
+                before_step=fault_trigger(epoch, rank, restored, previous_steps),
+            ),
+            "train/restarts": state.restarts,
         }
         started = time.perf_counter()
         validation = ray.train.get_dataset_shard("validation")
