@@ -1,0 +1,152 @@
+"""One trial: a Tune function trainable that builds the same TorchTrainer as `adatt train`.
+
+The Ray Train V2 + Tune pattern: the trial function is a light driver (it reserves no CPU)
+that starts a Ray Train run whose workers hold the resources; `TrialReporter` forwards every
+epoch's report to Tune so the scheduler (ASHA) can stop the trial. Each trial logs to its own
+MLflow run, nested under the search's parent run and found again by its Tune trial id, so a
+restarted or resumed trial continues the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.tune
+from mlflow.tracking import MlflowClient
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipeline.config import Config
+from pipeline.preprocess import Preprocessor
+from pipeline.tracking import run_lifecycle, start_run
+from pipeline.train import TAG_RAY_RUN, TAG_STORAGE, make_trainer
+from tune.space import SearchSpec
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL = "adatt.trial_id"
+TAG_STOPPED = "adatt.stopped_early"
+
+
+@dataclass
+class SearchInputs:
+    """What every trial shares, computed once on the search driver.
+
+    `files` (schema-checked) and `preprocessor` (fitted statistics) are not recomputed per
+    trial; each trial builds its own lazy Ray Data datasets from them, which reads nothing
+    until its workers iterate.
+    """
+
+    spec: SearchSpec
+    files: list[str]
+    preprocessor: dict[str, Any]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    train_storage: str
+
+
+class TrialReporter(TuneReportCallback):
+    """`TuneReportCallback` whose last report carries the selected epoch's validation metrics.
+
+    The worker loop's final report holds `best/val/...` (the selected epoch) and test
+    metrics; copying `best/val/x` to `val/x` there makes every Tune result carry the search
+    metric and makes a finished trial's last result the score of the model it selected.
+    """
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        report = metrics[0]
+        if report.get("final"):
+            best = {k[len("best/") :]: v for k, v in report.items() if k.startswith("best/val/")}
+            metrics = [{**report, **best}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                   trial_id: str) -> str | None:  # fmt: skip
+    """The MLflow run of a trial, if it was created before (a restarted or resumed trial)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_TRIAL}` = '{trial_id}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every trial run of a search."""
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=5000
+    )
+
+
+def trial_training_config(inputs: SearchInputs, sample: dict[str, Any], trial_name: str) -> Config:
+    """The trial's training config; the selected epoch follows the search metric."""
+    config = inputs.spec.trial_config(inputs.spec.decode(sample))
+    settings = inputs.spec.settings
+    stopping = config.train.early_stopping.model_copy(
+        update={"metric": settings.metric, "mode": settings.mode}
+    )
+    return config.model_copy(
+        update={
+            "train": config.train.model_copy(update={"early_stopping": stopping}),
+            "tracking": config.tracking.model_copy(update={"run_name": trial_name}),
+        }
+    )
+
+
+def run_trial(sample: dict[str, Any], inputs: SearchInputs) -> None:
+    """Tune entry point: train one sampled config, logging to the trial's child run."""
+    context = ray.tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    config = trial_training_config(inputs, sample, trial_name)
+    client = MlflowClient(inputs.tracking_uri)
+    name = f"train-trial_id={trial_id}"  # stable: a restarted trial resumes its Train run
+    run_id = find_trial_run(client, inputs.experiment_id, inputs.parent_run_id, trial_id)
+    if run_id is None:
+        tags = {
+            TAG_PARENT: inputs.parent_run_id,
+            TAG_TRIAL: trial_id,
+            "adatt.model": config.model.name,
+            TAG_STORAGE: inputs.train_storage,
+            TAG_RAY_RUN: name,
+        }
+        run_id = start_run(client, config, inputs.tracking_uri, tags=tags)
+    with run_lifecycle(client, run_id):
+        trainer = make_trainer(
+            config,
+            Preprocessor.from_dict(inputs.preprocessor),
+            inputs.files,
+            run_id=run_id,
+            tracking_uri=inputs.tracking_uri,
+            name=name,
+            storage=inputs.train_storage,
+            callbacks=[TrialReporter()],
+        )
+        trainer.fit()
+
+
+class TrialRunCloser(ray.tune.Callback):
+    """Driver-side: a trial that ends without finishing its run (stopped by the scheduler,
+    or its process died) gets its MLflow run marked KILLED or FAILED, never left RUNNING."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+
+    def _close(self, trial: Any, status: str) -> None:
+        client = MlflowClient(self.tracking_uri)
+        run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)
+        if run_id is None or client.get_run(run_id).info.status != "RUNNING":
+            return
+        if status == "KILLED" and not trial.last_result.get("final"):
+            client.set_tag(run_id, TAG_STOPPED, "true")
+        client.set_terminated(run_id, status=status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FAILED")
