@@ -99,11 +99,17 @@ def _searcher(spec: SearchSpec, concurrency: int) -> Any:
     if settings.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=settings.seed)
+        return OptunaSearch(seed=settings.seed, points_to_evaluate=_points(spec))
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune applies max_concurrent_trials only to a searcher it creates itself.
-    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency)
+    return BasicVariantGenerator(
+        random_state=settings.seed, max_concurrent=concurrency, points_to_evaluate=_points(spec)
+    )
+
+
+def _points(spec: SearchSpec) -> list[dict[str, Any]] | None:
+    return [spec.default_point()] if spec.settings.include_default else None
 
 
 def _scheduler(spec: SearchSpec) -> Any:

@@ -126,6 +126,9 @@ class TuneSettings(_Strict):
     max_concurrent: PositiveInt | None = None  # default: what the cluster's CPUs/GPUs allow
     seed: int = 0
     top: PositiveInt = 5  # rows of the summary table
+    # Run the base config's own values as the first trial (random/optuna searchers): the
+    # search then reports how much it beats the default, measured the same way.
+    include_default: bool = False
 
     @field_validator("metric")
     @classmethod
@@ -215,6 +218,15 @@ class SearchSpec:
         raw = self.base.model_dump(mode="json")
         return {path: _get_path(raw, path) for path in self.space}
 
+    def default_point(self) -> dict[str, Any]:
+        """`default_values` as Tune sees them (list values as JSON text), for
+        `points_to_evaluate`."""
+        out = {}
+        for path, value in self.default_values().items():
+            values = self.space[path].values
+            out[path] = json.dumps(value) if values and _needs_encoding(values) else value
+        return out
+
     def describe(self) -> dict[str, str]:
         """Flat text description for MLflow params of the parent run."""
         out = {f"search.{p}": d.describe() for p, d in self.space.items()}
@@ -252,6 +264,8 @@ class SearchSpec:
                     f"{self.source}: search.{path}: the optuna searcher cannot take a grid; "
                     "use choice"
                 )
+            if self.settings.include_default:
+                self._check_default(path, dist)
             for value in dist.edge_values():
                 try:
                     config = self.trial_config({path: value})
@@ -261,6 +275,23 @@ class SearchSpec:
                         f"{self.source}: search.{path}: value {json.dumps(value)} gives an "
                         f"invalid training config: {err}"
                     ) from None
+
+    def _check_default(self, path: str, dist: Distribution) -> None:
+        if self.settings.searcher == "grid" or dist.grid is not None:
+            raise ConfigError(
+                f"{self.source}: tune.include_default: takes the random or optuna searcher "
+                f"without grid values (search.{path})"
+            )
+        value = self.default_values()[path]
+        low_high = dist.uniform or dist.loguniform or dist.randint
+        inside = (
+            value in dist.values if dist.values is not None else low_high[0] <= value <= low_high[1]
+        )
+        if not inside:
+            raise ConfigError(
+                f"{self.source}: tune.include_default: the base config's {path} = "
+                f"{json.dumps(value)} is outside search.{path} ({dist.describe()})"
+            )
 
 
 def _needs_encoding(values: list[Any]) -> bool:

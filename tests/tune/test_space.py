@@ -130,3 +130,18 @@ def test_inline_base_mapping_and_fixed_fields(tmp_path: Path) -> None:
     # fusion_levels stays when the depth is not searched.
     assert spec.base.model.fusion_levels == 2
     assert spec.trial_config({"model.shared_experts": 0}).model.shared_experts == 0
+
+
+def test_default_point_is_the_base_config_and_must_lie_in_the_space() -> None:
+    search = {
+        "model.expert_dims": {"choice": [[64], [64, 32]]},
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+    }
+    spec = spec_of(search, {"include_default": True})
+    assert spec.default_point() == {"model.expert_dims": "[64, 32]", "train.lr": 0.001}
+    with pytest.raises(
+        ConfigError, match=r"base config's train.lr = 0.001 is outside search.train.lr"
+    ):
+        spec_of({"train.lr": {"uniform": [0.01, 0.1]}}, {"include_default": True})
+    with pytest.raises(ConfigError, match="include_default: takes the random or optuna searcher"):
+        spec_of({"train.lr": {"grid": [0.001]}}, {"include_default": True})
