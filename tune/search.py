@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from pipeline.tracking import (
 from pipeline.train import TAG_STORAGE, check_inputs, finish_run, storage_uri
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
 from tune.space import SearchSpec
-from tune.trial import SearchInputs, TrialRunCloser, child_runs, run_trial
+from tune.trial import (
+    SearchInputs,
+    TrialRunCloser,
+    child_runs,
+    remove_orphaned_placement_groups,
+    run_trial,
+)
 
 STATE_FILE = "adatt_search.json"
 TAG_BEST_RUN = "adatt.best_run_id"
@@ -226,6 +233,7 @@ def run_search(
             results = _fit(spec, inputs, storage, concurrency, resume)
         finally:
             _close_open_trials(client, experiment_id, parent)
+            _release_stopped_trials()
         ended = results.num_terminated + results.num_errors
         interrupted = ended < len(results) or len(results) < _expected_trials(spec)
         rows = trial_rows(results, spec, client, experiment_id, parent, interrupted)
@@ -277,6 +285,20 @@ def _expected_trials(spec: SearchSpec) -> int:
         if dist.grid is not None or (spec.settings.searcher == "grid" and dist.values):
             grid *= len(dist.values or [])
     return grid * spec.settings.num_samples
+
+
+def _release_stopped_trials(wait_s: float = 5.0) -> None:
+    """The last stopped trial's Train controller dies just after Tune returns: give it a few
+    seconds, then free its placement group (see `remove_orphaned_placement_groups`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            remove_orphaned_placement_groups()
+        except Exception:  # a private Ray API; the next search's cleanup will catch up
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(1.0)
 
 
 def _close_open_trials(client: MlflowClient, experiment_id: str, parent: str) -> None:

@@ -9,6 +9,8 @@ restarted or resumed trial continues the same run.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,8 @@ from tune.space import SearchSpec
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TRIAL = "adatt.trial_id"
 TAG_STOPPED = "adatt.stopped_early"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,14 +131,57 @@ def run_trial(sample: dict[str, Any], inputs: SearchInputs) -> None:
         trainer.fit()
 
 
+def remove_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor is dead; return how many.
+
+    When the scheduler stops a trial, its actor is killed and the Train controller it owns
+    dies with it, leaving the workers' placement group reserved until the job ends. Ray
+    Train's own cleaner removes it through the state API, which needs `ray[default]` and
+    fails when several Ray instances run on one machine; this does the same from the search
+    driver through the GCS, so a stopped trial never holds CPUs that later trials' Ray Data
+    tasks need. A running trial's groups have a live creator and are left alone.
+    """
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for blob in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        if (
+            pg.state == gcs_pb2.PlacementGroupTableData.CREATED
+            and pg.creator_actor_id
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.creator_job_id.hex() == job_id
+        ):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
 class TrialRunCloser(ray.tune.Callback):
     """Driver-side: a trial that ends without finishing its run (stopped by the scheduler,
-    or its process died) gets its MLflow run marked KILLED or FAILED, never left RUNNING."""
+    or its process died) gets its MLflow run marked KILLED or FAILED, never left RUNNING,
+    and its orphaned placement group removed (see `remove_orphaned_placement_groups`)."""
+
+    CLEANUP_INTERVAL_S = 2.0
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
+        self._last_cleanup = 0.0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_cleanup >= self.CLEANUP_INTERVAL_S:
+            self._last_cleanup = now
+            try:
+                remove_orphaned_placement_groups()
+            except Exception as err:  # private Ray API: never fail the search over it
+                logger.warning("could not check for orphaned placement groups: %s", err)
 
     def _close(self, trial: Any, status: str) -> None:
         client = MlflowClient(self.tracking_uri)
