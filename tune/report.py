@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -48,7 +50,8 @@ def trial_rows(results: Any, spec: SearchSpec, client: MlflowClient, experiment_
     rows = []
     for result in results:
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or str(result.path).rsplit("_", 2)[-2]
+        # A trial that never reported has no trial_id yet: its folder name carries it.
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(str(result.path))
         if result.error is not None:
             status = "error"
         elif metrics.get("final"):
@@ -71,6 +74,12 @@ def trial_rows(results: Any, spec: SearchSpec, client: MlflowClient, experiment_
             )
         )
     return rows
+
+
+def _trial_id_from_path(path: str) -> str:
+    """`.../run_trial_8b625_00003_3_train_lr=...` -> `8b625_00003`."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name)
+    return found.group(1) if found else Path(path).name
 
 
 def _ranked(rows: list[TrialRow], spec: SearchSpec) -> list[TrialRow]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from tests.conftest import REPO_ROOT
-from tune.report import TrialRow, search_plot, summary_table
+from tune.report import TrialRow, _trial_id_from_path, search_plot, summary_table
 from tune.space import parse_search_spec
 
 
@@ -41,3 +41,8 @@ def test_plot_has_one_panel_per_searched_field() -> None:
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["[16]", "[16, 8]"]
     assert axes[1].get_xscale() == "log"
     plt.close(fig)
+
+
+def test_trial_id_of_a_trial_that_never_reported() -> None:
+    path = "/runs/grid/run_trial_8b625_00003_3_train_lr=0.0000_2026-11-28_13-41-19"
+    assert _trial_id_from_path(path) == "8b625_00003"
