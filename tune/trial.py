@@ -146,12 +146,15 @@ def remove_orphaned_placement_groups() -> int:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     job_id = ray.get_runtime_context().get_job_id()
+    nil_actor = ray.ActorID.nil().binary()
     removed = 0
     for blob in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
         if (
             pg.state == gcs_pb2.PlacementGroupTableData.CREATED
-            and pg.creator_actor_id
+            # Groups made by a driver (Tune's trial groups) have the nil actor id and
+            # count as "actor dead": only groups made by an actor that died qualify.
+            and pg.creator_actor_id != nil_actor
             and pg.creator_actor_dead
             and not pg.is_detached
             and pg.creator_job_id.hex() == job_id
