@@ -1,0 +1,204 @@
+"""`adatt tune` end to end on the session's local Ray cluster (2 CPUs) with real MLflow: a
+4-trial grid search with ASHA, and an interrupted search continued with `--resume`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import InputError
+from tests.conftest import REPO_ROOT, TINY_OVERRIDES
+from tune.search import TAG_BEST_MODEL, TAG_BEST_RUN, SearchInterrupted, run_search
+from tune.space import parse_search_spec
+from tune.trial import TAG_STOPPED, TAG_TRIAL, child_runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+# The last learning rates are too small to move the weights: those trials' normalised
+# entropy stays at its initial value (far above 1, the network starts at p = 0.5 for rare
+# events) and ASHA stops them at the first rung, after two trials that learn. NE rather than
+# AUC: on 6,000 rows AUCs after one epoch are too close to order the trials reliably.
+LEARNING_RATES = [0.01, 0.003, 1e-7, 1e-7]
+METRIC = "val/mean_ne"
+
+
+def tiny_spec(
+    logs: Path,
+    workdir: Path,
+    name: str,
+    rates: list[float] = LEARNING_RATES,
+    epochs: int = 2,
+    scheduler: str = "asha",
+):
+    fixed = dict(item.split("=", 1) for item in TINY_OVERRIDES)
+    fixed.update(
+        {
+            "data.path": str(logs),
+            "tracking.tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+            "train.storage_path": str(workdir / "runs"),
+            "train.epochs": epochs,
+            "train.num_workers": 1,
+        }
+    )
+    import yaml
+
+    raw = {
+        "base": str(REPO_ROOT / "configs" / "synthetic.yaml"),
+        "set": {k: yaml.safe_load(str(v)) for k, v in fixed.items()},
+        "search": {"train.lr": {"grid": rates}},
+        "tune": {
+            "name": name,
+            "searcher": "grid",
+            "metric": METRIC,
+            "mode": "min",
+            "max_concurrent": 1,  # one trial at a time: ASHA sees the trials in grid order
+            "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": 2},
+        },
+    }
+    return parse_search_spec(raw, "test spec", REPO_ROOT / "configs", name)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def searched(ray_local, tiny_logs, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tune")
+    spec = tiny_spec(tiny_logs, workdir, "grid")
+    start = time.perf_counter()
+    outcome = run_search(spec)
+    return spec, outcome, time.perf_counter() - start
+
+
+def test_search_runs_four_trials_and_asha_stops_one(searched) -> None:
+    spec, outcome, seconds = searched
+    print(f"search took {seconds:.0f} s")
+    assert len(outcome.trials) == 4
+    by_lr = {row.values["train.lr"]: row for row in outcome.trials}
+    assert by_lr[0.01].status == "completed" and by_lr[0.01].epochs == 2
+    assert outcome.stopped_early >= 1
+    stopped = [r for r in outcome.trials if r.status == "stopped"]
+    assert all(r.epochs < 2 for r in stopped)
+    assert {r.trial_id for r in stopped} >= {r.trial_id for r in outcome.trials
+                                             if r.values["train.lr"] == 1e-7}  # fmt: skip
+    # No placement group outlives its trial (a leak would starve later trials' Ray Data).
+    table = ray.util.placement_group_table().values()
+    assert [pg for pg in table if pg["state"] != "REMOVED"] == []
+
+
+def test_mlflow_holds_parent_and_four_children(searched) -> None:
+    spec, outcome, _ = searched
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.train.lr"] == "grid(0.01, 0.003, 1e-07, 1e-07)"
+    runs = child_runs(client, parent.info.experiment_id, outcome.parent_run_id)
+    assert len(runs) == 4
+    assert {r.data.tags[TAG_TRIAL] for r in runs} == {t.trial_id for t in outcome.trials}
+    statuses = {r.data.tags[TAG_TRIAL]: r.info.status for r in runs}
+    assert "RUNNING" not in statuses.values()
+    for row in outcome.trials:
+        run = client.get_run(row.run_id)
+        epochs = [int(v) for v in _history(client, row.run_id, "epoch")]
+        assert epochs == list(range(1, row.epochs + 1)), row
+        assert float(run.data.params["train.lr"]) == row.values["train.lr"]
+        if row.status == "completed":
+            assert statuses[row.trial_id] == "FINISHED"
+        else:
+            assert statuses[row.trial_id] == "KILLED"
+            assert run.data.tags[TAG_STOPPED] == "true"
+
+
+def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs) -> None:
+    spec, outcome, _ = searched
+    client = MlflowClient(outcome.tracking_uri)
+    runs = child_runs(client, client.get_run(outcome.parent_run_id).info.experiment_id,
+                      outcome.parent_run_id)  # fmt: skip
+    finished = {r.info.run_id: r.data.metrics[f"best/{METRIC}"] for r in runs
+                if r.info.status == "FINISHED"}  # fmt: skip
+    assert outcome.best.run_id == min(finished, key=finished.get)
+    assert outcome.best.value == pytest.approx(finished[outcome.best.run_id])
+    # No epoch of any trial beat the best trial's selected epoch.
+    best_any = min(min(_history(client, r.info.run_id, METRIC)) for r in runs)
+    assert outcome.best.value == pytest.approx(best_any)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags[TAG_BEST_RUN] == outcome.best.run_id
+    assert float(parent.data.params["best.train.lr"]) == outcome.best.values["train.lr"]
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"best_config.yaml", "search.png", "summary.txt"} <= artifacts
+    best_config = mlflow.artifacts.load_dict(f"runs:/{outcome.parent_run_id}/best_config.yaml")
+    assert best_config["train"]["lr"] == outcome.best.values["train.lr"]
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    model = mlflow.pyfunc.load_model(parent.data.tags[TAG_BEST_MODEL])
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sorted(Path(tiny_logs).rglob("*.parquet"))[0]).to_pandas().head(20)
+    scores = model.predict(rows[spec.base.data.feature_columns])
+    assert list(scores.columns) == [t.name for t in spec.base.data.tasks]
+    assert scores["click"].between(0, 1).all()
+    assert outcome.table[0].split()[:3] == ["rank", "trial", "status"]
+    assert outcome.table[1].split()[1] == outcome.best.trial_id
+
+
+def _interrupt_after_finished_trials(tracking_uri: str, count: int, done: threading.Event) -> None:
+    """Send the search SIGUSR1 (Tune's graceful stop, like Ctrl+C) once `count` trials finished."""
+    client = MlflowClient(tracking_uri)
+    while not done.is_set():
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string="attributes.status = 'FINISHED' AND tags.`adatt.trial_id` != ''",
+        )
+        if len(runs) >= count:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        time.sleep(1.0)
+
+
+def test_interrupted_search_resumes_without_repeating_finished_trials(
+    ray_local, tiny_logs, tmp_path
+) -> None:
+    spec = tiny_spec(tiny_logs, tmp_path, "resume", rates=[0.01, 0.003], scheduler="none")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = threading.Event()
+    # A no-op handler in case the signal lands after Tune's own handler is gone.
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    watcher = threading.Thread(target=_interrupt_after_finished_trials, args=(uri, 1, done))
+    watcher.start()
+    try:
+        with pytest.raises(SearchInterrupted, match="continue it with --resume"):
+            run_search(spec)
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+    client = MlflowClient(uri)
+    before = {r.data.tags[TAG_TRIAL]: r for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`adatt.trial_id` != ''")}  # fmt: skip
+    first = [r for r in before.values() if r.info.status == "FINISHED"]
+    assert len(first) == 1
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in before.values())
+    with pytest.raises(InputError, match="already exists .* --resume"):
+        run_search(spec)
+
+    outcome = run_search(spec, resume=True)
+
+    assert [r.status for r in outcome.trials] == ["completed", "completed"]
+    runs = {r.data.tags[TAG_TRIAL]: r for r in child_runs(
+        client, first[0].info.experiment_id, outcome.parent_run_id)}  # fmt: skip
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
+    # The finished trial was not run again: same run, same end time, each epoch once.
+    kept = runs[first[0].data.tags[TAG_TRIAL]]
+    assert kept.info.end_time == first[0].info.end_time
+    for run in runs.values():
+        assert [int(v) for v in _history(client, run.info.run_id, "epoch")] == [1, 2]
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
