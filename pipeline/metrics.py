@@ -63,6 +63,8 @@ class MultiTaskMetrics:
 
     def __init__(self, tasks: Sequence[TaskKind], device: torch.device) -> None:
         self.tasks = list(tasks)
+        self.device = device
+        self.updated = False
         self.state: list[_BinaryState | _RegressionState] = [
             _BinaryState(device) if t.type == "binary" else _RegressionState(device)
             for t in self.tasks
@@ -71,6 +73,7 @@ class MultiTaskMetrics:
     @torch.no_grad()
     def update(self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         """Add a batch: `outputs` are logits (binary) or values (regression), all [B, T]."""
+        self.updated = True
         outputs = outputs.float()
         for i, state in enumerate(self.state):
             keep = mask[:, i] > 0
@@ -92,6 +95,11 @@ class MultiTaskMetrics:
         Also `<prefix>/mean_auc` and `<prefix>/mean_ne` over the binary tasks, the values
         early stopping and model selection use.
         """
+        if not self.updated:
+            # A worker whose shard of this split is empty must still take part in every
+            # gather, with the same tensors as the others: feed it an empty batch.
+            empty = torch.zeros(0, len(self.tasks), device=self.device)
+            self.update(empty, empty, empty)
         out: dict[str, float] = {}
         aucs, nes = [], []
         for task, state in zip(self.tasks, self.state, strict=True):

@@ -99,7 +99,8 @@ def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
     sl = slice(0, cut) if rank == 0 else slice(cut, None)
     shift = 0.0 if rank == 0 else 1.5
     metrics = MultiTaskMetrics(TASKS, torch.device("cpu"))
-    metrics.update(logits[sl] + shift, labels[sl], mask[sl])
+    if len(logits[sl]):  # a worker with an empty shard never sees a batch
+        metrics.update(logits[sl] + shift, labels[sl], mask[sl])
     queue.put((rank, metrics.compute("val")))
     dist.destroy_process_group()
 
