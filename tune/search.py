@@ -36,6 +36,7 @@ from pipeline.train import TAG_STORAGE, check_inputs, finish_run, storage_uri
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
 from tune.space import SearchSpec
 from tune.trial import (
+    TAG_STOPPED,
     SearchInputs,
     TrialRunCloser,
     child_runs,
@@ -236,12 +237,13 @@ def run_search(
             _release_stopped_trials()
         ended = results.num_terminated + results.num_errors
         interrupted = ended < len(results) or len(results) < _expected_trials(spec)
-        rows = trial_rows(results, spec, client, experiment_id, parent, interrupted)
         if interrupted:
             raise SearchInterrupted(
                 f"search {spec.name!r} interrupted after {ended} trial(s); continue it with "
                 "--resume"
             )
+        rows = trial_rows(results, spec, client, experiment_id, parent)
+        _mark_stopped(client, rows)
         return _finish(
             client, uri, spec, rows, preprocessor, files, parent, experiment_path, register
         )
@@ -299,6 +301,16 @@ def _release_stopped_trials(wait_s: float = 5.0) -> None:
         if time.monotonic() >= deadline:
             return
         time.sleep(1.0)
+
+
+def _mark_stopped(client: MlflowClient, rows: list[TrialRow]) -> None:
+    """A trial stopped by the scheduler may have seen its Train run fail while being torn
+    down (and marked its run FAILED): it was stopped, not broken."""
+    for row in rows:
+        if row.status == "stopped" and row.run_id:
+            if client.get_run(row.run_id).info.status != "KILLED":
+                client.set_terminated(row.run_id, status="KILLED")
+            client.set_tag(row.run_id, TAG_STOPPED, "true")
 
 
 def _close_open_trials(client: MlflowClient, experiment_id: str, parent: str) -> None:
