@@ -235,12 +235,11 @@ def run_search(
         finally:
             _close_open_trials(client, experiment_id, parent)
             _release_stopped_trials()
-        ended = results.num_terminated + results.num_errors
-        interrupted = ended < len(results) or len(results) < _expected_trials(spec)
-        if interrupted:
+        unfinished = _unfinished_trials(experiment_path)
+        if unfinished or len(results) < _expected_trials(spec):
             raise SearchInterrupted(
-                f"search {spec.name!r} interrupted after {ended} trial(s); continue it with "
-                "--resume"
+                f"search {spec.name!r} interrupted with {unfinished or 'some'} trial(s) left; "
+                "continue it with --resume"
             )
         rows = trial_rows(results, spec, client, experiment_id, parent)
         _mark_stopped(client, rows)
@@ -279,6 +278,13 @@ def _fit(
             ),
         )
     return tuner.fit()
+
+
+def _unfinished_trials(experiment_path: str) -> int:
+    """Trials not ended in the experiment state Tune saved last. After an interrupt Tune's
+    in-memory trials all read TERMINATED (it stops them); the saved state keeps the truth."""
+    analysis = ray.tune.ExperimentAnalysis(experiment_path)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials)
 
 
 def _expected_trials(spec: SearchSpec) -> int:
