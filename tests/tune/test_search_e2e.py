@@ -190,6 +190,7 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     first = [r for r in before.values() if r.info.status == "FINISHED"]
     assert len(first) == 1
     assert all(r.info.status in ("FINISHED", "KILLED") for r in before.values())
+    first_epochs = client.get_metric_history(first[0].info.run_id, "epoch")
     with pytest.raises(InputError, match="already exists .* --resume"):
         run_search(spec)
 
@@ -199,9 +200,11 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     runs = {r.data.tags[TAG_TRIAL]: r for r in child_runs(
         client, first[0].info.experiment_id, outcome.parent_run_id)}  # fmt: skip
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
-    # The finished trial was not run again: same run, same end time, each epoch once.
+    # The finished trial was not run again: same run, its epochs logged once, before.
     kept = runs[first[0].data.tags[TAG_TRIAL]]
-    assert kept.info.end_time == first[0].info.end_time
+    assert kept.info.start_time == first[0].info.start_time
+    after = client.get_metric_history(kept.info.run_id, "epoch")
+    assert [(m.step, m.timestamp) for m in after] == [(m.step, m.timestamp) for m in first_epochs]
     for run in runs.values():
         assert [int(v) for v in _history(client, run.info.run_id, "epoch")] == [1, 2]
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
