@@ -68,7 +68,7 @@ def trial_rows(results: Any, spec: SearchSpec, client: MlflowClient, experiment_
                 status=status,
                 epochs=int(metrics.get("epoch", 0)),
                 value=float(value) if isinstance(value, int | float) else None,
-                values=spec.decode(result.config),
+                values=spec.decode(result.config) if result.config else {},
                 checkpoint_path=metrics.get("checkpoint_path"),
                 metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
             )

@@ -36,6 +36,7 @@ from pipeline.train import TAG_STORAGE, check_inputs, finish_run, storage_uri
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
 from tune.space import SearchSpec
 from tune.trial import (
+    TAG_STOPPED,
     SearchInputs,
     TrialRunCloser,
     child_runs,
@@ -234,14 +235,14 @@ def run_search(
         finally:
             _close_open_trials(client, experiment_id, parent)
             _release_stopped_trials()
-        ended = results.num_terminated + results.num_errors
-        interrupted = ended < len(results) or len(results) < _expected_trials(spec)
-        rows = trial_rows(results, spec, client, experiment_id, parent, interrupted)
-        if interrupted:
+        unfinished = _unfinished_trials(experiment_path)
+        if unfinished or len(results) < _expected_trials(spec):
             raise SearchInterrupted(
-                f"search {spec.name!r} interrupted after {ended} trial(s); continue it with "
-                "--resume"
+                f"search {spec.name!r} interrupted with {unfinished or 'some'} trial(s) left; "
+                "continue it with --resume"
             )
+        rows = trial_rows(results, spec, client, experiment_id, parent)
+        _mark_stopped(client, rows)
         return _finish(
             client, uri, spec, rows, preprocessor, files, parent, experiment_path, register
         )
@@ -279,6 +280,13 @@ def _fit(
     return tuner.fit()
 
 
+def _unfinished_trials(experiment_path: str) -> int:
+    """Trials not ended in the experiment state Tune saved last. After an interrupt Tune's
+    in-memory trials all read TERMINATED (it stops them); the saved state keeps the truth."""
+    analysis = ray.tune.ExperimentAnalysis(experiment_path)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials)
+
+
 def _expected_trials(spec: SearchSpec) -> int:
     grid = 1
     for dist in spec.space.values():
@@ -299,6 +307,16 @@ def _release_stopped_trials(wait_s: float = 5.0) -> None:
         if time.monotonic() >= deadline:
             return
         time.sleep(1.0)
+
+
+def _mark_stopped(client: MlflowClient, rows: list[TrialRow]) -> None:
+    """A trial stopped by the scheduler may have seen its Train run fail while being torn
+    down (and marked its run FAILED): it was stopped, not broken."""
+    for row in rows:
+        if row.status == "stopped" and row.run_id:
+            if client.get_run(row.run_id).info.status != "KILLED":
+                client.set_terminated(row.run_id, status="KILLED")
+            client.set_tag(row.run_id, TAG_STOPPED, "true")
 
 
 def _close_open_trials(client: MlflowClient, experiment_id: str, parent: str) -> None:

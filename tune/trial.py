@@ -189,11 +189,15 @@ class TrialRunCloser(ray.tune.Callback):
     def _close(self, trial: Any, status: str) -> None:
         client = MlflowClient(self.tracking_uri)
         run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)
-        if run_id is None or client.get_run(run_id).info.status != "RUNNING":
+        if run_id is None:
             return
-        if status == "KILLED" and not trial.last_result.get("final"):
+        current = client.get_run(run_id).info.status
+        stopped = status == "KILLED" and not trial.last_result.get("final")
+        if stopped:
+            # Its Train run may have failed while the trial was torn down: still a stop.
             client.set_tag(run_id, TAG_STOPPED, "true")
-        client.set_terminated(run_id, status=status)
+        if current == "RUNNING" or (stopped and current == "FAILED"):
+            client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "KILLED")

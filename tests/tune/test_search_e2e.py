@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import InputError
@@ -48,8 +49,6 @@ def tiny_spec(
             "train.num_workers": 1,
         }
     )
-    import yaml
-
     raw = {
         "base": str(REPO_ROOT / "configs" / "synthetic.yaml"),
         "set": {k: yaml.safe_load(str(v)) for k, v in fixed.items()},
@@ -109,7 +108,9 @@ def test_mlflow_holds_parent_and_four_children(searched) -> None:
     for row in outcome.trials:
         run = client.get_run(row.run_id)
         epochs = [int(v) for v in _history(client, row.run_id, "epoch")]
-        assert epochs == list(range(1, row.epochs + 1)), row
+        # Each epoch logged once; a stopped trial may have logged one more epoch than Tune
+        # saw (its workers go on while ASHA decides).
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= row.epochs, row
         assert float(run.data.params["train.lr"]) == row.values["train.lr"]
         if row.status == "completed":
             assert statuses[row.trial_id] == "FINISHED"
@@ -135,7 +136,9 @@ def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs
     assert float(parent.data.params["best.train.lr"]) == outcome.best.values["train.lr"]
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"best_config.yaml", "search.png", "summary.txt"} <= artifacts
-    best_config = mlflow.artifacts.load_dict(f"runs:/{outcome.parent_run_id}/best_config.yaml")
+    best_config = yaml.safe_load(
+        mlflow.artifacts.load_text(f"runs:/{outcome.parent_run_id}/best_config.yaml")
+    )
     assert best_config["train"]["lr"] == outcome.best.values["train.lr"]
     mlflow.set_tracking_uri(outcome.tracking_uri)
     model = mlflow.pyfunc.load_model(parent.data.tags[TAG_BEST_MODEL])
@@ -187,6 +190,7 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     first = [r for r in before.values() if r.info.status == "FINISHED"]
     assert len(first) == 1
     assert all(r.info.status in ("FINISHED", "KILLED") for r in before.values())
+    first_epochs = client.get_metric_history(first[0].info.run_id, "epoch")
     with pytest.raises(InputError, match="already exists .* --resume"):
         run_search(spec)
 
@@ -196,9 +200,11 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     runs = {r.data.tags[TAG_TRIAL]: r for r in child_runs(
         client, first[0].info.experiment_id, outcome.parent_run_id)}  # fmt: skip
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
-    # The finished trial was not run again: same run, same end time, each epoch once.
+    # The finished trial was not run again: same run, its epochs logged once, before.
     kept = runs[first[0].data.tags[TAG_TRIAL]]
-    assert kept.info.end_time == first[0].info.end_time
+    assert kept.info.start_time == first[0].info.start_time
+    after = client.get_metric_history(kept.info.run_id, "epoch")
+    assert [(m.step, m.timestamp) for m in after] == [(m.step, m.timestamp) for m in first_epochs]
     for run in runs.values():
         assert [int(v) for v in _history(client, run.info.run_id, "epoch")] == [1, 2]
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
