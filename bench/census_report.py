@@ -256,6 +256,7 @@ def write_report(
     left: list[str],
     wall_s: float | None,
     argv: list[str],
+    setup: list[str] | None = None,
 ) -> str:
     """Write the markdown report from every finished run; return its last line."""
     runs = finished_runs(tracking_uri, spec.tracking.get("experiment", "census-bench"), epochs)
@@ -270,6 +271,7 @@ def write_report(
         f"{len(runs)} finished runs in `{tracking_uri}`"
         + (f"; this invocation took {wall_s / 60:.1f} min." if wall_s is not None else "."),
         "",
+        *(setup or []),
     ]
     if not cells:
         lines += ["No finished runs yet.", "", f"{LAST_LINE_KEY}=nan"]
@@ -289,10 +291,15 @@ def write_report(
         if not any((setting, m) in cells for m in all_models):
             continue
         paper = spec.paper.get(setting, {})
+        models = "; ".join(
+            NAMES.get(m, m) + "".join(f" {k}={v}" for k, v in entry.items() if k != "name")
+            for m, entry in spec.settings[setting].models.items()
+        )
         lines += [
             f"## {spec.settings[setting].title}",
             "",
-            "Test AUC, mean ± std over N seeds.",
+            f"Models: {models}. Test AUC, mean ± std over N seeds (sample std); best epoch "
+            "per seed; mean wall time per training in seconds.",
             "",
         ]
         lines += setting_table(cells, setting, all_models, order, paper)

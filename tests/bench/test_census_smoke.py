@@ -79,6 +79,10 @@ def test_every_model_of_the_grid_builds(tmp_path: Path) -> None:
         assert config.model.name == spec.settings[job.setting].models[job.model]["name"]
         assert config.model.tower_dims == [32] and config.model.levels == 2
         build_model(config.model, config.data.feature_schema())
+        two = training_config(
+            spec, BENCH_CONFIG, job, tmp_path, tmp_path, 10, ["train.num_workers=2"]
+        )
+        assert two.data.batch_size == 256  # the global batch stays the paper's 512
         if job.model in ("adatt", "ple"):  # 3 tasks * m_t + m_s experts per level
             expected = 6 if job.setting == "experts6" else 9
             assert 3 * config.model.experts_per_task + config.model.shared_experts == expected
