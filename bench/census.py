@@ -224,23 +224,19 @@ def _start_ray(cpus: int = 2) -> bool:
 def run_jobs(
     jobs: list[Job], make_config: Any, done: set[tuple[str, str, int]], budget_s: float | None
 ) -> list[str]:
-    """Train each job not in `done`; returns the names of failed or skipped jobs."""
+    """Train each job not in `done` until `budget_s` would be exceeded; returns failures."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.train import run_training
 
-    start, times, left = time.monotonic(), [], []
+    start, times, failed = time.monotonic(), [], []
     for index, job in enumerate(jobs):
         if (job.setting, job.model, job.seed) in done:
             continue
         spent = time.monotonic() - start
         expected = sum(times) / len(times) if times else 0.0
         if budget_s is not None and spent + expected > budget_s:
-            left.extend(
-                f"{j.name} (budget)"
-                for j in jobs[index:]
-                if (j.setting, j.model, j.seed) not in done
-            )
+            print(f"[bench] time budget spent: {len(jobs) - index} job(s) not started", flush=True)
             break
         config = make_config(job)
         print(f"[bench] {job.name}: {config.train.epochs} epochs", flush=True)
@@ -249,7 +245,7 @@ def run_jobs(
             outcome = run_training(config)
         except Exception as err:  # one broken model must not lose the rest of the grid
             print(f"[bench] {job.name} FAILED: {err}", flush=True)
-            left.append(f"{job.name} (failed: {type(err).__name__}: {err})")
+            failed.append(f"{job.name}: {type(err).__name__}: {err}")
             continue
         seconds = time.monotonic() - began
         times.append(seconds)
@@ -266,7 +262,11 @@ def run_jobs(
         for key, value in tags.items():
             client.set_tag(outcome.run_id, key, value)
         print(f"[bench] {job.name}: {seconds:.0f} s, run {outcome.run_id}", flush=True)
-    return left
+    return failed
+
+
+def _has_raw(raw: Path) -> bool:
+    return any((raw / f"census-income.data{ext}").exists() for ext in ("", ".gz"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,48 +286,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     workdir = args.workdir.resolve()
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    data_path = workdir / "data"
+    extra = [f"train.num_workers={args.workers}"] if args.workers else []
+    if args.cpus_per_worker:
+        extra.append(f"train.cpus_per_worker={args.cpus_per_worker}")
+
+    def make_config(job: Job) -> Config:
+        return training_config(spec, args.spec, job, data_path, workdir, epochs, extra)
+
+    jobs = [
+        j for j in plan_jobs(settings, models, seeds) if j.model in spec.settings[j.setting].models
+    ]
+    failed, wall = [], None
     if not args.report_only:
-        if (
-            not (args.raw / "census-income.data.gz").exists()
-            and not (args.raw / "census-income.data").exists()
-        ):
+        if not _has_raw(args.raw):
             print(f"[bench] no Census-Income raw files in {args.raw}: skipped")
             return 0
         workdir.mkdir(parents=True, exist_ok=True)
-        data_path = workdir / "data"
-        written = convert_census(args.raw, data_path)
-
-        extra = [f"train.num_workers={args.workers}"] if args.workers else []
-        if args.cpus_per_worker:
-            extra.append(f"train.cpus_per_worker={args.cpus_per_worker}")
-
-        def make_config(job: Job) -> Config:
-            return training_config(spec, args.spec, job, data_path, workdir, epochs, extra)
-
-        jobs = [
-            j
-            for j in plan_jobs(settings, models, seeds)
-            if j.model in spec.settings[j.setting].models
-        ]
-        check_features(written, make_config(jobs[0]))
-        setup = setup_lines(make_config(jobs[0]), args.spec)
+        check_features(convert_census(args.raw, data_path), make_config(jobs[0]))
         experiment = spec.tracking.get("experiment", "census-bench")
-        finished = finished_runs(tracking_uri, experiment, epochs)
-        done = {(r.setting, r.model, r.seed) for r in finished}
+        done = {
+            (r.setting, r.model, r.seed) for r in finished_runs(tracking_uri, experiment, epochs)
+        }
         budget = args.budget_minutes * 60 if args.budget_minutes else None
         started = _start_ray()
         try:
             began = time.monotonic()
-            left = run_jobs(jobs, make_config, done, budget)
+            failed = run_jobs(jobs, make_config, done, budget)
             wall = time.monotonic() - began
         finally:
             if started:
                 import ray
 
                 ray.shutdown()
-    else:
-        left, wall, setup = [], None, []
-    last = write_report(out, tracking_uri, spec, epochs, left, wall, argv or sys.argv[1:], setup)
+    setup = setup_lines(make_config(jobs[0]), args.spec)
+    last = write_report(
+        out, tracking_uri, spec, epochs, jobs, failed, wall, argv or sys.argv[1:], setup
+    )
     print(f"[bench] wrote {out}\n{last}")
     return 0
 

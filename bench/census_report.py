@@ -31,6 +31,7 @@ NAMES = {
 }
 ADATT_VARIANTS = ("adatt", "adatt_sp")
 LAST_LINE_KEY = "adatt_min_delta_vs_paper"
+NOTES = "census-notes.md"  # hand-written findings beside the report, linked when present
 
 
 @dataclass
@@ -248,12 +249,34 @@ def comparison_lines(
     return lines
 
 
+def missing_lines(
+    cells: dict[tuple[str, str], Cell], jobs: list[Any], failed: list[str]
+) -> list[str]:
+    """The requested grid's cells with fewer finished seeds than asked, and failed jobs."""
+    wanted: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        wanted[(job.setting, job.model)] = wanted.get((job.setting, job.model), 0) + 1
+    short = [
+        f"{setting} {NAMES.get(model, model)}: {len(cells[(setting, model)].runs) if (setting, model) in cells else 0}/{n} seeds"
+        for (setting, model), n in wanted.items()
+        if (setting, model) not in cells or len(cells[(setting, model)].runs) < n
+    ]
+    if not short and not failed:
+        return []
+    lines = ["## Not run (time budget) or failed", ""]
+    if short:
+        lines.append("Requested but not (fully) run: " + "; ".join(short) + ".")
+    lines += [f"- failed: {item}" for item in failed]
+    return [*lines, ""]
+
+
 def write_report(
     out: Path,
     tracking_uri: str,
     spec: Any,
     epochs: int,
-    left: list[str],
+    jobs: list[Any],
+    failed: list[str],
     wall_s: float | None,
     argv: list[str],
     setup: list[str] | None = None,
@@ -262,17 +285,24 @@ def write_report(
     runs = finished_runs(tracking_uri, spec.tracking.get("experiment", "census-bench"), epochs)
     cells = group(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
+    trained_min = sum(r.seconds for r in runs if not math.isnan(r.seconds)) / 60
     lines = [
         "# Census-Income (KDD): the AdaTT paper's table, reproduced",
         "",
-        f"Command: `python -m bench.census {' '.join(argv)}`. "
-        f"Each training: {epochs} epochs through `adatt train`'s path (Ray Data -> Ray Train -> "
-        "MLflow), epoch selected on validation mean AUC, test AUC of that epoch. "
-        f"{len(runs)} finished runs in `{tracking_uri}`"
-        + (f"; this invocation took {wall_s / 60:.1f} min." if wall_s is not None else "."),
+        f"Written by `python -m bench.census {' '.join(argv)}` from the {len(runs)} finished "
+        f"{epochs}-epoch runs in `{tracking_uri}` (tag `adatt.bench=census`; "
+        f"{trained_min:.0f} min of training in all"
+        + (f"; this invocation ran {wall_s / 60:.1f} min)." if wall_s is not None else ")."),
+        "Each training goes through `adatt train`'s path (Ray Data -> Ray Train -> MLflow); "
+        "its epoch is selected on validation mean AUC and its test AUC is reported.",
         "",
         *(setup or []),
     ]
+    if (out.parent / NOTES).exists():
+        lines += [
+            f"How these figures were checked, and what was investigated: [{NOTES}]({NOTES}).",
+            "",
+        ]
     if not cells:
         lines += ["No finished runs yet.", "", f"{LAST_LINE_KEY}=nan"]
         out.write_text("\n".join(lines) + "\n")
@@ -315,8 +345,7 @@ def write_report(
             *[f"![fusion weights]({p.name})" for p in paths],
             "",
         ]
-    if left:
-        lines += ["## Not run", "", *[f"- {item}" for item in left], ""]
+    lines += missing_lines(cells, jobs, failed)
     delta = min_delta(cells, spec.paper, order)
     lines.append(f"{LAST_LINE_KEY}={_fmt(delta)}")
     out.write_text("\n".join(lines) + "\n")

@@ -12,6 +12,7 @@ from bench.census_report import (
     comparison_lines,
     group,
     min_delta,
+    missing_lines,
     paper_adatt,
     paper_task_order,
     setting_table,
@@ -68,3 +69,16 @@ def test_table_rows_and_comparisons() -> None:
     assert "target >= 0 on every task: reached" in text
     assert "AdaTT minus PLE (ours): college +0.0105" in text and "ahead on 3/3" in text
     assert "(paper: +0.0100, +0.0100, +0.0100)" in text
+
+
+def test_missing_cells_and_failures_are_listed() -> None:
+    from bench.census import plan_jobs
+
+    cells = group([run("adatt", 0, 0.0), run("adatt", 1, 0.0), run("ple", 0, 0.0)])
+    assert missing_lines(cells, plan_jobs(["experts6"], ["adatt"], 2), []) == []
+    lines = missing_lines(cells, plan_jobs(["experts6"], ["adatt", "ple", "mmoe"], 2), ["x: boom"])
+    assert (
+        lines[2]
+        == "Requested but not (fully) run: experts6 PLE: 1/2 seeds; experts6 MMoE: 0/2 seeds."
+    )
+    assert lines[3] == "- failed: x: boom"
