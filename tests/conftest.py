@@ -35,6 +35,9 @@ def ray_local() -> Iterator[None]:
     """A local Ray cluster shared by every test that needs one."""
     import ray
 
+    if ray.is_initialized():  # an earlier test's `adatt train` already started one
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()

@@ -27,15 +27,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
+def ray_cluster(ray_local):
+    """The session's local Ray (2 CPUs). Workers get this module's train loop by value:
+    the test module is not importable by name in a worker."""
+    import sys
 
-    # Workers import this module (the train loop) and `pipeline` by name.
-    path = f"{ROOT}:{Path(__file__).parent}"
-    env = {"env_vars": {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
-    yield ray
-    ray.shutdown()
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
 
 
 @pytest.fixture(scope="module")
