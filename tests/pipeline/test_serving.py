@@ -21,8 +21,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def logged(untrained_run):
+def logged(untrained_run, mlflow_server):
     """The untrained tiny network's run (tests/conftest.py) and its test-split rows."""
+    # Other test modules point MLflow elsewhere; `models:/` URIs resolve on this server.
+    mlflow.set_tracking_uri(mlflow_server)
     run = untrained_run
     columns = run.config.data.feature_columns
     rows = read_split(run.config.data, run.files, "test", columns).to_pandas()
