@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 
 FAULT_ENV = "ADATT_FAULT"
 KINDS = ("raise", "exit", "hang")
+EXIT_DELAY_SECONDS = 5.0
 _SPEC = re.compile(r"^(raise|exit|hang)@(\d+)(\.\d+)?(?:@(\d+))?$")
 HANG_SECONDS = 3600.0
 
@@ -87,6 +88,11 @@ def fire(fault: Fault, epoch: int, step: int) -> None:
     where = f"epoch {epoch}, step {step}"
     if fault.kind == "exit":
         print(f"{FAULT_ENV}: rank {fault.rank} exits at {where}", flush=True)
+        # Ray Train's controller registers the previous epoch's checkpoint asynchronously;
+        # a crash a fraction of a second after that report could beat it, and the restart
+        # would then (correctly) begin from scratch. Wait so that the test exercises the
+        # restart from a checkpoint it means to test.
+        time.sleep(EXIT_DELAY_SECONDS)
         os._exit(1)
     if fault.kind == "hang":
         print(f"{FAULT_ENV}: rank {fault.rank} hangs at {where}", flush=True)
