@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config import Config, apply_overrides, parse_config
+from pipeline.config import Config, apply_overrides, format_validation_error, parse_config
 from pipeline.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -346,20 +346,12 @@ def _get_path(raw: dict[str, Any], path: str) -> Any:
     return node
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{source}: {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_search_spec(raw: dict[str, Any], source: str, folder: Path, name: str) -> SearchSpec:
     """Validate a raw spec dict (see the module docstring); `folder` resolves `base` paths."""
     try:
         spec = SpecFile.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
     if isinstance(spec.base, str):
         base_path = Path(spec.base)
         base_path = base_path if base_path.is_absolute() else folder / base_path
