@@ -214,15 +214,21 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file, apply CLI overrides and validate it."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file's top-level mapping; ConfigError naming the file otherwise."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply CLI overrides and validate it."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
     return parse_config(apply_overrides(raw, overrides or []), source=str(path))

@@ -38,7 +38,13 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config import Config, apply_overrides, format_validation_error, parse_config
+from pipeline.config import (
+    Config,
+    apply_overrides,
+    format_validation_error,
+    parse_config,
+    read_yaml_mapping,
+)
 from pipeline.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -381,14 +387,7 @@ def load_search_spec(path: str | Path, overrides: list[str] | None = None) -> Se
             any other key (e.g. `train.epochs=2`) a field of the base config.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: search spec not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "search spec")
     spec_overrides, base_overrides = [], []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
