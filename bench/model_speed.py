@@ -2,7 +2,8 @@
 
 A step is forward, per-task BCE, backward and an Adam step; the loop implementation is
 tests/models/reference_adatt.py (one module per expert, gate and tower, as in the authors'
-code) with the same weights. Median of `--steps` steps after a warm-up.
+code) with the same weights. The models take turns step by step (so a noisy neighbour slows
+both alike); each figure is the median of `--steps` steps after a warm-up.
 
     python bench/model_speed.py                      # CPU, 2 threads, the issue's table
     python bench/model_speed.py --device cuda --bf16 # on a GPU, bf16 autocast
@@ -56,20 +57,17 @@ CONFIGS = [
 ]
 
 
-def time_train_step(model, batch, labels, steps, warmup, device, bf16) -> float:
-    """Median seconds of one full train step."""
+def make_step(model, batch, labels, device, bf16):
+    """A closure running one full train step of `model` (forward, BCE, backward, Adam)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if bf16
-        else contextlib.nullcontext()
-    )
-    times = []
-    for step in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            if bf16
+            else contextlib.nullcontext()
+        )
         with autocast:
             logits = model(batch).float()
         loss = sum(
@@ -78,11 +76,28 @@ def time_train_step(model, batch, labels, steps, warmup, device, bf16) -> float:
         )
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
+
+
+def time_steps(steps, repeats: int, warmup: int, device) -> list[float]:
+    """Median seconds per step of each closure, run in alternation.
+
+    The closures take turns step by step, so a slow spell of a shared machine slows all of
+    them alike instead of skewing the ratio between them.
+    """
+    times: list[list[float]] = [[] for _ in steps]
+    for round_ in range(warmup + repeats):
+        for index, step in enumerate(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                times[index].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -113,13 +128,17 @@ def main() -> None:
         for batch_size in args.batches:
             batch = {"dense": torch.randn(batch_size, width, device=device)}
             labels = torch.randint(0, 2, (batch_size, tasks), device=device).float()
-            timing = (batch, labels, args.steps, args.warmup, device, args.bf16)
-            fast = time_train_step(batched, *timing)
-            slow = time_train_step(loop, *timing)
+            steps = [
+                make_step(batched, batch, labels, device, args.bf16),
+                make_step(loop, batch, labels, device, args.bf16),
+            ]
+            if args.compile:
+                steps.append(make_step(torch.compile(batched), batch, labels, device, args.bf16))
+            fast, slow, *compiled = time_steps(steps, args.steps, args.warmup, device)
             speedups.append(slow / fast)
             row = f"{name:<16} {batch_size:>6} {fast * 1e3:>11.1f} {slow * 1e3:>9.1f} {slow / fast:>7.2f}x"
-            if args.compile:
-                row += f" {time_train_step(torch.compile(batched), *timing) * 1e3:>12.1f}"
+            if compiled:
+                row += f" {compiled[0] * 1e3:>12.1f}"
             print(row, flush=True)
     print(f"min_speedup_vs_loop={min(speedups):.2f}")
 

@@ -113,7 +113,7 @@ class AdaTTLevel(nn.Module):
             # Level 1: every gate reads f^0, one 2-D matmul.
             gates = torch.softmax(self.gates.shared(x), dim=-1)  # eq. 9
         else:
-            logits = self.gates(x[: self.fusing_units])  # W_t f_t^{l-1}, [units, B, E]
+            logits = self.gates(x)  # W_t f_t^{l-1}, [units, B, E]
             gates = torch.softmax(logits, dim=-1).transpose(0, 1)  # eq. 9
         weights = gates + self.native_matrix()  # eq. 11: pad(v_t) + G_t
         return torch.bmm(weights, experts), weights  # eq. 11: (pad(v_t) + G_t)^T E

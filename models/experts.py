@@ -22,13 +22,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
-# In place where torch allows it: the pre-activations here are fresh matmul outputs that
-# autograd does not need, and a large batch of experts saves one full-size allocation.
-_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu_,
-    "silu": lambda x: F.silu(x, inplace=True),
-    "tanh": torch.tanh_,
-}
 
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
@@ -69,8 +62,19 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        """[G, B, in] -> [G, B, out]: group g's input through group g's layer."""
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(0, 1))
+        """[U, B, in] -> [G, B, out]: group g's input x[g] through group g's layer.
+
+        x may hold more units than there are groups (U > G); the extra units are ignored,
+        as the shared unit at the last level of AdaTT and PLE, which has no gate.
+        """
+        weight, bias = self.weight, self.bias
+        extra = x.shape[0] - self.groups
+        if extra:
+            # Zero layers for the extra units rather than slicing x: a slice's backward
+            # would zero-fill and copy a gradient as large as x.
+            weight, bias = F.pad(weight, (0, 0, 0, extra)), F.pad(bias, (0, 0, 0, extra))
+        out = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(0, 1))
+        return out[: self.groups] if extra else out
 
     def shared(self, x: Tensor) -> Tensor:
         """[B, in] -> [B, G, out]: every group applied to the same input, one 2-D matmul."""
@@ -124,7 +128,6 @@ class ExpertGroup(nn.Module):
         self.num_experts = sum(self.experts_per_unit)
         self.output_dim = hidden_dims[-1]
         self.activation = activation_fn(activation)
-        self.activation_in_place = _IN_PLACE.get(activation, self.activation)
         self.dropout = dropout
         widths = [input_dim, *hidden_dims]
         self.layers = nn.ModuleList(
@@ -133,8 +136,12 @@ class ExpertGroup(nn.Module):
         )
 
     def _activate(self, x: Tensor) -> Tensor:
-        """Activation (in place on the fresh matmul output) then dropout."""
-        return F.dropout(self.activation_in_place(x), self.dropout, self.training)
+        """Activation then dropout.
+
+        Not in place: the pre-activations are often views (of a matmul over all experts),
+        and an in-place op on a view makes autograd copy and zero-fill the whole base.
+        """
+        return F.dropout(self.activation(x), self.dropout, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         """Expert outputs [B, E, H].

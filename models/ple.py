@@ -63,7 +63,7 @@ class CGCLevel(nn.Module):
             logits = self.gates.shared(x)  # [B, rows, E]
             hidden = ~self.visible
         else:
-            logits = self.gates(x[: self.fusing_units])  # [rows, B, E]
+            logits = self.gates(x)  # [rows, B, E]
             hidden = ~self.visible.unsqueeze(1)
         gates = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
         if x.dim() == 3:

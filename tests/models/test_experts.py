@@ -30,6 +30,19 @@ def test_stacked_linear_equals_separate_layers():
     assert torch.equal(weight, layer.weight[:, 1]) and torch.equal(bias, layer.bias[1])
 
 
+def test_stacked_linear_ignores_units_beyond_its_groups():
+    layer = StackedLinear(2, 5, 4)
+    x = torch.randn(3, 7, 5, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 7, 4)
+    torch.testing.assert_close(
+        out, torch.stack([x[g] @ layer.weight[:, g] + layer.bias[g] for g in range(2)])
+    )
+    out.sum().backward()
+    assert x.grad[2].abs().max() == 0 and x.grad[:2].abs().min() > 0
+    assert layer.weight.grad.shape == layer.weight.shape
+
+
 def test_stacked_linear_init_like_nn_linear():
     layer = StackedLinear(2, 100, 50)
     assert layer.weight.abs().max() <= 0.1 and layer.bias.abs().max() <= 0.1
