@@ -151,6 +151,9 @@ class TrainConfig(_Strict):
     num_workers: PositiveInt = 2
     # Fractional on purpose: whole CPUs per worker starve Ray Data on small machines.
     cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    # torch threads of a CPU worker; None keeps Ray's choice (its CPUs rounded down, at
+    # least 1). More threads than reserved CPUs pays off when Ray Data needs little CPU.
+    threads_per_worker: PositiveInt | None = None
     use_gpu: bool | Literal["auto"] = "auto"
     bf16: bool = True  # autocast on GPU only
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)

@@ -182,6 +182,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config = parse_config(loop_config["config"], source="train_loop_config")
     torch.manual_seed(config.train.seed)
     device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.train.threads_per_worker:
+        torch.set_num_threads(config.train.threads_per_worker)
     training_model = build_training_model(config)
     state = _restore(loop_config)
     restored = state is not None

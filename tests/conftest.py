@@ -25,6 +25,7 @@ TINY_OVERRIDES = [
     "model.shared_experts=1",
     "train.epochs=2",
     "train.num_workers=2",
+    "train.threads_per_worker=1",
     "train.lr=0.01",
     "data.batch_size=256",
 ]

@@ -47,6 +47,7 @@ def test_minimal_config_gets_defaults() -> None:
         (_raw(split={"method": "values", "column": "s"}), "validation_values: required"),
         (_raw(split={"method": "cutoff", "column": "day"}), "validation_from: required"),
         (_raw(split={"method": "random"}), "data.split.method"),
+        ({**_raw(), "train": {"threads_per_worker": 0}}, "train.threads_per_worker"),
     ],
 )
 def test_invalid_configs_name_the_field(raw: dict, message: str) -> None:
