@@ -259,9 +259,15 @@ def check_schema(data: DataConfig, labels: bool = True) -> list[str]:
             index = footer.schema.get_field_index(column)
             if index < 0:
                 shown = ", ".join(footer.schema.names[:20])
+                hint = ""
+                if f"/{column}=" in f"/{footer.file}":
+                    hint = (
+                        f" (hive-style folders such as '{column}=...' are not read as "
+                        "columns: write the column into the files)"
+                    )
                 raise SchemaError(
                     f"{footer.file}: column {column!r} ({spec.role}) not found; "
-                    f"the file has: {shown}"
+                    f"the file has: {shown}{hint}"
                 )
             dtype = footer.schema.field(index).type
             if not spec.accepts(dtype):

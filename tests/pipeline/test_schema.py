@@ -91,6 +91,13 @@ def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
     f = _write(tmp_path / "a.parquet", _table(price=None))
     msg = _error(f)
     assert str(f) in msg and "'price'" in msg and "not found" in msg
+    assert "hive-style" not in msg
+
+
+def test_hive_partition_folder_gets_a_hint(tmp_path: Path) -> None:
+    f = _write(tmp_path / "price=3" / "part-0.parquet", _table(price=None))
+    msg = _error(tmp_path)
+    assert str(f) in msg and "'price'" in msg and "hive-style folders such as 'price=...'" in msg
 
 
 @pytest.mark.parametrize(
