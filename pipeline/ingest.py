@@ -120,9 +120,8 @@ def build_datasets(
                 # cannot fuse with the preprocess: every block would cross the object
                 # store twice. Blocks stay bounded by `READ_BLOCK_BYTES` either way.
                 override_num_blocks=len(split_files),
-                # Arrow decodes this many batches (each up to READ_BLOCK_BYTES) ahead of
-                # the preprocess; Ray's default of 8 makes a reader's memory grow with
-                # the file size up to 8 blocks.
+                # Arrow decodes at most this many batches (each up to READ_BLOCK_BYTES)
+                # ahead of the preprocess (Ray's default: 8).
                 batch_readahead=READ_AHEAD_BATCHES,
                 shuffle="files" if shuffle_files and name == "train" else None,
                 file_extensions=None,  # check_schema already chose the files
