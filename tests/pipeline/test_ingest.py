@@ -82,7 +82,7 @@ def test_datasets_stream_typed_batches(ray_cluster, logs) -> None:
 
 
 def test_read_and_preprocess_run_as_one_fused_task(ray_cluster, logs) -> None:
-    """Reading and preprocessing fuse into one Ray task per block (no extra object-store hop)."""
+    """Reading and preprocessing fuse into one Ray task (no extra object-store hop)."""
     cfg, files, _ = logs
     ds = build_datasets(cfg, fit_preprocessor(cfg, files), files)["validation"]
     for _ in iter_batches(ds, 512, device="cpu"):
@@ -97,13 +97,13 @@ def test_shuffled_batches_permute_rows_within_chunks(ray_cluster, logs) -> None:
     ds.context.execution_options.preserve_order = True  # the same chunks every time
 
     def row_ids(shuffle: bool, seed: int | None) -> tuple[list[int], list[float]]:
-        sizes, weights = [], []
+        sizes, keys = [], []
         for batch in iter_batches(ds, 100, device="cpu", shuffle=shuffle, seed=seed):
             sizes.append(len(batch["weight"]))
             # A row's identity: its categorical ids, dense values and labels summed.
             key = batch["categorical"].double().sum(1) * 1e3 + batch["dense"].double().sum(1)
-            weights.extend((key + batch["labels"].double().sum(1)).tolist())
-        return sizes, weights
+            keys.extend((key + batch["labels"].double().sum(1)).tolist())
+        return sizes, keys
 
     plain_sizes, plain = row_ids(False, None)
     sizes, shuffled = row_ids(True, 7)
