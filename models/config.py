@@ -42,6 +42,8 @@ class ModelConfig(BaseModel):
         dropout: dropout after each hidden layer of experts and towers.
         dense_projection: if set, dense features are projected to this width before being
             concatenated with the embeddings.
+        pairwise_products: also feed the experts the element-wise products of every pair of
+            equal-width embeddings (e.g. user x item), see `models.inputs.FeatureInput`.
 
     Example:
         >>> ModelConfig(name="adatt", expert_dims=[128, 64]).levels
@@ -62,6 +64,7 @@ class ModelConfig(BaseModel):
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dense_projection: PositiveInt | None = None
+    pairwise_products: bool = False
 
     @model_validator(mode="after")
     def _levels_match_dims(self) -> ModelConfig:
