@@ -32,9 +32,19 @@ from pipeline.metrics import MultiTaskMetrics, TaskKind
 
 
 def make_optimizer(module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over every trainable parameter (network and learned loss weights)."""
+    """Adam or AdamW over every trainable parameter (network and learned loss weights).
+
+    With `train.embedding_lr`, the embedding tables form a second parameter group with
+    that learning rate (group 0: the rest at `train.lr`, group 1: embeddings).
+    """
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls(module.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    tables = [m.weight for m in module.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+    if train.embedding_lr is None or not tables:
+        return cls(module.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    table_ids = {id(p) for p in tables}
+    rest = [p for p in module.parameters() if id(p) not in table_ids]
+    groups = [{"params": rest}, {"params": tables, "lr": train.embedding_lr}]
+    return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def build_training_model(config: Config) -> TrainingModel:
