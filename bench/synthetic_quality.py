@@ -5,7 +5,12 @@ synthetic logs and prints each binary task's test AUC beside the oracle AUC (the
 probabilities' AUC on the same rows: the best any model can do). Last line:
 `adatt_worst_gap_to_oracle=<x>` (oracle AUC minus AdaTT AUC on the worst task; target <= 0.005).
 
-    python bench/synthetic_quality.py [--rows 1000000] [--epochs 4] [--models adatt,mmoe,...]
+    python bench/synthetic_quality.py [--rows 1000000] [--epochs 6] [--models adatt,mmoe,...]
+        [--users 2000] [--items 1000]
+
+The gap to the oracle is mostly a matter of data per id: the oracle knows every user's and
+item's latent factors, a model must estimate them from that id's rows (`--users 200
+--items 100` gives each id 10x the rows).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ MODELS = ["adatt", "mmoe", "ple", "shared_bottom", "single_task"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--items", type=int, default=1_000)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--logs", type=Path, help="reuse logs already generated here")
     parser.add_argument("--set", action="append", default=[], help="config override")
@@ -41,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp) / "logs"
         if not args.logs:
-            generate_logs(logs, rows=args.rows, seed=0)
+            generate_logs(logs, rows=args.rows, seed=0, users=args.users, items=args.items)
         results: dict[str, dict[str, float]] = {}
         oracle: dict[str, float] = {}
         tasks: list[str] = []
