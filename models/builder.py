@@ -47,7 +47,11 @@ def build_model(
         model_config = ModelConfig.model_validate(copy.deepcopy(dict(model_config)))
     if not schema.tasks:
         raise ValueError("tasks: a multi-task model needs at least one task")
-    inputs = FeatureInput(schema, model_config.dense_projection, model_config.pairwise_products)
+    inputs = FeatureInput(
+        schema,
+        model_config.dense_projection,
+        model_config.embedding_init_std,
+    )
     backbone = build_backbone(model_config, inputs.output_dim, len(schema.tasks))
     towers = Towers(
         backbone.output_dim,

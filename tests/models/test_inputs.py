@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.config import CategoricalInput, FeatureSchema
-from models.inputs import EMBEDDING_INIT_STD, FeatureInput
+from models.inputs import FeatureInput
 
 SCHEMA = FeatureSchema(
     categorical=(CategoricalInput("user", 10, 3), CategoricalInput("item", 20, 2)),
@@ -67,51 +67,14 @@ def test_gradients_reach_embeddings_but_not_padding_row():
     assert layer.bags[0].weight.grad[0].abs().sum() == 0
 
 
-def test_pairwise_products_of_equal_width_embeddings():
+@pytest.mark.parametrize("std", [0.05, 1.0])
+def test_embeddings_start_at_the_given_scale_and_padding_stays_zero(std):
     schema = FeatureSchema(
-        categorical=(
-            CategoricalInput("user", 10, 3),
-            CategoricalInput("item", 20, 3),
-            CategoricalInput("device", 4, 2),
-        ),
-        num_dense=1,
-        multi_hot=(CategoricalInput("history", 30, 3),),
+        categorical=(CategoricalInput("user", 5000, 8),),
+        multi_hot=(CategoricalInput("history", 5000, 8),),
         tasks=("click",),
     )
-    layer = FeatureInput(schema, pairwise_products=True)
-    assert layer.pairs == [(0, 1), (0, 3), (1, 3)]  # device (dim 2) has no partner
-    assert layer.output_dim == 3 + 3 + 2 + 3 + 1 + 3 * 3
-    batch = {
-        "categorical": torch.tensor([[1, 2, 3]]),
-        "dense": torch.tensor([[0.5]]),
-        "multi_hot.history": torch.tensor([[4, 0]]),
-    }
-    out = layer(batch)
-    user, item = layer.embeddings[0].weight[1], layer.embeddings[1].weight[2]
-    history = layer.bags[0].weight[4]
-    torch.testing.assert_close(out[0, :3], user)  # the plain inputs come first, unchanged
-    torch.testing.assert_close(out[0, 8:11], history)
-    torch.testing.assert_close(out[0, 11], torch.tensor(0.5))
-    torch.testing.assert_close(out[0, 12:15], user * item)
-    torch.testing.assert_close(out[0, 15:18], user * history)
-    torch.testing.assert_close(out[0, 18:21], item * history)
-    # The model's expert can now express <user, item> with one linear layer: sum of a slice.
-    torch.testing.assert_close(out[0, 12:15].sum(), torch.dot(user, item))
-
-
-def test_pairwise_products_need_two_embeddings_of_one_width():
-    with pytest.raises(ValueError, match="pairwise_products.*dims: \\[3, 2, 5\\]"):
-        FeatureInput(SCHEMA, pairwise_products=True)
-
-
-def test_embeddings_start_small_and_padding_stays_zero():
-    layer = FeatureInput(
-        FeatureSchema(
-            categorical=(CategoricalInput("user", 5000, 8),),
-            multi_hot=(CategoricalInput("history", 5000, 8),),
-            tasks=("click",),
-        )
-    )
+    layer = FeatureInput(schema, init_std=std)
     for table in (layer.embeddings[0].weight, layer.bags[0].weight[1:]):
-        assert float(table.detach().std()) == pytest.approx(EMBEDDING_INIT_STD, rel=0.05)
+        assert float(table.detach().std()) == pytest.approx(std, rel=0.05)
     assert torch.all(layer.bags[0].weight[0] == 0)
