@@ -45,8 +45,8 @@ class ModelConfig(BaseModel):
         embedding_init_std: embedding rows start as N(0, std^2). Near zero (the default),
             the network starts from one function for every id and learns each id's
             deviation from that id's rows, instead of first unlearning a random code of
-            norm ~sqrt(dim) (torch's N(0, 1), `1.0`); on the synthetic logs this and
-            `train.embedding_lr` halved the gap to the oracle AUC (docs/models.md).
+            norm ~sqrt(dim) (torch's N(0, 1), `1.0`); on the synthetic logs this cut the
+            worst task's gap to the oracle AUC from 0.098 to 0.042 (docs/models.md).
 
     Example:
         >>> ModelConfig(name="adatt", expert_dims=[128, 64]).levels

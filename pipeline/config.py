@@ -147,7 +147,8 @@ class TrainConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0.0)
     # Learning rate of the embedding tables (None: `lr`). Each id's row gets a gradient only
     # from the few batches that hold that id, so it learns far slower than the dense layers;
-    # on the synthetic logs 10x `lr` closed half the gap to the oracle (docs/models.md).
+    # on the synthetic logs 10x `lr` cut the worst task's gap to the oracle AUC from 0.098
+    # to 0.043 (docs/models.md).
     embedding_lr: float | None = Field(default=None, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
