@@ -6,9 +6,10 @@
 
 Steps: convert the raw UCI files (`pipeline.census.convert_census`, i.e. `adatt data
 census`), then one `pipeline.train.run_training` per (setting, model, seed): Ray Data ->
-Ray Train -> an MLflow run in `<workdir>/mlflow.db`, tagged `bench.*`. Finished runs are
-reused, so an interrupted or budget-limited benchmark continues where it stopped, and the
-report always aggregates every finished run of the requested epochs from MLflow (see
+Ray Train -> an MLflow run in `<workdir>/mlflow.db`, tagged `bench.*`, and a row in the
+committed ledger `docs/results/census-runs.csv`. Finished runs (in either) are reused, so
+an interrupted or budget-limited benchmark continues where it stopped, and the report
+always aggregates every finished run of the requested epochs (see
 `bench/census_report.py`). Jobs run seed by seed, so a time budget leaves every cell with
 about the same number of seeds.
 """
@@ -222,11 +223,17 @@ def _start_ray(cpus: int = 2) -> bool:
 
 
 def run_jobs(
-    jobs: list[Job], make_config: Any, done: set[tuple[str, str, int]], budget_s: float | None
+    jobs: list[Job],
+    make_config: Any,
+    done: set[tuple[str, str, int]],
+    budget_s: float | None,
+    ledger: Path,
 ) -> list[str]:
-    """Train each job not in `done` until `budget_s` would be exceeded; returns failures."""
+    """Train each job not in `done` until `budget_s` would be exceeded, appending each
+    finished run to `ledger`; returns failures."""
     from mlflow.tracking import MlflowClient
 
+    from bench.census_report import append_ledger, run_result
     from pipeline.train import run_training
 
     start, times, failed = time.monotonic(), [], []
@@ -261,6 +268,9 @@ def run_jobs(
         }
         for key, value in tags.items():
             client.set_tag(outcome.run_id, key, value)
+        result = run_result(client.get_run(outcome.run_id))
+        if result is not None:
+            append_ledger(ledger, result, config.train.epochs)
         print(f"[bench] {job.name}: {seconds:.0f} s, run {outcome.run_id}", flush=True)
     return failed
 
@@ -271,7 +281,7 @@ def _has_raw(raw: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or continue) the benchmark and write its report. Returns the exit code."""
-    from bench.census_report import finished_runs, write_report
+    from bench.census_report import LEDGER, all_runs, write_report
 
     args = _parse_args(argv)
     spec = load_spec(args.spec)
@@ -305,14 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         check_features(convert_census(args.raw, data_path), make_config(jobs[0]))
         experiment = spec.tracking.get("experiment", "census-bench")
-        done = {
-            (r.setting, r.model, r.seed) for r in finished_runs(tracking_uri, experiment, epochs)
-        }
+        runs, _ = all_runs(tracking_uri, experiment, epochs, out.parent / LEDGER)
+        done = {(r.setting, r.model, r.seed) for r in runs}
         budget = args.budget_minutes * 60 if args.budget_minutes else None
         started = _start_ray()
         try:
             began = time.monotonic()
-            failed = run_jobs(jobs, make_config, done, budget)
+            failed = run_jobs(jobs, make_config, done, budget, out.parent / LEDGER)
             wall = time.monotonic() - began
         finally:
             if started:

@@ -2,13 +2,16 @@
 
 Every number comes from MLflow runs tagged `adatt.bench=census` (see `bench/census.py`):
 the test AUC of the epoch selected on validation (`test/<task>/auc`) and that epoch's
-validation AUC (`best/val/<task>/auc`). The paper does not name its columns; they are
+validation AUC (`best/val/<task>/auc`). Each finished run is also appended to a ledger
+(`census-runs.csv` beside the report, committed with it), so the table survives the loss
+of the working MLflow store; the report aggregates the ledger and the store together. The paper does not name its columns; they are
 matched to our tasks by validation AUC level (the paper's columns are in ascending AUC in
 every row), never by test numbers.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 import statistics
@@ -32,6 +35,7 @@ NAMES = {
 ADATT_VARIANTS = ("adatt", "adatt_sp")
 LAST_LINE_KEY = "adatt_min_delta_vs_paper"
 NOTES = "census-notes.md"  # hand-written findings beside the report, linked when present
+LEDGER = "census-runs.csv"  # one row per finished run, beside the report
 
 
 @dataclass
@@ -50,6 +54,75 @@ class RunResult:
     @property
     def val_mean(self) -> float:
         return statistics.fmean(self.val.values())
+
+    def row(self, epochs: int) -> dict[str, str]:
+        """This run as a ledger row."""
+        out = {
+            "run_id": self.run_id,
+            "setting": self.setting,
+            "model": self.model,
+            "seed": str(self.seed),
+            "epochs": str(epochs),
+            "best_epoch": str(self.best_epoch),
+            "seconds": f"{self.seconds:.1f}",
+        }
+        out.update({f"val_{t}": repr(v) for t, v in self.val.items()})
+        out.update({f"test_{t}": repr(v) for t, v in self.test.items()})
+        return out
+
+
+def ledger_fields() -> list[str]:
+    """The ledger's columns, in order."""
+    head = ["run_id", "setting", "model", "seed", "epochs", "best_epoch", "seconds"]
+    return head + [f"val_{t}" for t in TASKS] + [f"test_{t}" for t in TASKS]
+
+
+def append_ledger(path: Path, run: RunResult, epochs: int) -> None:
+    """Append one finished run to the ledger (written with a header when new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ledger_fields())
+        if new:
+            writer.writeheader()
+        writer.writerow(run.row(epochs))
+
+
+def read_ledger(path: Path, epochs: int) -> list[RunResult]:
+    """The ledger's runs of `epochs` epochs; a malformed ledger is an error naming the line."""
+    if not path.exists():
+        return []
+    out = []
+    with path.open(newline="") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                if int(row["epochs"]) != epochs:
+                    continue
+                out.append(
+                    RunResult(
+                        setting=row["setting"],
+                        model=row["model"],
+                        seed=int(row["seed"]),
+                        run_id=row["run_id"],
+                        val={t: float(row[f"val_{t}"]) for t in TASKS},
+                        test={t: float(row[f"test_{t}"]) for t in TASKS},
+                        best_epoch=int(row["best_epoch"]),
+                        seconds=float(row["seconds"]),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{line}: malformed ledger row ({err!r})") from None
+    return out
+
+
+def all_runs(
+    tracking_uri: str, experiment: str, epochs: int, ledger: Path
+) -> tuple[list[RunResult], set[str]]:
+    """Ledger runs plus tracking-store runs (by run id), and the ids the store still holds."""
+    stored = finished_runs(tracking_uri, experiment, epochs)
+    by_id = {r.run_id: r for r in read_ledger(ledger, epochs)}
+    by_id.update({r.run_id: r for r in stored})
+    return list(by_id.values()), {r.run_id for r in stored}
 
 
 @dataclass
@@ -82,24 +155,25 @@ def finished_runs(tracking_uri: str, experiment: str, epochs: int) -> list[RunRe
         "tags.`adatt.bench` = 'census' and attributes.status = 'FINISHED' "
         f"and tags.`bench.epochs` = '{epochs}'"
     )
-    out = []
-    for run in client.search_runs([found.experiment_id], query, max_results=10_000):
-        tags, metrics = run.data.tags, run.data.metrics
-        if not all(f"test/{t}/auc" in metrics for t in TASKS):
-            continue
-        out.append(
-            RunResult(
-                setting=tags["bench.setting"],
-                model=tags["bench.model"],
-                seed=int(tags["bench.seed"]),
-                run_id=run.info.run_id,
-                val={t: metrics[f"best/val/{t}/auc"] for t in TASKS},
-                test={t: metrics[f"test/{t}/auc"] for t in TASKS},
-                best_epoch=int(metrics.get("best_epoch", -1)),
-                seconds=float(tags.get("bench.seconds", "nan")),
-            )
-        )
-    return out
+    runs = client.search_runs([found.experiment_id], query, max_results=10_000)
+    return [r for r in map(run_result, runs) if r is not None]
+
+
+def run_result(run: Any) -> RunResult | None:
+    """A tagged MLflow run as a RunResult; None when it lacks a test AUC for some task."""
+    tags, metrics = run.data.tags, run.data.metrics
+    if not all(f"test/{t}/auc" in metrics for t in TASKS):
+        return None
+    return RunResult(
+        setting=tags["bench.setting"],
+        model=tags["bench.model"],
+        seed=int(tags["bench.seed"]),
+        run_id=run.info.run_id,
+        val={t: metrics[f"best/val/{t}/auc"] for t in TASKS},
+        test={t: metrics[f"test/{t}/auc"] for t in TASKS},
+        best_epoch=int(metrics.get("best_epoch", -1)),
+        seconds=float(tags.get("bench.seconds", "nan")),
+    )
 
 
 def group(runs: list[RunResult]) -> dict[tuple[str, str], Cell]:
@@ -153,13 +227,16 @@ def min_delta(
 
 
 def copy_fusion_figures(
-    tracking_uri: str, cells: dict[tuple[str, str], Cell], out_dir: Path
+    tracking_uri: str, cells: dict[tuple[str, str], Cell], out_dir: Path, stored: set[str]
 ) -> tuple[RunResult, list[Path]] | None:
-    """Copy the fusion-weight PNGs of the best AdaTT run (by validation AUC) to `out_dir`."""
+    """Copy the fusion-weight PNGs of the best AdaTT run (by validation AUC) whose artifacts
+    the tracking store still holds (`stored` run ids) to `out_dir`."""
     import mlflow.artifacts
 
     for model in ADATT_VARIANTS:
-        runs = [r for (_, m), c in cells.items() if m == model for r in c.runs]
+        runs = [
+            r for (_, m), c in cells.items() if m == model for r in c.runs if r.run_id in stored
+        ]
         if runs:
             break
     else:
@@ -281,8 +358,11 @@ def write_report(
     argv: list[str],
     setup: list[str] | None = None,
 ) -> str:
-    """Write the markdown report from every finished run; return its last line."""
-    runs = finished_runs(tracking_uri, spec.tracking.get("experiment", "census-bench"), epochs)
+    """Write the markdown report from every finished run (ledger and tracking store);
+    return its last line."""
+    ledger = out.parent / LEDGER
+    experiment = spec.tracking.get("experiment", "census-bench")
+    runs, stored = all_runs(tracking_uri, experiment, epochs, ledger)
     cells = group(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     trained_min = sum(r.seconds for r in runs if not math.isnan(r.seconds)) / 60
@@ -290,7 +370,8 @@ def write_report(
         "# Census-Income (KDD): the AdaTT paper's table, reproduced",
         "",
         f"Written by `python -m bench.census {' '.join(argv)}` from the {len(runs)} finished "
-        f"{epochs}-epoch runs in `{tracking_uri}` (tag `adatt.bench=census`; "
+        f"{epochs}-epoch runs in [{LEDGER}]({LEDGER}) and `{tracking_uri}` "
+        f"(tag `adatt.bench=census`; "
         f"{trained_min:.0f} min of training in all"
         + (f"; this invocation ran {wall_s / 60:.1f} min)." if wall_s is not None else ")."),
         "Each training goes through `adatt train`'s path (Ray Data -> Ray Train -> MLflow); "
@@ -334,7 +415,7 @@ def write_report(
         ]
         lines += setting_table(cells, setting, all_models, order, paper)
         lines += ["", *comparison_lines(cells, setting, order, paper), ""]
-    figures = copy_fusion_figures(tracking_uri, cells, out.parent)
+    figures = copy_fusion_figures(tracking_uri, cells, out.parent, stored)
     if figures is not None:
         best, paths = figures
         lines += [

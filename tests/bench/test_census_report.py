@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from bench.census_report import (
     Cell,
     RunResult,
+    append_ledger,
     comparison_lines,
     group,
     min_delta,
     missing_lines,
     paper_adatt,
     paper_task_order,
+    read_ledger,
     setting_table,
 )
 
@@ -82,3 +85,18 @@ def test_missing_cells_and_failures_are_listed() -> None:
         == "Requested but not (fully) run: experts6 PLE: 1/2 seeds; experts6 MMoE: 0/2 seeds."
     )
     assert lines[3] == "- failed: x: boom"
+
+
+def test_ledger_round_trips_runs_and_names_a_bad_row(tmp_path: Path) -> None:
+    ledger = tmp_path / "results" / "census-runs.csv"
+    first, second = run("adatt", 0, 0.0), run("ple", 1, -0.01)
+    append_ledger(ledger, first, 10)
+    append_ledger(ledger, second, 10)
+    append_ledger(ledger, run("mmoe", 0, 0.0), 3)  # another epoch count: not this report's
+    assert read_ledger(ledger, 10) == [first, second]
+    assert [r.model for r in read_ledger(ledger, 3)] == ["mmoe"]
+    assert read_ledger(tmp_path / "none.csv", 10) == []
+    with ledger.open("a") as handle:
+        handle.write("id,experts6,adatt,zero,10,1,1.0,.9,.9,.9,.9,.9,.9\n")
+    with pytest.raises(ValueError, match=r"census-runs.csv:5: malformed ledger row"):
+        read_ledger(ledger, 10)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.census import BENCH_CONFIG, load_spec, main, plan_jobs, training_config
-from bench.census_report import finished_runs
+from bench.census_report import finished_runs, read_ledger
 from models import build_model
 from pipeline.census import COLLEGE, COLUMNS
 
@@ -133,3 +133,9 @@ def test_quick_run_writes_the_table(tmp_path: Path, ray_local: None) -> None:
     assert (
         len(finished_runs(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}", "census-bench", 1)) == 1
     )
+    # The ledger beside the report holds the run; losing the tracking store loses no result.
+    assert [r.run_id for r in read_ledger(out.parent / "census-runs.csv", 1)] == [run.run_id]
+    (tmp_path / "work" / "mlflow.db").unlink()
+    assert main([*args, "--models", "adatt", "--epochs", "1", "--report-only"]) == 0
+    assert out.read_text().splitlines()[-1] == lines[-1]
+    assert row in out.read_text().splitlines()
