@@ -4,9 +4,9 @@ Every number comes from MLflow runs tagged `adatt.bench=census` (see `bench/cens
 the test AUC of the epoch selected on validation (`test/<task>/auc`) and that epoch's
 validation AUC (`best/val/<task>/auc`). Each finished run is also appended to a ledger
 (`census-runs.csv` beside the report, committed with it), so the table survives the loss
-of the working MLflow store; the report aggregates the ledger and the store together. The paper does not name its columns; they are
-matched to our tasks by validation AUC level (the paper's columns are in ascending AUC in
-every row), never by test numbers.
+of the working MLflow store; the report aggregates the ledger and the store together.
+The paper does not name its columns; they are matched to our tasks by validation AUC
+level (the paper's columns are in ascending AUC in every row), never by test numbers.
 """
 
 from __future__ import annotations
