@@ -133,6 +133,15 @@ class WellSpec(nn.Module):
         return logits
 
 
+def _masked_aucs(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUC per task over the rows where its label is observed (>= 0)."""
+    out = {}
+    for j, task in enumerate(TASKS):
+        seen = labels[:, j] >= 0
+        out[task] = float(roc_auc_score(labels[seen, j], scores[seen, j]))
+    return out
+
+
 def _aucs(model: WellSpec, split: Split) -> dict[str, float]:
     with torch.no_grad():
         scores = torch.cat(
@@ -141,21 +150,12 @@ def _aucs(model: WellSpec, split: Split) -> dict[str, float]:
                 for i in range(0, len(split.ids), 65536)
             ]
         ).numpy()
-    labels = split.labels.numpy()
-    out = {}
-    for j, task in enumerate(TASKS):
-        seen = labels[:, j] >= 0
-        out[task] = float(roc_auc_score(labels[seen, j], scores[seen, j]))
-    return out
+    return _masked_aucs(split.labels.numpy(), scores)
 
 
 def oracle_aucs(split: Split) -> dict[str, float]:
     """The true probabilities' AUC per task on this split."""
-    labels = split.labels.numpy()
-    return {
-        t: float(roc_auc_score(labels[labels[:, j] >= 0, j], split.oracle[labels[:, j] >= 0, j]))
-        for j, t in enumerate(TASKS)
-    }
+    return _masked_aucs(split.labels.numpy(), split.oracle)
 
 
 def wellspec_auc(
