@@ -47,6 +47,27 @@ def make_optimizer(module: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The multiplier of the base learning rates in `epoch` (1-based) of `epochs`."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - 0.5) / epochs))
+    return 1.0
+
+
+def set_epoch_lr(
+    optimizer: torch.optim.Optimizer, base_lrs: list[float], train: TrainConfig, epoch: int
+) -> float:
+    """Set each group's rate for `epoch` to its base rate times `lr_factor`; returns group 0's.
+
+    The base rates come from the config (`make_optimizer`), not from a restored optimiser
+    state, whose rates are the last epoch's scaled ones.
+    """
+    factor = lr_factor(train.lr_schedule, epoch, train.epochs)
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+    return optimizer.param_groups[0]["lr"]
+
+
 def build_training_model(config: Config) -> TrainingModel:
     """The network plus its multi-task loss, as configured."""
     model = build_model(config.model, config.data.feature_schema())
@@ -204,6 +225,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         training_model.loss.load_state_dict(state.loss)
     module = ray.train.torch.prepare_model(training_model)
     optimizer = make_optimizer(module, config.train)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     if state is not None:
         optimizer.load_state_dict(state.optimizer)
     else:
@@ -229,8 +251,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seed = epoch_seed(config.train.seed, epoch, rank)
         torch.manual_seed(seed)
         previous_steps = state.history[-1]["train/steps_per_worker"] if state.history else None
+        lr = set_epoch_lr(optimizer, base_lrs, config.train, epoch)
         metrics = {
             "epoch": epoch,
+            "train/lr": lr,
             **train_epoch(
                 module,
                 optimizer,

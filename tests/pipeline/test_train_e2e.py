@@ -17,6 +17,7 @@ from pipeline.preprocess import Preprocessor
 from pipeline.report import read_split
 from pipeline.serving import score_frame
 from pipeline.train import TAG_RAY_RUN, TAG_STORAGE, latest_checkpoint, run_training
+from pipeline.train_loop import lr_factor
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -73,7 +74,7 @@ def test_logged_model_matches_trained_model(trained, tiny_logs) -> None:
 
 
 def test_failed_run_is_marked_failed_and_resume_continues(ray_local, tiny_logs, tmp_path) -> None:
-    config = tiny_config(tiny_logs, tmp_path, "train.epochs=3")
+    config = tiny_config(tiny_logs, tmp_path, "train.epochs=3", "train.lr_schedule=cosine")
     os.environ["ADATT_FAULT"] = "raise@2"
     try:
         with pytest.raises(Exception, match="injected failure"):
@@ -94,6 +95,12 @@ def test_failed_run_is_marked_failed_and_resume_continues(ray_local, tiny_logs, 
     final = load_checkpoint(Path(outcome.checkpoint_path))
     per_epoch = _optimizer_steps(Path(run.data.tags[TAG_STORAGE]) / run.data.tags[TAG_RAY_RUN])
     assert _adam_step(final.optimizer) == 3 * per_epoch
+    # The resumed epochs continue the cosine schedule where epoch 1 left it.
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/lr"))
+    expected = [config.train.lr * lr_factor("cosine", e, 3) for e in (1, 2, 3)]
+    assert [step for step, _ in lrs] == [1, 2, 3]
+    assert [value for _, value in lrs] == pytest.approx(expected)
+    assert final.optimizer["param_groups"][0]["lr"] == pytest.approx(expected[-1])
 
 
 def _adam_step(optimizer_state: dict) -> int:
