@@ -36,6 +36,8 @@ ADATT_VARIANTS = ("adatt", "adatt_sp")
 LAST_LINE_KEY = "adatt_min_delta_vs_paper"
 NOTES = "census-notes.md"  # hand-written findings beside the report, linked when present
 LEDGER = "census-runs.csv"  # one row per finished run, beside the report
+FIGURE_PREFIX = "census-adatt-fusion-"  # the best AdaTT's fusion-weight PNGs, beside the report
+FIGURES_RUN = "census-adatt-fusion.run"  # the run id those PNGs come from
 
 
 @dataclass
@@ -229,19 +231,22 @@ def min_delta(
 def copy_fusion_figures(
     tracking_uri: str, cells: dict[tuple[str, str], Cell], out_dir: Path, stored: set[str]
 ) -> tuple[RunResult, list[Path]] | None:
-    """Copy the fusion-weight PNGs of the best AdaTT run (by validation AUC) whose artifacts
-    the tracking store still holds (`stored` run ids) to `out_dir`."""
+    """The fusion-weight PNGs of the best AdaTT or AdaTT-sp run (by validation AUC) that has
+    figures: its artifacts in the tracking store (`stored` run ids), copied to `out_dir`, or
+    the PNGs already in `out_dir` when `FIGURES_RUN` there names that run (a committed
+    figure outlives the store it came from). Returns the run and the PNG paths."""
     import mlflow.artifacts
 
-    for model in ADATT_VARIANTS:
-        runs = [
-            r for (_, m), c in cells.items() if m == model for r in c.runs if r.run_id in stored
-        ]
-        if runs:
-            break
-    else:
+    runs = [r for (_, m), c in cells.items() if m in ADATT_VARIANTS for r in c.runs]
+    marker = out_dir / FIGURES_RUN
+    on_disk = sorted(out_dir.glob(f"{FIGURE_PREFIX}*.png"))
+    kept = marker.read_text().strip() if marker.exists() and on_disk else None
+    with_figures = [r for r in runs if r.run_id in stored or r.run_id == kept]
+    if not with_figures:
         return None
-    best = max(runs, key=lambda r: r.val_mean)
+    best = max(with_figures, key=lambda r: r.val_mean)
+    if best.run_id not in stored:
+        return best, on_disk
     copied = []
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(
@@ -254,9 +259,10 @@ def copy_fusion_figures(
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         for png in sorted(local.glob("level_*.png")):
-            target = out_dir / f"census-adatt-fusion-{png.stem.replace('_', '')}.png"
+            target = out_dir / f"{FIGURE_PREFIX}{png.stem.replace('_', '')}.png"
             shutil.copyfile(png, target)
             copied.append(target)
+    marker.write_text(best.run_id + "\n")
     return best, copied
 
 
@@ -419,7 +425,7 @@ def write_report(
     if figures is not None:
         best, paths = figures
         lines += [
-            "## Fusion weights of the best AdaTT (by validation AUC)",
+            "## Fusion weights of the best AdaTT (by validation AUC, of the runs with figures)",
             "",
             f"Run `{best.run_id}` ({best.setting}, {NAMES[best.model]}, seed {best.seed}).",
             "",

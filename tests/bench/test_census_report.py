@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from bench.census_report import (
+    FIGURES_RUN,
     Cell,
     RunResult,
     append_ledger,
     comparison_lines,
+    copy_fusion_figures,
     group,
     min_delta,
     missing_lines,
@@ -100,3 +102,18 @@ def test_ledger_round_trips_runs_and_names_a_bad_row(tmp_path: Path) -> None:
         handle.write("id,experts6,adatt,zero,10,1,1.0,.9,.9,.9,.9,.9,.9\n")
     with pytest.raises(ValueError, match=r"census-runs.csv:5: malformed ledger row"):
         read_ledger(ledger, 10)
+
+
+def test_committed_fusion_figures_outlive_the_tracking_store(tmp_path: Path) -> None:
+    best, other = run("adatt", 0, 0.01), run("adatt_sp", 1, 0.0)
+    cells = group([best, other, run("ple", 0, 0.02)])
+    # Nothing stored and no figures on disk: nothing to show.
+    assert copy_fusion_figures("sqlite:///unused.db", cells, tmp_path, set()) is None
+    figure = tmp_path / "census-adatt-fusion-level1.png"
+    figure.write_bytes(b"png")
+    (tmp_path / FIGURES_RUN).write_text(best.run_id + "\n")
+    kept = copy_fusion_figures("sqlite:///unused.db", cells, tmp_path, set())
+    assert kept == (best, [figure])
+    # A marker naming a run the report does not hold does not pass off its figures.
+    (tmp_path / FIGURES_RUN).write_text("some-other-run\n")
+    assert copy_fusion_figures("sqlite:///unused.db", cells, tmp_path, set()) is None
