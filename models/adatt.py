@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbone import Backbone, expert_labels
+from models.backbone import FusionStack
 from models.experts import ExpertGroup, StackedLinear
 
 
@@ -119,7 +119,7 @@ class AdaTTLevel(nn.Module):
         return torch.bmm(weights, experts), weights  # eq. 11: (pad(v_t) + G_t)^T E
 
 
-class AdaTT(Backbone):
+class AdaTT(FusionStack):
     """AdaTT backbone: L fusion levels, AdaTT-sp when `shared_experts` is 0.
 
     Args:
@@ -170,18 +170,3 @@ class AdaTT(Backbone):
             self.levels.append(level)
             width = level.output_dim
         self.output_dim = width
-
-    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """f_t^L for every task [B, T, H], and each level's pad(v) + G [B, rows, E]."""
-        h, all_weights = x, []
-        for level in self.levels:
-            fused, weights = level(h)
-            all_weights.append(weights)
-            h = fused.transpose(0, 1)  # unit u's experts at the next level read h[u]
-        return fused, all_weights
-
-    def fusion_weight_labels(self, tasks: Sequence[str]) -> list[tuple[list[str], list[str]]]:
-        """Rows: tasks (+ "shared" where the shared unit fuses); columns: "task/e0", ..."""
-        columns = expert_labels(tasks, self.experts_per_unit)
-        rows = [*tasks, "shared"]
-        return [(rows[: level.fusing_units], list(columns)) for level in self.levels]

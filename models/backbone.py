@@ -29,6 +29,34 @@ class Backbone(nn.Module):
         return []
 
 
+class FusionStack(Backbone):
+    """A backbone of gated levels applied in turn (AdaTT, PLE): unit u's experts at level
+    l + 1 read unit u's output of level l.
+
+    Subclasses fill `levels` with modules mapping the previous outputs to (outputs
+    [B, rows, H], fusion weights [B, rows, E]) and set `experts_per_unit` (m_t per task,
+    then m_s where there is a shared unit); each level has `fusing_units` rows.
+    """
+
+    levels: nn.ModuleList
+    experts_per_unit: list[int]
+
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The task rows of the last level [B, T, H], and each level's fusion weights."""
+        h, all_weights = x, []
+        for level in self.levels:
+            fused, weights = level(h)
+            all_weights.append(weights)
+            h = fused.transpose(0, 1)  # unit u's experts at the next level read h[u]
+        return fused, all_weights
+
+    def fusion_weight_labels(self, tasks: Sequence[str]) -> list[tuple[list[str], list[str]]]:
+        """Rows: tasks (+ "shared" where the shared unit fuses); columns: "task/e0", ..."""
+        columns = expert_labels(tasks, self.experts_per_unit)
+        rows = [*tasks, "shared"]
+        return [(rows[: level.fusing_units], list(columns)) for level in self.levels]
+
+
 def expert_labels(tasks: Sequence[str], experts_per_unit: Sequence[int]) -> list[str]:
     """Column names "task/e0", ..., "shared/e0" for experts numbered unit by unit."""
     units = [*tasks, "shared"][: len(experts_per_unit)]

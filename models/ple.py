@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from models.backbone import Backbone, expert_labels
+from models.backbone import FusionStack
 from models.experts import ExpertGroup, StackedLinear
 
 
@@ -71,7 +71,7 @@ class CGCLevel(nn.Module):
         return torch.bmm(gates, experts), gates
 
 
-class PLE(Backbone):
+class PLE(FusionStack):
     """PLE backbone; one level is CGC.
 
     Args:
@@ -116,16 +116,3 @@ class PLE(Backbone):
             self.levels.append(level)
             width = level.output_dim
         self.output_dim = width
-
-    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        h, all_gates = x, []
-        for level in self.levels:
-            fused, gates = level(h)
-            all_gates.append(gates)
-            h = fused.transpose(0, 1)
-        return fused, all_gates
-
-    def fusion_weight_labels(self, tasks: Sequence[str]) -> list[tuple[list[str], list[str]]]:
-        columns = expert_labels(tasks, self.experts_per_unit)
-        rows = [*tasks, "shared"]
-        return [(rows[: level.fusing_units], list(columns)) for level in self.levels]
