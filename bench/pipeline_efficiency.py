@@ -12,6 +12,11 @@ Prints both samples/s, the start-up time of the pipeline, and last
 `pipeline_vs_inmemory=<ratio>` (target >= 0.8).
 
     python bench/pipeline_efficiency.py [--rows 300000] [--epochs 4] [--threads N]
+    python bench/pipeline_efficiency.py --gpu --rows 4000000 --cpus-per-worker 8 \
+        --set data.batch_size=8192          # one GPU: both paths on it, bf16 autocast
+
+With `--gpu` the in-memory loop keeps its tensors on the GPU and steps under the training
+loop's own bf16 autocast (`train_autocast`); `adatt train` runs with `train.use_gpu=true`.
 """
 
 from __future__ import annotations
@@ -39,34 +44,45 @@ from pipeline.report import read_split  # noqa: E402
 from pipeline.schema import check_schema  # noqa: E402
 from pipeline.synthetic import generate_logs  # noqa: E402
 from pipeline.train import run_training  # noqa: E402
-from pipeline.train_loop import build_training_model, make_optimizer  # noqa: E402
+from pipeline.train_loop import (  # noqa: E402
+    build_training_model,
+    make_optimizer,
+    train_autocast,
+)
 
 
-def in_memory_samples_per_s(config, threads: int, epochs: int = 3) -> float:
-    """Train on preloaded tensors; median samples/s of the epochs after the first."""
+def in_memory_samples_per_s(
+    config, threads: int, epochs: int = 3, device: torch.device | None = None
+) -> float:
+    """Train on preloaded tensors (on `device`, default CPU); median samples/s of the
+    epochs after the first."""
+    device = device or torch.device("cpu")
     torch.set_num_threads(threads)
     files = check_schema(config.data)
     preprocessor = fit_preprocessor(config.data, files)
     columns = preprocessor.input_columns(with_labels=True)
     table = read_split(config.data, files, "train", columns)
     arrays = preprocessor.transform(table)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
     rows = len(tensors["labels"])
     torch.manual_seed(config.train.seed)
-    module: TrainingModel = build_training_model(config)
+    module: TrainingModel = build_training_model(config).to(device)
     optimizer = make_optimizer(module, config.train)
     batch_size = config.data.batch_size
     rates = []
     for _ in range(epochs):
-        order = torch.randperm(rows)
+        order = torch.randperm(rows, device=device)
         start = time.perf_counter()
         for i in range(0, rows, batch_size):
             index = order[i : i + batch_size]
             batch = {k: v[index] for k, v in tensors.items()}
-            total, _, _ = module(batch)
+            with train_autocast(device, config.train):
+                total, _, _ = module(batch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         rates.append(rows / (time.perf_counter() - start))
     return float(np.median(rates[1:]))
 
@@ -80,8 +96,10 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads of both paths (default: the worker's CPUs)"
     )
+    parser.add_argument("--gpu", action="store_true", help="both paths on one GPU, bf16")
     parser.add_argument("--set", action="append", default=[], help="config override")
     args = parser.parse_args()
+    device = torch.device("cuda" if args.gpu else "cpu")
     threads = args.threads or max(1, int(args.cpus_per_worker))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,10 +116,11 @@ def main() -> None:
                 f"train.storage_path={tmp}/runs",
                 f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
                 "tracking.log_model=false",
+                f"train.use_gpu={str(args.gpu).lower()}",
                 *args.set,
             ],
         )
-        inmemory = in_memory_samples_per_s(config, threads, args.epochs)
+        inmemory = in_memory_samples_per_s(config, threads, args.epochs, device)
         started = time.perf_counter()
         outcome = run_training(config)
         wall = time.perf_counter() - started
@@ -114,6 +133,7 @@ def main() -> None:
         f"config: {config.model.name} {config.model.expert_dims} batch {config.data.batch_size}, "
         f"{args.rows:,} rows, {args.workers} worker(s) x {args.cpus_per_worker} CPU, "
         f"{threads} torch thread(s) per path, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()} (bf16 autocast)" if args.gpu else "")
     )
     print(f"{'path':<22}{'samples/s':>12}")
     print(f"{'in-memory torch loop':<22}{inmemory:>12,.0f}")

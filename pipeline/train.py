@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from models import build_model
 from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
 from pipeline.checkpoint import TrainingState, load_checkpoint
 from pipeline.cluster_rules import check_cluster_rules, is_remote_submission
-from pipeline.config import Config, parse_config
+from pipeline.config import Config, TrainConfig, parse_config
 from pipeline.errors import InputError
 from pipeline.faults import FAULT_ENV, fault_from_env
 from pipeline.ingest import build_datasets, ray_data_context_for_training
@@ -203,7 +203,7 @@ def make_trainer(
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,
-            use_gpu=_use_gpu(config),
+            use_gpu=resolve_use_gpu(config.train, ray.cluster_resources()),
             resources_per_worker={"CPU": config.train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
@@ -344,10 +344,12 @@ def _forwarded_env() -> dict[str, Any] | None:
     return {"env_vars": {FAULT_ENV: fault}} if fault else None
 
 
-def _use_gpu(config: Config) -> bool:
-    if config.train.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return bool(config.train.use_gpu)
+def resolve_use_gpu(train: TrainConfig, cluster: Mapping[str, float]) -> bool:
+    """Whether the workers train on GPUs: `train.use_gpu`, where `auto` means "when the
+    cluster's resources (`ray.cluster_resources()`) hold at least one GPU"."""
+    if train.use_gpu == "auto":
+        return cluster.get("GPU", 0.0) >= 1
+    return bool(train.use_gpu)
 
 
 def _log_outputs(

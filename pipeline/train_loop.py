@@ -79,7 +79,12 @@ def build_training_model(config: Config) -> TrainingModel:
     return TrainingModel(model, loss)
 
 
-def _autocast(device: torch.device, train: TrainConfig):
+def train_autocast(device: torch.device, train: TrainConfig) -> Any:
+    """The context of a training step: bf16 autocast on a GPU when `train.bf16`, else none.
+
+    Only training steps run under it; evaluation runs in float32, so validation and test
+    metrics are those of the float32 model that `adatt predict` scores with.
+    """
     if device.type == "cuda" and train.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -124,7 +129,7 @@ def train_epoch(
         for batch in batches_in:
             if before_step is not None:
                 before_step(batches)
-            with _autocast(device, config.train):
+            with train_autocast(device, config.train):
                 total, per_task, _ = module(batch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -159,9 +164,7 @@ def evaluate(
     model.eval()
     metrics = MultiTaskMetrics([TaskKind(t.name, t.type) for t in config.data.tasks], device)
     for batch in iter_batches(shard, config.data.batch_size * 4, device, shuffle=False):
-        with _autocast(device, config.train):
-            outputs = model(batch)
-        metrics.update(outputs, batch["labels"], batch["mask"])
+        metrics.update(model(batch), batch["labels"], batch["mask"])
     return metrics.compute(prefix)
 
 

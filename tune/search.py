@@ -32,7 +32,7 @@ from pipeline.tracking import (
     run_lifecycle,
     set_tracking,
 )
-from pipeline.train import TAG_STORAGE, check_inputs, finish_run, storage_uri
+from pipeline.train import TAG_STORAGE, check_inputs, finish_run, resolve_use_gpu, storage_uri
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
 from tune.space import SearchSpec
 from tune.trial import (
@@ -94,12 +94,6 @@ def trial_concurrency(
             "lower train.cpus_per_worker"
         )
     return min(allowed, requested) if requested else allowed
-
-
-def _use_gpu(config: Config) -> bool:
-    if config.train.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return bool(config.train.use_gpu)
 
 
 def _searcher(spec: SearchSpec, concurrency: int) -> Any:
@@ -226,8 +220,9 @@ def run_search(
         parent_run_id=parent,
         train_storage=f"{storage}/{spec.name}-train",
     )
+    cluster = ray.cluster_resources()
     concurrency = trial_concurrency(
-        ray.cluster_resources(), config, _use_gpu(config), spec.settings.max_concurrent
+        cluster, config, resolve_use_gpu(config.train, cluster), spec.settings.max_concurrent
     )
     with run_lifecycle(client, parent):
         try:
