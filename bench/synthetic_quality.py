@@ -21,7 +21,7 @@ within 0.005 (docs/models.md, "Share is the task that data per id limits").
 
 Every model trains as 1 Ray Train worker x 1 CPU with the global batch of
 `configs/synthetic.yaml` (2 x 1024 = 2,048): on 2 CPUs one worker with a whole CPU, Ray Data
-on the other, is faster than two half-CPU workers and the same optimisation.
+on the other, is faster than two half-CPU workers at the same global batch.
 `--logs DIR` keeps the generated logs in DIR (and reuses them when DIR exists).
 On 2 CPUs the default run took 35 minutes (wellspec 2 min, AdaTT 10 min, the other four
 models 4-8 min each).
