@@ -20,7 +20,7 @@ import ray
 from pipeline.config import DataConfig
 from pipeline.errors import InputError
 from pipeline.schema import check_schema, filesystem_for, read_footers, resolve_files
-from pipeline.serving import read_spec
+from pipeline.serving import load_scoring_model, read_spec
 
 
 @dataclass
@@ -49,7 +49,7 @@ class _Scorer:
     ) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         mlflow.set_tracking_uri(tracking_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri)
+        self.model = load_scoring_model(model_uri)
         self.features = features
         self.passthrough = passthrough
 

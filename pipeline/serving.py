@@ -18,9 +18,13 @@ lists) is `Any`: the preprocessing validates and hashes those itself, as in trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 import tempfile
+import weakref
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -145,6 +149,35 @@ def _stage_code(folder: Path) -> list[str]:
     return staged
 
 
+@contextlib.contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """No `.pyc` files written while inside: MLflow runs the model's code from the folder it
+    uploads (to check the input example), and bytecode must not end up in the stored model."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
+
+
+def load_scoring_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """Load a logged scoring model from a private copy, never from the artifact store itself.
+
+    MLflow loads a model in place when it sits in a local artifact store; a copy keeps the
+    stored model byte-identical whatever the loading process writes. The copy is removed
+    when the returned model is garbage-collected.
+
+    Args:
+        model_uri: any model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`,
+            `models:/m-...`, `runs:/RUN_ID/model`).
+    """
+    folder = tempfile.mkdtemp(prefix="adatt-model-")
+    model = mlflow.pyfunc.load_model(model_uri, dst_path=folder)
+    weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+    return model
+
+
 def log_scoring_model(
     run_id: str,
     network: torch.nn.Module,
@@ -180,7 +213,7 @@ def log_scoring_model(
         spec_path.write_text(json.dumps(spec, indent=1))
         weights_path = Path(folder) / "weights.pt"
         torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights_path)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        with _no_bytecode(), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(MODEL_CODE),

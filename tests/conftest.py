@@ -141,11 +141,10 @@ def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
     return config, run_training(config)
 
 
-@pytest.fixture(scope="session")
-def untrained_run(mlflow_server, tiny_logs, tmp_path_factory):
-    """A run made without Ray on `mlflow_server`: an untrained tiny network (seed 0) with
-    fitted preprocessing, logged as the scoring model, with its real validation metrics
-    logged as `best/val/...` the way a training run logs its selected epoch's."""
+def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path):
+    """A run made without Ray: an untrained tiny network (seed 0) with fitted preprocessing,
+    logged as the scoring model, with its real validation metrics logged as `best/val/...`
+    the way a training run logs its selected epoch's."""
     from types import SimpleNamespace
 
     import torch
@@ -158,16 +157,14 @@ def untrained_run(mlflow_server, tiny_logs, tmp_path_factory):
     from pipeline.serving import log_scoring_model
     from pipeline.tracking import log_metrics, set_tracking, start_run
 
-    config = tiny_config(
-        tiny_logs, tmp_path_factory.mktemp("untrained"), f"tracking.tracking_uri={mlflow_server}"
-    )
+    config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}")
     files = check_schema(config.data)
     preprocessor = fit_preprocessor(config.data, files)
     torch.manual_seed(0)
     network = build_model(config.model, config.data.feature_schema()).eval()
-    client = set_tracking(mlflow_server)
+    client = set_tracking(tracking_uri)
     tags = {"adatt.git_commit": "0" * 40, "adatt.model": config.model.name}
-    run_id = start_run(client, config, mlflow_server, tags=tags)
+    run_id = start_run(client, config, tracking_uri, tags=tags)
     tasks = [(t.name, t.type) for t in config.data.tasks]
     example = raw_example(config.data, files).head(5)
     model_uri = log_scoring_model(
@@ -196,3 +193,9 @@ def untrained_run(mlflow_server, tiny_logs, tmp_path_factory):
         tasks=tasks,
         files=files,
     )
+
+
+@pytest.fixture(scope="session")
+def untrained_run(mlflow_server, tiny_logs, tmp_path_factory):
+    """`log_untrained_run` on `mlflow_server`."""
+    return log_untrained_run(mlflow_server, tiny_logs, tmp_path_factory.mktemp("untrained"))

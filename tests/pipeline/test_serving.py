@@ -3,6 +3,10 @@ state dict; a signature that accepts what training accepted (null ids, narrow in
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -12,10 +16,12 @@ import pytest
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, DataType
 
 from pipeline.report import read_split
 from pipeline.serving import read_spec, score_frame
+from tests.conftest import log_untrained_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -91,3 +97,71 @@ def test_signature_types_by_role_and_nulls_accepted(logged) -> None:
 
     with pytest.raises(MlflowException, match="position"):
         model.predict(rows.drop(columns=["position"]).head(3))
+
+
+def _stored_files(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+_LOAD_AND_SCORE = """
+import sys
+import mlflow
+import pandas as pd
+from pipeline.serving import load_scoring_model
+load = mlflow.pyfunc.load_model if sys.argv[1] == "mlflow" else load_scoring_model
+print(len(load(sys.argv[2]).predict(pd.read_parquet(sys.argv[3]))))
+"""
+
+
+def test_reading_a_model_never_writes_into_the_artifact_store(
+    tiny_logs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local store (sqlite + file:// artifacts, the default) is where MLflow loads a model in
+    # place. Bytecode on throughout, as on a new machine: logging runs the staged model, and
+    # loading in a fresh process imports the stored scoring_model.py and code/ packages.
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # MLflow's subprocesses
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = log_untrained_run(uri, tiny_logs, tmp_path)
+    client = MlflowClient(uri)
+    client.create_registered_model("adatt")
+    client.create_model_version("adatt", run.model_uri, run_id=run.run_id)
+    client.set_registered_model_alias("adatt", "champion", "1")
+    store = tmp_path / "mlartifacts"
+    before = _stored_files(store)
+    assert any(name.endswith("scoring_model.py") for name in before)
+    assert not [name for name in before if "__pycache__" in name]
+
+    rows = tmp_path / "rows.parquet"
+    columns = run.config.data.feature_columns
+    read_split(run.config.data, run.files, "test", columns).slice(0, 7).to_pandas().to_parquet(rows)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    for loader, model_uri in [("adatt", "models:/adatt/1"), ("adatt", "models:/adatt@champion")]:
+        _load_in_fresh_process(loader, model_uri, rows, env)
+        assert _stored_files(store) == before, model_uri  # `adatt predict`'s loader: a copy
+
+    # MLflow's own loader reads a local store in place: it runs the stored code there (no
+    # bytecode may appear) and adds its `registered_model_meta` (see docs/registry.md).
+    for _ in range(2):
+        _load_in_fresh_process("mlflow", "models:/adatt@champion", rows, env)
+        after = _stored_files(store)
+        added = set(after) - set(before)
+        assert [Path(name).name for name in added] == ["registered_model_meta"]
+        assert {name: after[name] for name in before} == before
+
+
+def _load_in_fresh_process(loader: str, model_uri: str, rows: Path, env: dict) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_SCORE, loader, model_uri, str(rows)],
+        env=env,
+        cwd=rows.parent,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "7"
