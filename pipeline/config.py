@@ -37,10 +37,11 @@ class DenseFeature(_Strict):
 
 
 class MultiHotFeature(_Strict):
-    """A list column (e.g. recent item ids), hashed, mean-pooled; at most `max_length` kept."""
+    """A list column (e.g. recent item ids), hashed, mean-pooled; at most `max_length` kept.
+    Id 0 is padding, so `buckets` counts it: at least 2."""
 
     column: str
-    buckets: PositiveInt = 10_000
+    buckets: int = Field(default=10_000, ge=2)
     dim: PositiveInt = 16
     max_length: PositiveInt = 8
 
@@ -195,6 +196,59 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+# The per-task metrics every evaluation reports (`pipeline/metrics.py`), by task type.
+BINARY_METRICS = ("auc", "logloss", "ne", "calibration", "count")
+REGRESSION_METRICS = ("mse", "count")
+
+
+def reported_metrics(data: DataConfig, prefix: str = "val") -> list[str]:
+    """The metrics an evaluation of these tasks reports under `prefix` (`val`, `test`)."""
+    names = []
+    for task in data.tasks:
+        kinds = BINARY_METRICS if task.type == "binary" else REGRESSION_METRICS
+        names += [f"{prefix}/{task.name}/{kind}" for kind in kinds]
+    if any(t.type == "binary" for t in data.tasks):
+        names += [f"{prefix}/mean_auc", f"{prefix}/mean_ne"]
+    return names
+
+
+def check_metric_name(metric: str, data: DataConfig, field: str) -> None:
+    """ConfigError naming `field` unless `metric` is a validation metric of these tasks."""
+    if metric not in reported_metrics(data, "val"):
+        raise ConfigError(
+            f"{field}: {metric!r} is not a validation metric of tasks "
+            f"{[t.name for t in data.tasks]}; use val/mean_auc, val/mean_ne, or "
+            f"val/<task>/<metric> with a metric in {', '.join(BINARY_METRICS)} (binary "
+            f"tasks) or {', '.join(REGRESSION_METRICS)} (regression)"
+        )
+
+
+def check_across_sections(config: Config, source: str) -> None:
+    """The rules between sections, which neither section can check alone: the network must
+    fit the data (per-task lists against the number of tasks, ...) and the early-stopping
+    metric must be one the tasks report. ConfigError naming the field."""
+    import torch
+
+    from models import build_model
+
+    check_metric_name(
+        config.train.early_stopping.metric, config.data, f"{source}: train.early_stopping.metric"
+    )
+    try:
+        # On the meta device: every check the builder makes, without allocating the tables.
+        with torch.device("meta"):
+            build_model(config.model, config.data.feature_schema())
+    except ValueError as err:  # the builder's messages start with the model field's name
+        raise ConfigError(f"{source}: model.{err}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`<line>:<col>: <problem>` of a YAML error (1-based), on one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    return f"{mark.line + 1}:{mark.column + 1}: {problem}" if mark else problem
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (value parsed as YAML) to a raw config dict."""
     out = yaml.safe_load(yaml.safe_dump(raw)) or {}
@@ -208,7 +262,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: not valid YAML: {_yaml_problem(err)}") from None
     return out
 
 
@@ -222,21 +279,24 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validate a raw dict; errors become one ConfigError naming the source and fields."""
+    """Validate a raw dict, within and across sections; errors become one ConfigError
+    naming the source and fields."""
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    check_across_sections(config, source)
+    return config
 
 
 def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file's top-level mapping; ConfigError naming the file otherwise."""
+    """A YAML file's top-level mapping; ConfigError naming the file (and line) otherwise."""
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}:{_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw

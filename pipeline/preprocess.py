@@ -103,9 +103,6 @@ class Preprocessor:
     def __init__(self, data: DataConfig, dense_stats: dict[str, DenseStats] | None = None):
         self.data = data
         self.dense_stats = dict(dense_stats or {})
-        for f in data.multi_hot:
-            if f.buckets < 2:
-                raise SchemaError(f"multi_hot {f.column!r}: buckets must be >= 2 (0 is padding)")
 
     def input_columns(self, with_labels: bool = True, passthrough: bool = False) -> list[str]:
         """The raw columns `transform` reads, without duplicates."""

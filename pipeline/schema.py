@@ -130,19 +130,26 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
-def _hashable(t: pa.DataType) -> bool:
+def _id(t: pa.DataType) -> bool:
+    """An id: integer, string or bool. Not a float: a float id column's NaN has no id, and
+    1.0 and 1.5 would be different ids with no sign of a problem."""
     t = _base(t)
-    return _numeric(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+    )
 
 
 def _ordered(t: pa.DataType) -> bool:
     t = _base(t)
-    return _hashable(t) or pa.types.is_temporal(t)
+    return _numeric(t) or _id(t) or pa.types.is_temporal(t)
 
 
 def _list_of_ids(t: pa.DataType) -> bool:
     listy = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-    return listy and _hashable(t.value_type)
+    return listy and _id(t.value_type)
 
 
 def _anything(t: pa.DataType) -> bool:
@@ -164,7 +171,9 @@ def required_columns(data: DataConfig, labels: bool = True) -> dict[str, _Need]:
     """
     need: dict[str, _Need] = {}
     for f in data.categorical:
-        need[f.column] = _Need("categorical feature", _hashable, "an integer, string or bool")
+        need[f.column] = _Need(
+            "categorical feature", _id, "an integer, string or bool (cast float ids to int64)"
+        )
     for f in data.dense:
         need[f.column] = _Need(f"dense feature ({f.transform})", _numeric, "a number")
     for f in data.multi_hot:
@@ -177,8 +186,8 @@ def required_columns(data: DataConfig, labels: bool = True) -> dict[str, _Need]:
         if data.weight_column:
             need[data.weight_column] = _Need("sample weight", _numeric, "a number")
         split_need = {
-            "hash": _Need("split key (hash)", _hashable, "an integer, string or bool"),
-            "values": _Need("split column (values)", _hashable, "an integer or string"),
+            "hash": _Need("split key (hash)", _id, "an integer, string or bool"),
+            "values": _Need("split column (values)", _id, "an integer or string"),
             "cutoff": _Need("split column (cutoff)", _ordered, "a number, string, date or time"),
         }[data.split.method]
         need.setdefault(data.split.column, split_need)

@@ -41,6 +41,7 @@ from pydantic import (
 from pipeline.config import (
     Config,
     apply_overrides,
+    check_metric_name,
     format_validation_error,
     parse_config,
     read_yaml_mapping,
@@ -255,9 +256,7 @@ class SearchSpec:
 
     # -- checks ----------------------------------------------------------------------------
     def _check(self) -> None:
-        from models import build_model
-
-        schema = self.base.data.feature_schema()
+        check_metric_name(self.settings.metric, self.base.data, f"{self.source}: tune.metric")
         for path, dist in self.space.items():
             _check_field(path, self.source)
             if self.settings.searcher == "grid" and dist.values is None:
@@ -274,9 +273,8 @@ class SearchSpec:
                 self._check_default(path, dist)
             for value in dist.edge_values():
                 try:
-                    config = self.trial_config({path: value})
-                    build_model(config.model, schema)
-                except (ConfigError, ValueError) as err:
+                    self.trial_config({path: value})  # builds the network too (parse_config)
+                except ConfigError as err:
                     raise ConfigError(
                         f"{self.source}: search.{path}: value {json.dumps(value)} gives an "
                         f"invalid training config: {err}"

@@ -172,6 +172,16 @@ def _click_two(write_statistics: bool) -> Callable[[Path], str]:
     return prepare
 
 
+def _float_ids_with_nan(logs: Path) -> str:
+    def change(t: pa.Table) -> pa.Table:
+        ids = t["user_id"].to_numpy().astype(np.float64)
+        ids[0] = np.nan
+        return _set(t, "user_id", pa.array(ids))
+
+    _rewrite(logs / TRAIN_DAY, change)
+    return str(logs)
+
+
 def _logs(logs: Path) -> str:
     return str(logs)
 
@@ -246,6 +256,29 @@ CASES = {
     ),
     "unknown config field": (_logs, ["train.epocs=3"], ["train.epocs: Extra inputs"]),
     "invalid config value": (_logs, ["train.lr=-1"], ["train.lr: Input should be greater than 0"]),
+    "float categorical column holding NaN": (
+        _float_ids_with_nan,
+        [],
+        [
+            "{f}: column 'user_id' (categorical feature) has type double; expected an "
+            "integer, string or bool"
+        ],
+    ),
+    "per-task list against the number of tasks": (
+        _logs,
+        ["model.experts_per_task=[1,2]"],
+        ["synthetic.yaml: model.experts_per_task has 2 entries but there are 4 tasks"],
+    ),
+    "early-stopping metric of no task": (
+        _logs,
+        ["train.early_stopping.metric=val/clik/auc"],
+        ["train.early_stopping.metric: 'val/clik/auc' is not a validation metric of tasks"],
+    ),
+    "override that is not YAML": (
+        _logs,
+        ["model.expert_dims=[16,"],
+        ["override 'model.expert_dims=[16,': not valid YAML: 1:5: expected the node content"],
+    ),
     "credentials in a URI": (
         _logs,
         ["train.storage_path=s3://AKIAFAKE:fake-secret-value@bucket/runs"],
@@ -296,13 +329,38 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert not (tmp_path / "runs").exists()
 
 
-def _invoke(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
+def test_yaml_syntax_error_is_file_line_column(
+    good_logs: Path, store_template: tuple[Path, str], tmp_path: Path, no_ray
+) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text(CONFIG.read_text().replace("  batch_size:", "  batch_size: [", 1))
+    store = tmp_path / "mlflow.db"
+    shutil.copy(store_template[0], store)
+    before = _digest([store])
+    result = _invoke(
+        tmp_path,
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{store}",
+        config=config,
+    )
+    assert result.exit_code == 2, result.output
+    lines = config.read_text().splitlines()
+    at = next(i for i, text in enumerate(lines) if "batch_size: [" in text) + 1  # 0-based
+    column = lines[at].index(":")  # the next key's ':' ends the unclosed flow sequence
+    assert result.stderr.splitlines() == [
+        f"error: {config}:{at + 1}:{column + 1}: expected ',' or ']', but got ':'"
+    ]
+    assert _digest([store]) == before
+    assert not (tmp_path / "runs").exists()
+
+
+def _invoke(tmp_path: Path, *args: str, env: dict[str, str] | None = None, config: Path = CONFIG):
     return CliRunner().invoke(
         app,
         [
             "train",
             "-c",
-            str(CONFIG),
+            str(config),
             "--set",
             f"train.storage_path={tmp_path}/runs",
             *args,
