@@ -75,9 +75,6 @@ def census(
     typer.echo(f"wrote Parquet logs and {config} (train with: adatt train --config {config})")
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
 def _print_outcome(outcome: Any, config: Any) -> None:
     from pipeline.report import summary_lines
 
@@ -119,6 +116,7 @@ def demo(
     set_: SetOpt = None,
 ) -> None:
     """Generate synthetic logs (once) and train AdaTT on them with configs/synthetic.yaml."""
+    import configs
     from pipeline.config import load_config
     from pipeline.synthetic import generate_logs
     from pipeline.train import run_training
@@ -126,7 +124,7 @@ def demo(
     if not any(out.rglob("*.parquet")):
         typer.echo(f"generating {rows:,} synthetic rows into {out} ...")
         generate_logs(out, rows=rows, seed=0)
-    cfg = load_config(REPO_ROOT / "configs" / "synthetic.yaml", [f"data.path={out}", *(set_ or [])])
+    cfg = load_config(configs.path("synthetic.yaml"), [f"data.path={out}", *(set_ or [])])
     outcome = run_training(cfg)
     _print_outcome(outcome, cfg)
 
@@ -180,13 +178,10 @@ TrackingOpt = Annotated[
 
 def _tracking_for_registry(tracking_uri: str | None) -> str:
     """The tracking URI (checked reachable) for register/predict; quiet MLflow downloads."""
-    import os
-
     from pipeline.config import TrackingConfig
     from pipeline.tracking import check_tracking_reachable, quiet_telemetry, resolve_tracking_uri
 
     quiet_telemetry()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
     check_tracking_reachable(uri)
     return uri

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DataConfig, DenseFeature
 from pipeline.errors import SchemaError
 from pipeline.hashing import as_arrow, stable_hash
+from pipeline.progress import progress
 from pipeline.schema import filesystem_for
 from pipeline.split import split_mask
 
@@ -320,13 +321,18 @@ def fit_preprocessor(data: DataConfig, files: list[str]) -> Preprocessor:
     totals = {f.column: _Moments() for f in data.dense}
     train_rows, all_rows = 0, 0
     observed = np.zeros(len(data.tasks), dtype=np.int64)
-    with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:
+    with (
+        ThreadPoolExecutor(max_workers=min(4, len(files))) as pool,
+        progress(len(files), "checking rows", "file") as bar,
+    ):
         for moments, rows, seen, file_rows in pool.map(lambda f: _file_moments(f, data), files):
             train_rows += rows
             all_rows += file_rows
             observed += seen
             for column, m in moments.items():
                 totals[column].merge(m)
+            bar.set_postfix_str(f"{all_rows:,} rows", refresh=False)
+            bar.update(1)
     _check_labels_observed(data, observed, all_rows)
     if train_rows == 0:
         raise SchemaError(

@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.progress import progress
+
 DEVICES = np.array(["android", "ios", "web"])
 TABLE_SIZE = 1 << 16
 DEVICE_TABLE = np.repeat(np.arange(3, dtype=np.int8), [32_768, 22_938, 9_830])  # 50/35/15 %
@@ -309,8 +311,15 @@ def generate_logs(
         return path, sums
 
     workers = max(1, min(threads or os.cpu_count() or 1, days))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(write_day, [d for d in range(days) if per_day[d] > 0]))
+    written = [d for d in range(days) if per_day[d] > 0]
+    results = []
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        progress(rows, "generating", "row", scale=True) as bar,
+    ):
+        for day, result in zip(written, pool.map(write_day, written), strict=True):
+            results.append(result)
+            bar.update(per_day[day])
     totals = {k: sum(s[k] for _, s in results) for k in results[0][1]}
     clicks = max(totals["click"], 1.0)
     rates = {

@@ -30,8 +30,10 @@ EPOCH_KEY = "epoch"
 
 
 def quiet_telemetry() -> None:
-    """Turn off MLflow and Ray usage telemetry for this process and the ones it starts."""
+    """Turn off MLflow and Ray usage telemetry, and MLflow's per-file download bars, for this
+    process and the ones it starts."""
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

@@ -10,6 +10,7 @@ final checkpoint.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import tempfile
 import time
@@ -210,9 +211,23 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
 
 
+def quiet_report_logging() -> None:
+    """Silence the INFO line Ray Train writes for every `ray.train.report` on every worker.
+
+    That line holds the whole `TrainingReport(checkpoint=..., metrics={...})`, several KB
+    per worker and epoch, above the one-line epoch summary (`EpochLogger`). Ray 2.60 logs it
+    through a logger named by its file's path, outside `ray.train`, so the run's
+    `ray.train.LoggingConfig` level does not reach it: its own level is set here.
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (the Config as a JSON dict),
     `preprocessor` (fitted statistics), `mlflow_run_id`, and optionally `resume_from`."""
+    quiet_report_logging()
     config = parse_config(loop_config["config"], source="train_loop_config")
     torch.manual_seed(config.train.seed)
     device = ray.train.torch.get_device()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import mlflow
@@ -73,7 +75,21 @@ def test_logged_model_matches_trained_model(trained, tiny_logs) -> None:
     assert outcome.metrics["test/click/auc"] == pytest.approx(auc, abs=1e-4)
 
 
-def test_failed_run_is_marked_failed_and_resume_continues(ray_local, tiny_logs, tmp_path) -> None:
+def _console(capfd: pytest.CaptureFixture[str], until: str, wait_s: float = 15.0) -> str:
+    """What the run printed to stdout and stderr, with Ray's worker and actor logs (they reach
+    the driver a moment later): read until `until` appears or `wait_s` passes."""
+    text, deadline = "", time.monotonic() + wait_s
+    while True:
+        out, err = capfd.readouterr()
+        text += out + err
+        if until in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def test_failed_run_is_marked_failed_and_resume_continues(
+    ray_local, tiny_logs, tmp_path, capfd
+) -> None:
     config = tiny_config(tiny_logs, tmp_path, "train.epochs=3", "train.lr_schedule=cosine")
     os.environ["ADATT_FAULT"] = "raise@2"
     try:
@@ -101,6 +117,12 @@ def test_failed_run_is_marked_failed_and_resume_continues(ray_local, tiny_logs, 
     assert [step for step, _ in lrs] == [1, 2, 3]
     assert [value for _, value in lrs] == pytest.approx(expected)
     assert final.optimizer["param_groups"][0]["lr"] == pytest.approx(expected[-1])
+
+    # A console a person can read: one summary line per epoch, not Ray's report dicts.
+    console = _console(capfd, until="epoch 3 |")
+    epochs = [line for line in console.splitlines() if re.search(r"epoch \d \| click auc=", line)]
+    assert [re.search(r"epoch (\d)", line).group(1) for line in epochs] == ["1", "2", "3"]
+    assert "TrainingReport(" not in console
 
 
 def _adam_step(optimizer_state: dict) -> int:
