@@ -44,8 +44,14 @@ class TrialRow:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def trial_rows(results: Any, spec: SearchSpec, client: MlflowClient, experiment_id: str,
-               parent_run_id: str, interrupted: bool = False) -> list[TrialRow]:  # fmt: skip
+def trial_rows(
+    results: Any,
+    spec: SearchSpec,
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    interrupted: bool = False,
+) -> list[TrialRow]:
     """Rows from a Ray Tune `ResultGrid`, each joined to its MLflow run."""
     rows = []
     for result in results:
@@ -137,11 +143,24 @@ def search_plot(rows: list[TrialRow], spec: SearchSpec, best: TrialRow) -> Figur
 
         for status, marker in (("completed", "o"), ("stopped", "x")):
             points = [r for r in scored if r.status == status]
-            ax.scatter([position(r.values[path]) for r in points], [r.value for r in points],
-                       marker=marker, label=status, alpha=0.8)  # fmt: skip
+            ax.scatter(
+                [position(r.values[path]) for r in points],
+                [r.value for r in points],
+                marker=marker,
+                label=status,
+                alpha=0.8,
+            )
         if best.value is not None:
-            ax.scatter([position(best.values[path])], [best.value], marker="*", s=200,
-                       color="gold", edgecolor="black", label="best", zorder=3)  # fmt: skip
+            ax.scatter(
+                [position(best.values[path])],
+                [best.value],
+                marker="*",
+                s=200,
+                color="gold",
+                edgecolor="black",
+                label="best",
+                zorder=3,
+            )
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         elif dist.loguniform is not None:
@@ -154,8 +173,14 @@ def search_plot(rows: list[TrialRow], spec: SearchSpec, best: TrialRow) -> Figur
     return fig
 
 
-def log_search_outputs(client: MlflowClient, parent_run_id: str, spec: SearchSpec,
-                       rows: list[TrialRow], best: TrialRow, best_config: Config) -> None:  # fmt: skip
+def log_search_outputs(
+    client: MlflowClient,
+    parent_run_id: str,
+    spec: SearchSpec,
+    rows: list[TrialRow],
+    best: TrialRow,
+    best_config: Config,
+) -> None:
     """Best config (`best.<field>` params, `best_config.yaml`), plot and table on the parent."""
     params = [Param(f"best.{k}", json.dumps(v)[:6000]) for k, v in best.values.items()]
     params.append(Param("best.trial_id", best.trial_id))

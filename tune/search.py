@@ -321,9 +321,17 @@ def _close_open_trials(client: MlflowClient, experiment_id: str, parent: str) ->
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def _finish(client: MlflowClient, uri: str, spec: SearchSpec, rows: list[TrialRow],
-            preprocessor: Preprocessor, files: list[str], parent: str, experiment_path: str,
-            register: str | None) -> SearchOutcome:  # fmt: skip
+def _finish(
+    client: MlflowClient,
+    uri: str,
+    spec: SearchSpec,
+    rows: list[TrialRow],
+    preprocessor: Preprocessor,
+    files: list[str],
+    parent: str,
+    experiment_path: str,
+    register: str | None,
+) -> SearchOutcome:
     finished = [r for r in rows if r.status == "completed" and r.value is not None]
     if not finished:
         raise InputError(f"search {spec.name!r}: no trial finished; see the trial errors above")

@@ -165,8 +165,14 @@ class SearchSpec:
         0.003
     """
 
-    def __init__(self, base: Config, space: dict[str, Distribution], settings: TuneSettings,
-                 name: str, source: str = "search spec") -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: Config,
+        space: dict[str, Distribution],
+        settings: TuneSettings,
+        name: str,
+        source: str = "search spec",
+    ) -> None:
         self.base = base
         self.space = space
         self.settings = settings

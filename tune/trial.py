@@ -67,8 +67,9 @@ class TrialReporter(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
-                   trial_id: str) -> str | None:  # fmt: skip
+def find_trial_run(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str
+) -> str | None:
     """The MLflow run of a trial, if it was created before (a restarted or resumed trial)."""
     runs = client.search_runs(
         [experiment_id],

@@ -121,13 +121,22 @@ def ray_head() -> Iterator[RayHead]:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     log = temp_dir / "ray-start.log"
     cmd = [
-        _tool("ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={port}", f"--dashboard-port={dashboard_port}",
+        _tool("ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--port={port}",
+        f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
-        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
-    ]  # fmt: skip
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -152,10 +161,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     port = free_port()
     log = root / "server.log"
     cmd = [
-        _tool("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--default-artifact-root", str(root / "artifacts"),
-    ]  # fmt: skip
+        _tool("mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--default-artifact-root",
+        str(root / "artifacts"),
+    ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=_base_env(), stdout=out, stderr=subprocess.STDOUT)
     try:

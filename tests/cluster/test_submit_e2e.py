@@ -37,10 +37,16 @@ def adatt(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.C
 
 def test_submit_wait_streams_logs_and_exits_zero(ray_head):
     result = adatt(
-        "submit", "--address", ray_head.address, "--wait", "--",
-        "python", "-c", "print('hello from', 'the cluster')",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--wait",
+        "--",
+        "python",
+        "-c",
+        "print('hello from', 'the cluster')",
         env=ray_head.client_env(),
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert "hello from the cluster" in result.stdout
     assert "SUCCEEDED" in result.stderr
@@ -48,10 +54,16 @@ def test_submit_wait_streams_logs_and_exits_zero(ray_head):
 
 def test_failing_job_exits_one_and_prints_log_tail(ray_head):
     result = adatt(
-        "submit", "--address", ray_head.address, "--wait", "--",
-        "python", "-c", "import sys; print('step 1 done'); sys.exit(3)",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--wait",
+        "--",
+        "python",
+        "-c",
+        "import sys; print('step 1 done'); sys.exit(3)",
         env=ray_head.client_env(),
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert "FAILED" in result.stderr
     tail = result.stderr.split("last", 1)[1]
@@ -82,9 +94,16 @@ def test_job_env_reaches_mlflow_server(ray_head, mlflow_server):
         "mlflow.end_run()"
     )
     result = adatt(
-        "submit", "--address", ray_head.address, "--wait", "--", "python", "-c", script,
+        "submit",
+        "--address",
+        ray_head.address,
+        "--wait",
+        "--",
+        "python",
+        "-c",
+        script,
         env=ray_head.client_env(MLFLOW_TRACKING_URI=mlflow_server.uri),
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     from mlflow import MlflowClient
 
@@ -98,10 +117,15 @@ def test_job_env_reaches_mlflow_server(ray_head, mlflow_server):
 def test_jobs_lists_and_stop_stops_a_running_job(ray_head):
     env = ray_head.client_env()
     result = adatt(
-        "submit", "--address", ray_head.address, "--",
-        "python", "-c", "import time; print('sleeping', flush=True); time.sleep(120)",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--",
+        "python",
+        "-c",
+        "import time; print('sleeping', flush=True); time.sleep(120)",
         env=env,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     job_id = result.stderr.split("job ", 1)[1].split(":", 1)[0]
     listed = adatt("jobs", "--address", ray_head.address, env=env)
@@ -167,19 +191,34 @@ def test_submit_adatt_train_logs_to_mlflow_and_checkpoints(ray_head, mlflow_serv
     assert generated.returncode == 0, generated.stderr
     storage = tmp_path / "runs"
     result = adatt(
-        "submit", "--address", ray_head.address, "--wait", "--",
-        "adatt", "train", "--config", "configs/synthetic.yaml",
-        "--set", f"data.path={logs}",
-        "--set", f"tracking.tracking_uri={mlflow_server.uri}",
-        "--set", "tracking.experiment=submit-train",
-        "--set", f"train.storage_path={storage}",
-        "--set", "train.epochs=1",
-        "--set", "train.num_workers=1",
-        "--set", "model.expert_dims=[16, 8]",
-        "--set", "model.tower_dims=[8]",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--wait",
+        "--",
+        "adatt",
+        "train",
+        "--config",
+        "configs/synthetic.yaml",
+        "--set",
+        f"data.path={logs}",
+        "--set",
+        f"tracking.tracking_uri={mlflow_server.uri}",
+        "--set",
+        "tracking.experiment=submit-train",
+        "--set",
+        f"train.storage_path={storage}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.num_workers=1",
+        "--set",
+        "model.expert_dims=[16, 8]",
+        "--set",
+        "model.tower_dims=[8]",
         env=env,
         timeout=280,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SUCCEEDED" in result.stderr
 

@@ -10,25 +10,42 @@ from tune.space import parse_search_spec
 
 
 def spec_and_rows():
-    raw = {"base": str(REPO_ROOT / "configs" / "synthetic.yaml"),
-           "search": {"model.expert_dims": {"choice": [[16], [16, 8]]},
-                      "train.lr": {"loguniform": [1e-4, 1e-2]}},
-           "tune": {"top": 3}}  # fmt: skip
+    raw = {
+        "base": str(REPO_ROOT / "configs" / "synthetic.yaml"),
+        "search": {
+            "model.expert_dims": {"choice": [[16], [16, 8]]},
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+        },
+        "tune": {"top": 3},
+    }
     spec = parse_search_spec(raw, "spec", REPO_ROOT / "configs", "t")
     rows = [
-        TrialRow("a_00000", "r0", "completed", 3, 0.70, {"model.expert_dims": [16], "train.lr": 1e-3}),
-        TrialRow("a_00001", "r1", "stopped", 1, 0.72, {"model.expert_dims": [16, 8], "train.lr": 1e-4}),
-        TrialRow("a_00002", "r2", "completed", 3, 0.74, {"model.expert_dims": [16, 8], "train.lr": 5e-3}),
+        TrialRow(
+            "a_00000", "r0", "completed", 3, 0.70, {"model.expert_dims": [16], "train.lr": 1e-3}
+        ),
+        TrialRow(
+            "a_00001", "r1", "stopped", 1, 0.72, {"model.expert_dims": [16, 8], "train.lr": 1e-4}
+        ),
+        TrialRow(
+            "a_00002", "r2", "completed", 3, 0.74, {"model.expert_dims": [16, 8], "train.lr": 5e-3}
+        ),
         TrialRow("a_00003", None, "error", 0, None, {"model.expert_dims": [16], "train.lr": 2e-4}),
-    ]  # fmt: skip
+    ]
     return spec, rows
 
 
 def test_table_ranks_completed_trials_first_by_metric() -> None:
     spec, rows = spec_and_rows()
     lines = summary_table(rows, spec)
-    assert lines[0].split() == ["rank", "trial", "status", "epochs", "val/mean_auc",
-                                "model.expert_dims", "train.lr"]  # fmt: skip
+    assert lines[0].split() == [
+        "rank",
+        "trial",
+        "status",
+        "epochs",
+        "val/mean_auc",
+        "model.expert_dims",
+        "train.lr",
+    ]
     assert [line.split()[1] for line in lines[1:]] == ["a_00002", "a_00000", "a_00001"]
     assert "[16, 8]" in lines[1] and "0.7400" in lines[1] and "0.005" in lines[1]
 

@@ -87,8 +87,9 @@ def test_search_runs_four_trials_and_asha_stops_one(searched) -> None:
     assert outcome.stopped_early >= 1
     stopped = [r for r in outcome.trials if r.status == "stopped"]
     assert all(r.epochs < 2 for r in stopped)
-    assert {r.trial_id for r in stopped} >= {r.trial_id for r in outcome.trials
-                                             if r.values["train.lr"] == 1e-7}  # fmt: skip
+    assert {r.trial_id for r in stopped} >= {
+        r.trial_id for r in outcome.trials if r.values["train.lr"] == 1e-7
+    }
     # No placement group outlives its trial (a leak would starve later trials' Ray Data).
     table = ray.util.placement_group_table().values()
     assert [pg for pg in table if pg["state"] != "REMOVED"] == []
@@ -122,10 +123,12 @@ def test_mlflow_holds_parent_and_four_children(searched) -> None:
 def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs) -> None:
     spec, outcome, _ = searched
     client = MlflowClient(outcome.tracking_uri)
-    runs = child_runs(client, client.get_run(outcome.parent_run_id).info.experiment_id,
-                      outcome.parent_run_id)  # fmt: skip
-    finished = {r.info.run_id: r.data.metrics[f"best/{METRIC}"] for r in runs
-                if r.info.status == "FINISHED"}  # fmt: skip
+    runs = child_runs(
+        client, client.get_run(outcome.parent_run_id).info.experiment_id, outcome.parent_run_id
+    )
+    finished = {
+        r.info.run_id: r.data.metrics[f"best/{METRIC}"] for r in runs if r.info.status == "FINISHED"
+    }
     assert outcome.best.run_id == min(finished, key=finished.get)
     assert outcome.best.value == pytest.approx(finished[outcome.best.run_id])
     # No epoch of any trial beat the best trial's selected epoch.
@@ -184,9 +187,13 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
         watcher.join()
         signal.signal(signal.SIGUSR1, previous)
     client = MlflowClient(uri)
-    before = {r.data.tags[TAG_TRIAL]: r for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string="tags.`adatt.trial_id` != ''")}  # fmt: skip
+    before = {
+        r.data.tags[TAG_TRIAL]: r
+        for r in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string="tags.`adatt.trial_id` != ''",
+        )
+    }
     first = [r for r in before.values() if r.info.status == "FINISHED"]
     assert len(first) == 1
     assert all(r.info.status in ("FINISHED", "KILLED") for r in before.values())
@@ -197,8 +204,10 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     outcome = run_search(spec, resume=True)
 
     assert [r.status for r in outcome.trials] == ["completed", "completed"]
-    runs = {r.data.tags[TAG_TRIAL]: r for r in child_runs(
-        client, first[0].info.experiment_id, outcome.parent_run_id)}  # fmt: skip
+    runs = {
+        r.data.tags[TAG_TRIAL]: r
+        for r in child_runs(client, first[0].info.experiment_id, outcome.parent_run_id)
+    }
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     # The finished trial was not run again: same run, its epochs logged once, before.
     kept = runs[first[0].data.tags[TAG_TRIAL]]

@@ -26,8 +26,15 @@ def test_repository_spec_loads_and_covers_the_design_space() -> None:
     assert spec.base.train.epochs == 4
     # The depth is searched through expert_dims, so the base's fusion_levels is dropped.
     assert spec.base.model.fusion_levels is None
-    assert {"model.expert_dims", "model.experts_per_task", "model.shared_experts", "train.lr",
-            "data.batch_size", "train.weight_decay", "train.loss_weighting"} <= set(spec.space)  # fmt: skip
+    assert {
+        "model.expert_dims",
+        "model.experts_per_task",
+        "model.shared_experts",
+        "train.lr",
+        "data.batch_size",
+        "train.weight_decay",
+        "train.loss_weighting",
+    } <= set(spec.space)
     assert spec.settings.searcher == "optuna" and spec.settings.num_samples == 16
     assert spec.default_values()["model.expert_dims"] == [64, 32]
 
@@ -62,8 +69,13 @@ def test_list_choices_round_trip_through_tune_as_text() -> None:
 
 
 def test_ranges_become_tune_domains() -> None:
-    spec = spec_of({"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.shared_experts": {"randint": [0, 3]},
-                    "train.weight_decay": {"uniform": [0, 1e-4]}})  # fmt: skip
+    spec = spec_of(
+        {
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "model.shared_experts": {"randint": [0, 3]},
+            "train.weight_decay": {"uniform": [0, 1e-4]},
+        }
+    )
     space = spec.param_space()
     assert (space["train.lr"].lower, space["train.lr"].upper) == (1e-4, 1e-2)
     assert (space["model.shared_experts"].lower, space["model.shared_experts"].upper) == (0, 3)
@@ -73,27 +85,63 @@ def test_ranges_become_tune_domains() -> None:
 @pytest.mark.parametrize(
     ("search", "settings", "message"),
     [
-        ({"model.experts": {"choice": [1]}}, {}, "search.model.experts: model has no field 'experts'"),
+        (
+            {"model.experts": {"choice": [1]}},
+            {},
+            "search.model.experts: model has no field 'experts'",
+        ),
         ({"modle.name": {"choice": ["adatt"]}}, {}, "the config has no field 'modle'"),
         ({"model": {"choice": [1]}}, {}, "search.model: is a section"),
         ({"train.lr.x": {"choice": [1]}}, {}, "train.lr is not a section"),
         ({"data.path": {"choice": ["x"]}}, {}, "search.data.path: this field is fixed"),
-        ({"train.num_workers": {"choice": [1, 2]}}, {}, "search.train.num_workers: this field is fixed"),
-        ({"model.name": {"choice": ["adatt", "transformer"]}}, {}, 'search.model.name: value "transformer"'),
+        (
+            {"train.num_workers": {"choice": [1, 2]}},
+            {},
+            "search.train.num_workers: this field is fixed",
+        ),
+        (
+            {"model.name": {"choice": ["adatt", "transformer"]}},
+            {},
+            'search.model.name: value "transformer"',
+        ),
         ({"model.shared_experts": {"grid": [0, -1]}}, {}, "search.model.shared_experts: value -1"),
-        ({"model.experts_per_task": {"choice": [[1, 2]]}}, {}, "experts_per_task has 2 entries but there are 4 tasks"),
+        (
+            {"model.experts_per_task": {"choice": [[1, 2]]}},
+            {},
+            "experts_per_task has 2 entries but there are 4 tasks",
+        ),
         ({"train.lr": {"loguniform": [0, 1]}}, {}, "loguniform: bounds must be positive"),
         ({"train.lr": {"uniform": [0.1, 0.01]}}, {}, "low must be below high"),
         ({"train.lr": {"choice": [0.1], "grid": [0.2]}}, {}, "give exactly one of"),
-        ({"train.lr": {"normal": [0, 1]}}, {}, "search.train.lr.normal: Extra inputs are not permitted"),
-        ({"train.lr": {"uniform": [0.1, 0.2]}}, {"searcher": "grid"}, "the grid searcher takes choice or grid"),
-        ({"train.lr": {"grid": [0.1, 0.2]}}, {"searcher": "optuna"}, "the optuna searcher cannot take a grid"),
+        (
+            {"train.lr": {"normal": [0, 1]}},
+            {},
+            "search.train.lr.normal: Extra inputs are not permitted",
+        ),
+        (
+            {"train.lr": {"uniform": [0.1, 0.2]}},
+            {"searcher": "grid"},
+            "the grid searcher takes choice or grid",
+        ),
+        (
+            {"train.lr": {"grid": [0.1, 0.2]}},
+            {"searcher": "optuna"},
+            "the optuna searcher cannot take a grid",
+        ),
         ({"train.lr": {"grid": [0.1]}}, {"searcher": "bayes"}, "tune.searcher: Input should be"),
-        ({"train.lr": {"grid": [0.1]}}, {"metric": "test/mean_auc"}, "tune.metric: Value error, trials report"),
-        ({"train.lr": {"grid": [0.1]}}, {"scheduler": {"type": "asha", "reduction_factor": 1}}, "tune.scheduler.reduction_factor"),
+        (
+            {"train.lr": {"grid": [0.1]}},
+            {"metric": "test/mean_auc"},
+            "tune.metric: Value error, trials report",
+        ),
+        (
+            {"train.lr": {"grid": [0.1]}},
+            {"scheduler": {"type": "asha", "reduction_factor": 1}},
+            "tune.scheduler.reduction_factor",
+        ),
         ({}, {}, "search: Dictionary should have at least 1 item"),
     ],
-)  # fmt: skip
+)
 def test_invalid_space_fails_naming_the_field(search, settings, message) -> None:
     with pytest.raises(ConfigError) as err:
         spec_of(search, settings)
@@ -123,8 +171,15 @@ def test_inline_base_mapping_and_fixed_fields(tmp_path: Path) -> None:
 
     base = yaml.safe_load(Path(BASE).read_text())
     path = tmp_path / "inline.yaml"
-    path.write_text(json.dumps({"base": base, "set": {"train.epochs": 2},
-                                "search": {"model.shared_experts": {"grid": [0, 1]}}}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "base": base,
+                "set": {"train.epochs": 2},
+                "search": {"model.shared_experts": {"grid": [0, 1]}},
+            }
+        )
+    )
     spec = load_search_spec(path)
     assert spec.name == "inline" and spec.base.train.epochs == 2
     # fusion_levels stays when the depth is not searched.
