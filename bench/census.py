@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from pipeline.census import convert_census
 from pipeline.config import Config, apply_overrides, parse_config
+from pipeline.datasets.census import convert_census
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -234,7 +234,7 @@ def run_jobs(
     from mlflow.tracking import MlflowClient
 
     from bench.census_report import append_ledger, run_result
-    from pipeline.train import run_training
+    from pipeline.training.driver import run_training
 
     start, times, failed = time.monotonic(), [], []
     for index, job in enumerate(jobs):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.census import TASKS
+from pipeline.datasets.census import TASKS
 
 NAMES = {
     "adatt": "AdaTT",

@@ -70,9 +70,9 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
     import ray
 
     from pipeline.config import load_config
-    from pipeline.ingest import build_datasets, iter_batches
-    from pipeline.preprocess import fit_preprocessor
-    from pipeline.schema import check_schema
+    from pipeline.data.fit import fit_preprocessor
+    from pipeline.data.ingest import build_datasets, iter_batches
+    from pipeline.data.validate import check_schema
 
     if not any(data_dir.glob("*.parquet")):  # --keep reuses logs from an earlier run
         command = ["generate", "--out", str(data_dir), "--rows", str(rows), "--seed", "0"]

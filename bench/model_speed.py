@@ -1,7 +1,7 @@
 """Train-step speed of the batched AdaTT against the loop implementation (prints figures).
 
 A step is forward, per-task BCE, backward and an Adam step; the loop implementation is
-tests/models/reference_adatt.py (one module per expert, gate and tower, as in the authors'
+models/reference.py (one module per expert, gate and tower, as in the authors'
 code) with the same weights. The models take turns step by step (so a noisy neighbour slows
 both alike); each figure is the median of `--steps` steps after a warm-up.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import FeatureSchema, build_model  # noqa: E402
-from tests.models.reference_adatt import loop_model_from  # noqa: E402
+from models.reference import loop_model_from  # noqa: E402
 
 # (name, input width, tasks, model section)
 CONFIGS = [

@@ -36,19 +36,19 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
-from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.losses import TrainingModel  # noqa: E402
-from pipeline.preprocess import fit_preprocessor  # noqa: E402
-from pipeline.report import read_split  # noqa: E402
-from pipeline.schema import check_schema  # noqa: E402
-from pipeline.synthetic import generate_logs  # noqa: E402
-from pipeline.train import run_training  # noqa: E402
-from pipeline.train_loop import (  # noqa: E402
+from pipeline.data.fit import fit_preprocessor  # noqa: E402
+from pipeline.data.sample import read_split  # noqa: E402
+from pipeline.data.validate import check_schema  # noqa: E402
+from pipeline.datasets.synthetic import generate_logs  # noqa: E402
+from pipeline.training.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.training.driver import run_training  # noqa: E402
+from pipeline.training.loop import (  # noqa: E402
     build_training_model,
     make_optimizer,
     train_autocast,
 )
+from pipeline.training.losses import TrainingModel  # noqa: E402
 
 
 def in_memory_samples_per_s(
@@ -60,7 +60,7 @@ def in_memory_samples_per_s(
     torch.set_num_threads(threads)
     files = check_schema(config.data)
     preprocessor = fit_preprocessor(config.data, files)
-    columns = preprocessor.input_columns(with_labels=True)
+    columns = config.data.columns(labels=True)
     table = read_split(config.data, files, "train", columns)
     arrays = preprocessor.transform(table)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}

@@ -43,8 +43,8 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 from bench.wellspec import wellspec_auc  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.synthetic import generate_logs  # noqa: E402
-from pipeline.train import run_training  # noqa: E402
+from pipeline.datasets.synthetic import generate_logs  # noqa: E402
+from pipeline.training.driver import run_training  # noqa: E402
 
 MODELS = ["adatt", "mmoe", "ple", "shared_bottom", "single_task"]
 

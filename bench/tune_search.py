@@ -36,12 +36,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     args = parser.parse_args()
 
-    from pipeline.tracking import quiet_telemetry
+    from pipeline.tracking.runs import quiet_telemetry
 
     quiet_telemetry()
     import ray
 
-    from pipeline.synthetic import generate_logs
+    from pipeline.datasets.synthetic import generate_logs
     from tune.search import run_search
     from tune.space import parse_search_spec
 

@@ -1,7 +1,7 @@
 """A well-specified reference learner for the synthetic logs: how close to the oracle AUC a
 model can get from this many rows when it has exactly the generator's form.
 
-The generator (`pipeline/synthetic.py`) draws each binary task's logit as a bias, a
+The generator (`pipeline/datasets/synthetic.py`) draws each binary task's logit as a bias, a
 low-rank user-item interest (click's interest; like and share mix it with a second one),
 per-user and per-item effects, device and hour effects and a few dense terms. This model
 has that form and nothing else: rank-8 user and item factors (each the user's segment /
@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.split import split_mask
+from pipeline.data.split import split_mask
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("click", "like", "share")

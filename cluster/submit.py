@@ -210,7 +210,7 @@ def submit_job(
         (job id, status): the final status with `wait`, else the status right after submit.
 
     Example:
-        >>> submit_job("http://127.0.0.1:8265", ["python", "-c", "print(1)"], wait=True)
+        >>> submit_job("http://127.0.0.1:8265", ["python", "-c", "print(1)"], wait=True)  # doctest: +SKIP
         ('raysubmit_...', <JobStatus.SUCCEEDED: 'SUCCEEDED'>)
     """
     address = address or default_address()

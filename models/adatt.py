@@ -24,8 +24,9 @@ computed for the task gates. With m_s = 0 there is no shared unit: exactly AdaTT
 
 Speed: each level computes its experts as an `ExpertGroup` (one 2-D matmul at level 1,
 where every unit reads f^0, together with the gates; one batched matmul over units at
-deeper levels), and eq. 11 as a single bmm for all units. The test-only loop version in
-tests/models/reference_adatt.py follows eqs. 4-10 literally and must give the same output.
+deeper levels), and eq. 11 as a single bmm for all units. `models/reference.py` is the
+literal loop version (the paper as code, the tests' oracle): it follows eqs. 4-10 one by
+one and must give the same output.
 """
 
 from __future__ import annotations
@@ -145,28 +146,12 @@ class AdaTT(FusionStack):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if not experts_per_task:
-            raise ValueError("tasks: AdaTT needs at least one task")
-        if min(experts_per_task) < 1:
-            raise ValueError(f"experts_per_task must be >= 1, got {list(experts_per_task)}")
-        if shared_experts < 0:
-            raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
-        if not level_dims:
-            raise ValueError("expert_dims: AdaTT needs at least one fusion level")
-        self.num_tasks = len(experts_per_task)
-        self.experts_per_unit = list(experts_per_task) + (
-            [shared_experts] if shared_experts else []
+        super().__init__("AdaTT", experts_per_task, shared_experts, len(level_dims))
+        # The shared unit fuses at every level but the last (eq. 11 for it too).
+        self.stack_levels(
+            input_dim,
+            level_dims,
+            lambda width, dims, fusing: AdaTTLevel(
+                width, dims, self.experts_per_unit, fusing, activation, dropout
+            ),
         )
-        self.levels = nn.ModuleList()
-        width = input_dim
-        for index, dims in enumerate(level_dims):
-            is_last = index == len(level_dims) - 1
-            # The shared unit fuses at every level but the last (eq. 11 for it too).
-            fusing = self.num_tasks if is_last else len(self.experts_per_unit)
-            level = AdaTTLevel(
-                width, list(dims), self.experts_per_unit, fusing, activation, dropout
-            )
-            self.levels.append(level)
-            width = level.output_dim
-        self.output_dim = width

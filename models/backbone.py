@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -39,7 +39,44 @@ class FusionStack(Backbone):
     """
 
     levels: nn.ModuleList
-    experts_per_unit: list[int]
+
+    def __init__(
+        self, name: str, experts_per_task: Sequence[int], shared_experts: int, levels: int
+    ) -> None:
+        """Check the unit layout and set `num_tasks` and `experts_per_unit` (m_t per task,
+        then m_s when there is a shared unit); `name` is the model's, for the errors."""
+        super().__init__()
+        if not experts_per_task:
+            raise ValueError(f"tasks: {name} needs at least one task")
+        if min(experts_per_task) < 1:
+            raise ValueError(f"experts_per_task must be >= 1, got {list(experts_per_task)}")
+        if shared_experts < 0:
+            raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
+        if levels < 1:
+            raise ValueError(f"expert_dims: {name} needs at least one fusion level")
+        self.num_tasks = len(experts_per_task)
+        self.experts_per_unit = [*experts_per_task, *([shared_experts] if shared_experts else [])]
+
+    def stack_levels(
+        self,
+        input_dim: int,
+        level_dims: Sequence[Sequence[int]],
+        make_level: Callable[[int, list[int], int], nn.Module],
+    ) -> None:
+        """Build `levels` from `make_level(input width, layer widths, fusing units)`.
+
+        Level l + 1 reads level l's width. Every unit fuses at every level but the last,
+        where only the tasks do: no tower reads the shared unit there.
+        """
+        self.levels = nn.ModuleList()
+        width = input_dim
+        for index, dims in enumerate(level_dims):
+            is_last = index == len(level_dims) - 1
+            fusing = self.num_tasks if is_last else len(self.experts_per_unit)
+            level = make_level(width, list(dims), fusing)
+            self.levels.append(level)
+            width = level.output_dim
+        self.output_dim = width
 
     def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The task rows of the last level [B, T, H], and each level's fusion weights."""
@@ -58,7 +95,12 @@ class FusionStack(Backbone):
 
 
 def expert_labels(tasks: Sequence[str], experts_per_unit: Sequence[int]) -> list[str]:
-    """Column names "task/e0", ..., "shared/e0" for experts numbered unit by unit."""
+    """Column names "task/e0", ..., "shared/e0" for experts numbered unit by unit.
+
+    Example:
+        >>> expert_labels(["click", "like"], [2, 1, 1])
+        ['click/e0', 'click/e1', 'like/e0', 'shared/e0']
+    """
     units = [*tasks, "shared"][: len(experts_per_unit)]
     return [
         f"{unit}/e{i}" for unit, m in zip(units, experts_per_unit, strict=True) for i in range(m)

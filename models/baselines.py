@@ -23,6 +23,8 @@ class SharedBottom(Backbone):
         torch.Size([5, 3, 8])
     """
 
+    per_task = False  # SingleTask: one MLP per task instead of one for all
+
     def __init__(
         self,
         input_dim: int,
@@ -33,14 +35,23 @@ class SharedBottom(Backbone):
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.bottom = ExpertGroup(input_dim, hidden_dims, [1], activation, dropout)
-        self.output_dim = self.bottom.output_dim
+        groups = [num_tasks if self.per_task else 1]
+        self.networks = ExpertGroup(input_dim, hidden_dims, groups, activation, dropout)
+        self.output_dim = self.networks.output_dim
+        self._register_load_state_dict_pre_hook(_renamed_bottom)
 
     def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self.bottom(x).expand(-1, self.num_tasks, -1), []
+        return self.networks(x).expand(-1, self.num_tasks, -1), []  # [B, 1 or T, H]
 
 
-class SingleTask(Backbone):
+def _renamed_bottom(state: dict, prefix: str, *args: object) -> None:
+    """Checkpoints written before SharedBottom and SingleTask shared one class name the
+    shared MLP `bottom`; they load under its name now, `networks`."""
+    for key in [k for k in state if k.startswith(f"{prefix}bottom.")]:
+        state[f"{prefix}networks.{key[len(prefix) + len('bottom.') :]}"] = state.pop(key)
+
+
+class SingleTask(SharedBottom):
     """An independent MLP per task (no sharing at all), computed as one batched group.
 
     Example:
@@ -48,20 +59,7 @@ class SingleTask(Backbone):
         torch.Size([5, 3, 8])
     """
 
-    def __init__(
-        self,
-        input_dim: int,
-        num_tasks: int,
-        hidden_dims: Sequence[int],
-        activation: str = "relu",
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.networks = ExpertGroup(input_dim, hidden_dims, [num_tasks], activation, dropout)
-        self.output_dim = self.networks.output_dim
-
-    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self.networks(x), []
+    per_task = True
 
 
 class CrossStitch(Backbone):

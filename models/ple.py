@@ -74,13 +74,8 @@ class CGCLevel(nn.Module):
 class PLE(FusionStack):
     """PLE backbone; one level is CGC.
 
-    Args:
-        input_dim: width of the input embedding.
-        experts_per_task: m_t for each task.
-        shared_experts: m_s (0 leaves each task with a gate over its own experts only).
-        level_dims: per level, the layer widths of each expert.
-        activation: expert activation.
-        dropout: dropout after each expert layer.
+    Args: the same as `models.adatt.AdaTT`'s, which the builder passes to both; with
+    `shared_experts` 0 each task's gate sees only its own experts.
 
     Example:
         >>> ple = PLE(32, experts_per_task=[2, 2], shared_experts=1, level_dims=[[16], [8]])
@@ -97,22 +92,12 @@ class PLE(FusionStack):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if not experts_per_task:
-            raise ValueError("tasks: PLE needs at least one task")
-        if not level_dims:
-            raise ValueError("expert_dims: PLE needs at least one level")
-        num_tasks = len(experts_per_task)
+        super().__init__("PLE", experts_per_task, shared_experts, len(level_dims))
         has_shared = shared_experts > 0
-        self.experts_per_unit = list(experts_per_task) + ([shared_experts] if has_shared else [])
-        self.levels = nn.ModuleList()
-        width = input_dim
-        for index, dims in enumerate(level_dims):
-            is_last = index == len(level_dims) - 1
-            fusing = num_tasks if is_last else len(self.experts_per_unit)
-            level = CGCLevel(
-                width, list(dims), self.experts_per_unit, fusing, has_shared, activation, dropout
-            )
-            self.levels.append(level)
-            width = level.output_dim
-        self.output_dim = width
+        self.stack_levels(
+            input_dim,
+            level_dims,
+            lambda width, dims, fusing: CGCLevel(
+                width, dims, self.experts_per_unit, fusing, has_shared, activation, dropout
+            ),
+        )

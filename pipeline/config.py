@@ -6,9 +6,11 @@ Every field has a default or a clear "field required" error; unknown keys are er
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
@@ -16,11 +18,13 @@ from models.config import CategoricalInput, FeatureSchema, ModelConfig
 from pipeline.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """The base of every config model here and in `tune.space`: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class CategoricalFeature(_Strict):
+class CategoricalFeature(Strict):
     """A categorical column, hashed into `buckets` ids and embedded in `dim` dimensions."""
 
     column: str
@@ -28,7 +32,7 @@ class CategoricalFeature(_Strict):
     dim: PositiveInt = 16
 
 
-class DenseFeature(_Strict):
+class DenseFeature(Strict):
     """A numeric column. NaN/inf is an error unless `impute` gives a replacement value."""
 
     column: str
@@ -36,7 +40,7 @@ class DenseFeature(_Strict):
     impute: float | None = None
 
 
-class MultiHotFeature(_Strict):
+class MultiHotFeature(Strict):
     """A list column (e.g. recent item ids), hashed, mean-pooled; at most `max_length` kept.
     Id 0 is padding, so `buckets` counts it: at least 2."""
 
@@ -46,7 +50,7 @@ class MultiHotFeature(_Strict):
     max_length: PositiveInt = 8
 
 
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     """One task: its label column, loss type and weight in the summed loss."""
 
     name: str
@@ -60,7 +64,7 @@ class TaskSpec(_Strict):
         return self.label or self.name
 
 
-class SplitConfig(_Strict):
+class SplitConfig(Strict):
     """How rows are assigned to train / validation / test.
 
     `hash`: a stable hash of `column` (e.g. a user id) with the given fractions.
@@ -91,7 +95,7 @@ class SplitConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the logs are and which columns mean what."""
 
     path: str | list[str] = "data/logs"
@@ -122,6 +126,28 @@ class DataConfig(_Strict):
     def feature_columns(self) -> list[str]:
         return [f.column for f in (*self.categorical, *self.dense, *self.multi_hot)]
 
+    def columns(
+        self, labels: bool = True, split: bool = False, passthrough: bool = False
+    ) -> list[str]:
+        """The raw columns a step reads, without duplicates: features; with `labels` the
+        label and weight columns; with `split` the split column; with `passthrough` those.
+
+        Example:
+            >>> data = DataConfig(dense=[{"column": "x"}], tasks=[{"name": "click"}])
+            >>> data.columns(), data.columns(labels=False, split=True)
+            (['x', 'click'], ['x', 'user_id'])
+        """
+        out = list(self.feature_columns)
+        if labels:
+            out += [t.label_column for t in self.tasks]
+            if self.weight_column:
+                out.append(self.weight_column)
+        if split:
+            out.append(self.split.column)
+        if passthrough:
+            out += self.passthrough
+        return list(dict.fromkeys(out))
+
     def feature_schema(self) -> FeatureSchema:
         """What the network needs to know about the inputs."""
         return FeatureSchema(
@@ -134,13 +160,13 @@ class DataConfig(_Strict):
         )
 
 
-class EarlyStopping(_Strict):
+class EarlyStopping(Strict):
     metric: str = "val/mean_auc"
     mode: Literal["max", "min"] = "max"
     patience: int = Field(default=0, ge=0)  # 0 = off; best epoch is still tracked
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Optimisation and the Ray Train run."""
 
     epochs: PositiveInt = 3
@@ -178,7 +204,7 @@ class TrainConfig(_Strict):
     checkpoints_to_keep: PositiveInt = 2
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     """MLflow tracking: `tracking_uri` falls back to MLFLOW_TRACKING_URI, then local SQLite."""
 
     tracking_uri: str | None = None
@@ -187,7 +213,7 @@ class TrackingConfig(_Strict):
     log_model: bool = True
 
 
-class Config(_Strict):
+class Config(Strict):
     """The whole training config."""
 
     data: DataConfig
@@ -196,7 +222,7 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
-# The per-task metrics every evaluation reports (`pipeline/metrics.py`), by task type.
+# The per-task metrics every evaluation reports (`pipeline/training/metrics.py`), by task type.
 BINARY_METRICS = ("auc", "logloss", "ne", "calibration", "count")
 REGRESSION_METRICS = ("mse", "count")
 
@@ -249,23 +275,46 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{mark.line + 1}:{mark.column + 1}: {problem}" if mark else problem
 
 
+def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set the field at dotted `path` (e.g. `train.lr`) of a raw config dict to a copy of
+    `value`, creating missing sections; ConfigError when a part is not a section."""
+    node = raw
+    parts = path.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path!r}: {'.'.join(parts[: i + 1])} is not a section")
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def get_path(raw: dict[str, Any], path: str) -> Any:
+    """The value at dotted `path` of a raw config dict."""
+    node: Any = raw
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (`key.sub`, value parsed as YAML); ConfigError naming the item."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: not valid YAML: {_yaml_problem(err)}") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides (value parsed as YAML) to a raw config dict."""
-    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    """Apply `key.sub=value` overrides (value parsed as YAML) to a copy of a raw config dict."""
+    out = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        key, value = parse_override(item)
         try:
-            node[parts[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: not valid YAML: {_yaml_problem(err)}") from None
+            set_path(out, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"override {err}") from None
     return out
 
 
@@ -307,3 +356,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     raw = read_yaml_mapping(path)
     return parse_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+# How a command takes a config on the command line: a file and `--set` overrides.
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config field, e.g. --set train.epochs=5."),
+]

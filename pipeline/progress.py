@@ -24,21 +24,11 @@ def progress(total: int, desc: str, unit: str, scale: bool = False) -> tqdm:
         ...     for file in files:
         ...         bar.update(1)
     """
+    common = {"total": total, "desc": desc, "unit": unit, "unit_scale": scale, "file": sys.stderr}
     if sys.stderr.isatty():
-        return tqdm(
-            total=total,
-            desc=desc,
-            unit=unit,
-            unit_scale=scale,
-            file=sys.stderr,
-            delay=TERMINAL_DELAY_S,
-        )
+        return tqdm(**common, delay=TERMINAL_DELAY_S)
     return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=scale,
-        file=sys.stderr,
+        **common,
         delay=LOG_INTERVAL_S,
         mininterval=LOG_INTERVAL_S,
         maxinterval=LOG_INTERVAL_S,

@@ -47,7 +47,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 6,000 synthetic interaction-log rows."""
-    from pipeline.synthetic import generate_logs
+    from pipeline.datasets.synthetic import generate_logs
 
     out = tmp_path_factory.mktemp("logs")
     generate_logs(out, rows=6000, seed=0)
@@ -130,7 +130,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
     """One tiny 1-epoch training tracked on `mlflow_server`: (config, TrainingOutcome)."""
-    from pipeline.train import run_training
+    from pipeline.training.driver import run_training
 
     config = tiny_config(
         tiny_logs,
@@ -150,12 +150,12 @@ def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path):
     import torch
 
     from models import build_model
-    from pipeline.metrics import MultiTaskMetrics, TaskKind
-    from pipeline.preprocess import fit_preprocessor
-    from pipeline.report import raw_example, read_split
-    from pipeline.schema import check_schema
-    from pipeline.serving import log_scoring_model
-    from pipeline.tracking import log_metrics, set_tracking, start_run
+    from pipeline.data.fit import fit_preprocessor
+    from pipeline.data.sample import raw_example, read_split
+    from pipeline.data.validate import check_schema
+    from pipeline.serving.scoring import log_scoring_model
+    from pipeline.tracking.runs import log_metrics, set_tracking, start_run
+    from pipeline.training.metrics import MultiTaskMetrics, TaskKind
 
     config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}")
     files = check_schema(config.data)
@@ -176,8 +176,7 @@ def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path):
         preprocessor,
         example,
     )
-    columns = [*config.data.feature_columns, *(t.label_column for t in config.data.tasks)]
-    rows = read_split(config.data, files, "validation", columns).to_pandas()
+    rows = read_split(config.data, files, "validation", config.data.columns()).to_pandas()
     batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
     metrics = MultiTaskMetrics([TaskKind(*t) for t in tasks], torch.device("cpu"))
     with torch.no_grad():

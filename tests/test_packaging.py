@@ -45,13 +45,14 @@ def test_demo_runs_from_an_installed_wheel(wheel: Path, ray_local, tmp_path: Pat
     )
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    env = {
-        **os.environ,
+    # The demo's own defaults: no tracking URI from earlier tests (MLflow exports it).
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(
         # Only the wheel: the checkout is not importable from here. The job joins the test
         # session's Ray cluster (a second local cluster on one machine breaks Ray Train).
-        "PYTHONPATH": str(site),
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-    }
+        PYTHONPATH=str(site),
+        RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+    )
     sets = [f"--set={item}" for item in [*TINY_OVERRIDES, "train.epochs=1"]]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "demo", "--rows", "4000", *sets],

@@ -10,19 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")  # headless
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from pipeline.config import Config  # noqa: E402
-from tune.space import SearchSpec  # noqa: E402
-from tune.trial import find_trial_run  # noqa: E402
+from pipeline.config import Config
+from pipeline.tracking.runs import log_metrics, log_params
+from tune.space import SearchSpec
+from tune.trial import find_trial_run
 
 
 @dataclass
@@ -132,7 +127,9 @@ def search_plot(rows: list[TrialRow], spec: SearchSpec, best: TrialRow) -> Figur
     (choice, grid) sit at their position in the list.
     """
     fields = list(spec.space)
-    fig, axes = plt.subplots(1, len(fields), figsize=(3.2 * len(fields), 3.2), squeeze=False)
+    # matplotlib's object API: no pyplot, so no display backend and no global figure state.
+    fig = Figure(figsize=(3.2 * len(fields), 3.2))
+    axes = fig.subplots(1, len(fields), squeeze=False)
     scored = [r for r in rows if r.value is not None]
     for ax, path in zip(axes[0], fields, strict=True):
         dist = spec.space[path]
@@ -182,17 +179,15 @@ def log_search_outputs(
     best_config: Config,
 ) -> None:
     """Best config (`best.<field>` params, `best_config.yaml`), plot and table on the parent."""
-    params = [Param(f"best.{k}", json.dumps(v)[:6000]) for k, v in best.values.items()]
-    params.append(Param("best.trial_id", best.trial_id))
-    metrics = [
-        Metric(f"best/{spec.settings.metric}", float(best.value), 0, 0),
-        Metric("search/trials", float(len(rows)), 0, 0),
-        Metric("search/stopped_early", float(sum(r.status == "stopped" for r in rows)), 0, 0),
-        Metric("search/errors", float(sum(r.status == "error" for r in rows)), 0, 0),
-    ]
-    client.log_batch(parent_run_id, metrics=metrics, params=params)
+    params = {f"best.{k}": json.dumps(v) for k, v in best.values.items()}
+    log_params(client, parent_run_id, {**params, "best.trial_id": best.trial_id})
+    metrics = {
+        f"best/{spec.settings.metric}": float(best.value),
+        "search/trials": float(len(rows)),
+        "search/stopped_early": float(sum(r.status == "stopped" for r in rows)),
+        "search/errors": float(sum(r.status == "error" for r in rows)),
+    }
+    log_metrics(client, parent_run_id, metrics)
     client.log_dict(parent_run_id, best_config.model_dump(mode="json"), "best_config.yaml")
-    fig = search_plot(rows, spec, best)
-    client.log_figure(parent_run_id, fig, "search.png")
-    plt.close(fig)
+    client.log_figure(parent_run_id, search_plot(rows, spec, best), "search.png")
     client.log_text(parent_run_id, "\n".join(summary_table(rows, spec)), "summary.txt")

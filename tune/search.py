@@ -11,43 +11,45 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray.train
 import ray.tune
-from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config
+from pipeline.data.files import InputFiles
+from pipeline.data.fit import fit_preprocessor
+from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import Preprocessor, fit_preprocessor
-from pipeline.tracking import (
+from pipeline.runtime import resolve_use_gpu, storage_uri
+from pipeline.tracking import tags
+from pipeline.tracking.runs import (
     ensure_experiment,
+    log_params,
     quiet_telemetry,
     resolve_tracking_uri,
     run_lifecycle,
     set_tracking,
 )
-from pipeline.train import TAG_STORAGE, check_inputs, finish_run, resolve_use_gpu, storage_uri
+from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
+from pipeline.training.driver import RunContext, finish_run
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
 from tune.space import SearchSpec
 from tune.trial import (
-    TAG_STOPPED,
     SearchInputs,
     TrialRunCloser,
     child_runs,
     remove_orphaned_placement_groups,
     run_trial,
+    trial_run_name,
 )
 
 STATE_FILE = "adatt_search.json"
-TAG_BEST_RUN = "adatt.best_run_id"
-TAG_BEST_MODEL = "adatt.best_model_uri"
-TAG_SEARCH = "adatt.search"
 # CPUs left to Ray Data's read/preprocess tasks: trial workers holding every CPU starve them.
 DATA_CPUS = 1.0
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes reserved by each trial's driver
@@ -143,16 +145,14 @@ def _open_parent(
     client: MlflowClient, spec: SearchSpec, uri: str, experiment_path: str
 ) -> tuple[str, str]:
     experiment_id = ensure_experiment(client, spec.base.tracking.experiment, uri)
-    tags = {
-        TAG_SEARCH: spec.name,
-        TAG_STORAGE: experiment_path,
-        "adatt.model": spec.base.model.name,
+    run_tags = {
+        tags.SEARCH: spec.name,
+        tags.STORAGE: experiment_path,
+        tags.MODEL: spec.base.model.name,
     }
-    run = client.create_run(experiment_id, run_name=f"search {spec.name}", tags=tags)
+    run = client.create_run(experiment_id, run_name=f"search {spec.name}", tags=run_tags)
     run_id = run.info.run_id
-    params = [Param(k, v[:6000]) for k, v in spec.describe().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
+    log_params(client, run_id, spec.describe())
     client.log_dict(run_id, spec.base.model_dump(mode="json"), "base_config.yaml")
     return experiment_id, run_id
 
@@ -178,8 +178,8 @@ def run_search(
     uri = resolve_tracking_uri(config.tracking)
     storage = storage_uri(config.train.storage_path)
     experiment_path = f"{storage}/{spec.name}"
-    files = check_inputs(config, uri, storage)  # tracking store, cluster rules, schema
-    client = set_tracking(uri)
+    # The same checks, in the same order, as `adatt train` (pipeline.training.checks).
+    files = check_before_ray(config, uri)
     state_path = Path(experiment_path) / STATE_FILE
     exists = ray.tune.Tuner.can_restore(experiment_path)
     if resume and not (exists and state_path.is_file()):
@@ -197,10 +197,14 @@ def run_search(
                 f"{spec.source}: the search space or base config changed since search "
                 f"{spec.name!r} started; resume it with the same spec, or pick a new tune.name"
             )
-        experiment_id, parent = state["experiment_id"], state["parent_run_id"]
         preprocessor = Preprocessor.from_dict(state["preprocessor"])
     else:
         preprocessor = fit_preprocessor(config.data, files)
+    start_ray_and_check_cluster(uri, storage)
+    client = set_tracking(uri)
+    if resume:
+        experiment_id, parent = state["experiment_id"], state["parent_run_id"]
+    else:
         experiment_id, parent = _open_parent(client, spec, uri, experiment_path)
         Path(experiment_path).mkdir(parents=True, exist_ok=True)
         state = {
@@ -218,7 +222,7 @@ def run_search(
         tracking_uri=uri,
         experiment_id=experiment_id,
         parent_run_id=parent,
-        train_storage=f"{storage}/{spec.name}-train",
+        train_storage=_train_storage(experiment_path),
     )
     cluster = ray.cluster_resources()
     concurrency = trial_concurrency(
@@ -275,6 +279,11 @@ def _fit(
     return tuner.fit()
 
 
+def _train_storage(experiment_path: str) -> str:
+    """Where the trials' Ray Train runs keep their checkpoints (see the module docstring)."""
+    return f"{experiment_path}-train"
+
+
 def _unfinished_trials(experiment_path: str) -> int:
     """Trials not ended in the experiment state Tune saved last. After an interrupt Tune's
     in-memory trials all read TERMINATED (it stops them); the saved state keeps the truth."""
@@ -311,7 +320,7 @@ def _mark_stopped(client: MlflowClient, rows: list[TrialRow]) -> None:
         if row.status == "stopped" and row.run_id:
             if client.get_run(row.run_id).info.status != "KILLED":
                 client.set_terminated(row.run_id, status="KILLED")
-            client.set_tag(row.run_id, TAG_STOPPED, "true")
+            client.set_tag(row.run_id, tags.STOPPED, "true")
 
 
 def _close_open_trials(client: MlflowClient, experiment_id: str, parent: str) -> None:
@@ -327,7 +336,7 @@ def _finish(
     spec: SearchSpec,
     rows: list[TrialRow],
     preprocessor: Preprocessor,
-    files: list[str],
+    files: InputFiles,
     parent: str,
     experiment_path: str,
     register: str | None,
@@ -340,20 +349,17 @@ def _finish(
     best_config = spec.trial_config(best.values)
     # The best trial's selected model goes to its own run (so `adatt register --run` takes
     # it); the parent run points at it.
-    result = ray.train.Result(
-        metrics=best.metrics,
-        checkpoint=ray.train.Checkpoint(best.checkpoint_path),
-        error=None,
-        path=str(Path(best.checkpoint_path).parent),
-    )
-    outcome = finish_run(client, uri, best.run_id, best_config, result, preprocessor, files)
+    storage = _train_storage(experiment_path)
+    run = RunContext(best.run_id, uri, trial_run_name(best.trial_id), storage)
+    checkpoint = ray.train.Checkpoint(best.checkpoint_path)
+    outcome = finish_run(client, run, best_config, checkpoint, best.metrics, preprocessor, files)
     log_search_outputs(client, parent, spec, rows, best, best_config)
-    client.set_tag(parent, TAG_BEST_RUN, best.run_id)
+    client.set_tag(parent, tags.BEST_RUN, best.run_id)
     if outcome.model_uri:
-        client.set_tag(parent, TAG_BEST_MODEL, outcome.model_uri)
+        client.set_tag(parent, tags.BEST_MODEL, outcome.model_uri)
     registration = None
     if register:
-        from pipeline.registry import register_run
+        from pipeline.serving.registry import register_run
 
         registration = register_run(client, best.run_id, register).message
     return SearchOutcome(
@@ -368,8 +374,3 @@ def _finish(
         registration=registration,
         table=summary_table(rows, spec),
     )
-
-
-def default_search_name(path: str | os.PathLike[str]) -> str:
-    """The Tune experiment name of a spec file without `tune.name`: its file stem."""
-    return Path(path).stem

@@ -27,10 +27,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PositiveInt,
     ValidationError,
@@ -40,11 +38,15 @@ from pydantic import (
 
 from pipeline.config import (
     Config,
+    Strict,
     apply_overrides,
     check_metric_name,
     format_validation_error,
+    get_path,
     parse_config,
+    parse_override,
     read_yaml_mapping,
+    set_path,
 )
 from pipeline.errors import ConfigError
 
@@ -64,11 +66,7 @@ FIXED_FIELDS = (
 SEARCHABLE_DATA_FIELDS = ("data.batch_size",)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Distribution(_Strict):
+class Distribution(Strict):
     """Exactly one of the fields: where one config field's values come from."""
 
     choice: list[Any] | None = Field(default=None, min_length=1)
@@ -113,7 +111,7 @@ class Distribution(_Strict):
         return f"{self.kind}({json.dumps(list(value))[1:-1]})"
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(Strict):
     """Early stopping of bad trials. ASHA compares trials at epochs grace_period * rf^k."""
 
     type: Literal["asha", "none"] = "asha"
@@ -121,7 +119,7 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(default=2.0, gt=1.0)
 
 
-class TuneSettings(_Strict):
+class TuneSettings(Strict):
     """How the space is searched."""
 
     name: str | None = None  # Ray Tune experiment name; default: the spec file's stem
@@ -147,7 +145,7 @@ class TuneSettings(_Strict):
         return metric
 
 
-class SpecFile(_Strict):
+class SpecFile(Strict):
     """The raw file: validated field by field, then checked against the base config."""
 
     base: str | dict[str, Any]
@@ -185,7 +183,7 @@ class SearchSpec:
         """The training config of one trial: the base with `values` (dotted fields) set."""
         raw = self.base.model_dump(mode="json")
         for path, value in values.items():
-            _set_path(raw, path, value)
+            set_path(raw, path, value)
         return parse_config(raw, source=f"{self.source}: trial {_short(values)}")
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +227,7 @@ class SearchSpec:
     def default_values(self) -> dict[str, Any]:
         """The base config's value of every searched field (the "default config")."""
         raw = self.base.model_dump(mode="json")
-        return {path: _get_path(raw, path) for path in self.space}
+        return {path: get_path(raw, path) for path in self.space}
 
     def default_point(self) -> dict[str, Any]:
         """`default_values` as Tune sees them (list values as JSON text), for
@@ -341,21 +339,6 @@ def _check_field(path: str, source: str) -> None:
             model = annotation
 
 
-def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    node = raw
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def _get_path(raw: dict[str, Any], path: str) -> Any:
-    node: Any = raw
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
 def parse_search_spec(raw: dict[str, Any], source: str, folder: Path, name: str) -> SearchSpec:
     """Validate a raw spec dict (see the module docstring); `folder` resolves `base` paths."""
     try:
@@ -367,13 +350,13 @@ def parse_search_spec(raw: dict[str, Any], source: str, folder: Path, name: str)
         base_path = base_path if base_path.is_absolute() else folder / base_path
         if not base_path.is_file():
             raise ConfigError(f"{source}: base: training config {base_path} not found")
-        base_raw = yaml.safe_load(base_path.read_text()) or {}
+        base_raw = read_yaml_mapping(base_path, "training config")
         base_source = f"{source}: base {base_path}"
     else:
         base_raw, base_source = spec.base, f"{source}: base"
     base_raw = copy.deepcopy(base_raw)
     for path, value in spec.set.items():
-        _set_path(base_raw, path, value)
+        set_path(base_raw, path, value)
     if "model.expert_dims" in spec.search and "model.fusion_levels" not in spec.search:
         # The depth is searched through expert_dims: the level count follows from it.
         base_raw.setdefault("model", {})["fusion_levels"] = None
@@ -399,10 +382,8 @@ def load_search_spec(path: str | Path, overrides: list[str] | None = None) -> Se
     raw = _apply_spec_overrides(raw, spec_overrides)
     raw_set = dict(raw.get("set") or {})
     for item in base_overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
-        key, value = item.split("=", 1)
-        raw_set[key.strip()] = yaml.safe_load(value)
+        key, value = parse_override(item)
+        raw_set[key] = value
     if raw_set:
         raw["set"] = raw_set
     return parse_search_spec(raw, str(path), path.parent, path.stem)
@@ -413,9 +394,10 @@ def _apply_spec_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str
     out = copy.deepcopy(raw)
     plain = []
     for item in overrides:
-        key, _, value = item.partition("=")
+        key = item.partition("=")[0]
         if key.startswith("search."):
-            out.setdefault("search", {})[key[len("search.") :].strip()] = yaml.safe_load(value)
+            field, value = parse_override(item)
+            out.setdefault("search", {})[field[len("search.") :]] = value
         else:
             plain.append(item)
     return apply_overrides(out, plain) if plain else out

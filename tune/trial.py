@@ -19,14 +19,12 @@ from mlflow.tracking import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import Config
-from pipeline.preprocess import Preprocessor
-from pipeline.tracking import run_lifecycle, start_run
-from pipeline.train import TAG_RAY_RUN, TAG_STORAGE, make_trainer
+from pipeline.data.files import InputFiles
+from pipeline.data.preprocess import Preprocessor
+from pipeline.tracking import tags
+from pipeline.tracking.runs import run_lifecycle, start_run
+from pipeline.training.driver import RunContext, make_trainer
 from tune.space import SearchSpec
-
-TAG_PARENT = "mlflow.parentRunId"
-TAG_TRIAL = "adatt.trial_id"
-TAG_STOPPED = "adatt.stopped_early"
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ class SearchInputs:
     """
 
     spec: SearchSpec
-    files: list[str]
+    files: InputFiles
     preprocessor: dict[str, Any]
     tracking_uri: str
     experiment_id: str
@@ -73,7 +71,7 @@ def find_trial_run(
     """The MLflow run of a trial, if it was created before (a restarted or resumed trial)."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_TRIAL}` = '{trial_id}'",
+        filter_string=f"tags.`{tags.PARENT}` = '{parent_run_id}' AND tags.`{tags.TRIAL}` = '{trial_id}'",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
@@ -82,7 +80,7 @@ def find_trial_run(
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
     """Every trial run of a search."""
     return client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=5000
+        [experiment_id], filter_string=f"tags.`{tags.PARENT}` = '{parent_run_id}'", max_results=5000
     )
 
 
@@ -101,32 +99,35 @@ def trial_training_config(inputs: SearchInputs, sample: dict[str, Any], trial_na
     )
 
 
+def trial_run_name(trial_id: str) -> str:
+    """A trial's Ray Train run name: stable, so a restarted trial resumes its Train run."""
+    return f"train-trial_id={trial_id}"
+
+
 def run_trial(sample: dict[str, Any], inputs: SearchInputs) -> None:
     """Tune entry point: train one sampled config, logging to the trial's child run."""
     context = ray.tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     config = trial_training_config(inputs, sample, trial_name)
     client = MlflowClient(inputs.tracking_uri)
-    name = f"train-trial_id={trial_id}"  # stable: a restarted trial resumes its Train run
+    name = trial_run_name(trial_id)
     run_id = find_trial_run(client, inputs.experiment_id, inputs.parent_run_id, trial_id)
     if run_id is None:
-        tags = {
-            TAG_PARENT: inputs.parent_run_id,
-            TAG_TRIAL: trial_id,
-            "adatt.model": config.model.name,
-            TAG_STORAGE: inputs.train_storage,
-            TAG_RAY_RUN: name,
+        run_tags = {
+            tags.PARENT: inputs.parent_run_id,
+            tags.TRIAL: trial_id,
+            tags.MODEL: config.model.name,
+            tags.STORAGE: inputs.train_storage,
+            tags.RAY_RUN: name,
         }
-        run_id = start_run(client, config, inputs.tracking_uri, tags=tags)
+        run_id = start_run(client, config, inputs.tracking_uri, tags=run_tags)
+    run = RunContext(run_id, inputs.tracking_uri, name, inputs.train_storage)
     with run_lifecycle(client, run_id):
         trainer = make_trainer(
             config,
             Preprocessor.from_dict(inputs.preprocessor),
             inputs.files,
-            run_id=run_id,
-            tracking_uri=inputs.tracking_uri,
-            name=name,
-            storage=inputs.train_storage,
+            run,
             callbacks=[TrialReporter()],
         )
         trainer.fit()
@@ -196,7 +197,7 @@ class TrialRunCloser(ray.tune.Callback):
         stopped = status == "KILLED" and not trial.last_result.get("final")
         if stopped:
             # Its Train run may have failed while the trial was torn down: still a stop.
-            client.set_tag(run_id, TAG_STOPPED, "true")
+            client.set_tag(run_id, tags.STOPPED, "true")
         if current == "RUNNING" or (stopped and current == "FAILED"):
             client.set_terminated(run_id, status=status)
 

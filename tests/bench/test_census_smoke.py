@@ -11,7 +11,7 @@ import pytest
 from bench.census import BENCH_CONFIG, load_spec, main, plan_jobs, training_config
 from bench.census_report import finished_runs, read_ledger
 from models import build_model
-from pipeline.census import COLLEGE, COLUMNS
+from pipeline.datasets.census import COLLEGE, COLUMNS
 
 VOCAB = {
     "class_of_worker": ["Private", "Self-employed-incorporated", "Not in universe"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.wellspec import wellspec_auc
-from pipeline.synthetic import generate_logs
+from pipeline.datasets.synthetic import generate_logs
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,9 @@ def test_rayjob_entrypoint_runs_the_train_command():
     config, overrides = train_args(outer[2])
     assert config == "/home/ray/app/configs/synthetic.yaml"
     assert overrides == ["data.path=$ADATT_DATA_PATH", "train.storage_path=$ADATT_STORAGE_PATH"]
-    assert (ROOT / "pipeline" / "cli.py").is_file()
+    assert (
+        ROOT / "pipeline" / "cli" / "__main__.py"
+    ).is_file()  # what `python -m pipeline.cli` runs
     # The image's WORKDIR holds the project, configs included.
     assert "WORKDIR /home/ray/app" in DOCKERFILE
     assert RAYJOB["spec"]["shutdownAfterJobFinishes"] is True

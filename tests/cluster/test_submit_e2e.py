@@ -176,13 +176,13 @@ def test_unreachable_cluster_is_one_clear_line(ray_head):
 
 def _training_available() -> bool:
     return (
-        importlib.util.find_spec("pipeline.train") is not None
+        importlib.util.find_spec("pipeline.training.driver") is not None
         and (REPO_ROOT / "configs" / "synthetic.yaml").is_file()
     )
 
 
 @pytest.mark.skipif(
-    not _training_available(), reason="needs pipeline.train and configs/synthetic.yaml"
+    not _training_available(), reason="needs pipeline.training and configs/synthetic.yaml"
 )
 def test_submit_adatt_train_logs_to_mlflow_and_checkpoints(ray_head, mlflow_server, tmp_path):
     env = ray_head.client_env()

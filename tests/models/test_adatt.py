@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.adatt import AdaTT, AdaTTLevel
-from tests.models.reference_adatt import LoopAdaTT
+from models.reference import LoopAdaTT
 
 
 def _pair(experts_per_task, shared, level_dims, input_dim=12, seed=0):

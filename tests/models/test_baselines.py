@@ -19,7 +19,7 @@ def test_shared_bottom_gives_every_task_the_same_vector():
     out, weights = model.forward_with_weights(x)
     assert out.shape == (4, 3, 6) and weights == []
     for t in range(3):
-        torch.testing.assert_close(out[:, t], _expert(model.bottom, 0, x))
+        torch.testing.assert_close(out[:, t], _expert(model.networks, 0, x))
 
 
 def test_single_task_networks_are_independent():
@@ -53,3 +53,14 @@ def test_cross_stitch_starts_as_separate_networks_and_learns_to_mix():
 
 def _first(model: CrossStitch, x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(model.stitches[0], model.levels[0](x)).transpose(0, 1)
+
+
+def test_shared_bottom_loads_checkpoints_that_named_its_mlp_bottom() -> None:
+    torch.manual_seed(0)
+    model = SharedBottom(10, num_tasks=3, hidden_dims=[8])
+    old = {k.replace("networks.", "bottom.", 1): v for k, v in model.state_dict().items()}
+    assert all(k.startswith("bottom.") for k in old)
+    restored = SharedBottom(10, num_tasks=3, hidden_dims=[8])
+    restored.load_state_dict(old)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(restored(x), model(x))

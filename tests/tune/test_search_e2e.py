@@ -16,10 +16,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import InputError
+from pipeline.tracking import tags
 from tests.conftest import REPO_ROOT, TINY_OVERRIDES
-from tune.search import TAG_BEST_MODEL, TAG_BEST_RUN, SearchInterrupted, run_search
+from tune.search import SearchInterrupted, run_search
 from tune.space import parse_search_spec
-from tune.trial import TAG_STOPPED, TAG_TRIAL, child_runs
+from tune.trial import child_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -103,8 +104,8 @@ def test_mlflow_holds_parent_and_four_children(searched) -> None:
     assert parent.data.params["search.train.lr"] == "grid(0.01, 0.003, 1e-07, 1e-07)"
     runs = child_runs(client, parent.info.experiment_id, outcome.parent_run_id)
     assert len(runs) == 4
-    assert {r.data.tags[TAG_TRIAL] for r in runs} == {t.trial_id for t in outcome.trials}
-    statuses = {r.data.tags[TAG_TRIAL]: r.info.status for r in runs}
+    assert {r.data.tags[tags.TRIAL] for r in runs} == {t.trial_id for t in outcome.trials}
+    statuses = {r.data.tags[tags.TRIAL]: r.info.status for r in runs}
     assert "RUNNING" not in statuses.values()
     for row in outcome.trials:
         run = client.get_run(row.run_id)
@@ -117,7 +118,7 @@ def test_mlflow_holds_parent_and_four_children(searched) -> None:
             assert statuses[row.trial_id] == "FINISHED"
         else:
             assert statuses[row.trial_id] == "KILLED"
-            assert run.data.tags[TAG_STOPPED] == "true"
+            assert run.data.tags[tags.STOPPED] == "true"
 
 
 def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs) -> None:
@@ -135,7 +136,7 @@ def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs
     best_any = min(min(_history(client, r.info.run_id, METRIC)) for r in runs)
     assert outcome.best.value == pytest.approx(best_any)
     parent = client.get_run(outcome.parent_run_id)
-    assert parent.data.tags[TAG_BEST_RUN] == outcome.best.run_id
+    assert parent.data.tags[tags.BEST_RUN] == outcome.best.run_id
     assert float(parent.data.params["best.train.lr"]) == outcome.best.values["train.lr"]
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"best_config.yaml", "search.png", "summary.txt"} <= artifacts
@@ -144,7 +145,7 @@ def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs
     )
     assert best_config["train"]["lr"] == outcome.best.values["train.lr"]
     mlflow.set_tracking_uri(outcome.tracking_uri)
-    model = mlflow.pyfunc.load_model(parent.data.tags[TAG_BEST_MODEL])
+    model = mlflow.pyfunc.load_model(parent.data.tags[tags.BEST_MODEL])
     import pyarrow.parquet as pq
 
     rows = pq.read_table(sorted(Path(tiny_logs).rglob("*.parquet"))[0]).to_pandas().head(20)
@@ -188,7 +189,7 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
         signal.signal(signal.SIGUSR1, previous)
     client = MlflowClient(uri)
     before = {
-        r.data.tags[TAG_TRIAL]: r
+        r.data.tags[tags.TRIAL]: r
         for r in client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             filter_string="tags.`adatt.trial_id` != ''",
@@ -205,12 +206,12 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
 
     assert [r.status for r in outcome.trials] == ["completed", "completed"]
     runs = {
-        r.data.tags[TAG_TRIAL]: r
+        r.data.tags[tags.TRIAL]: r
         for r in child_runs(client, first[0].info.experiment_id, outcome.parent_run_id)
     }
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     # The finished trial was not run again: same run, its epochs logged once, before.
-    kept = runs[first[0].data.tags[TAG_TRIAL]]
+    kept = runs[first[0].data.tags[tags.TRIAL]]
     assert kept.info.start_time == first[0].info.start_time
     after = client.get_metric_history(kept.info.run_id, "epoch")
     assert [(m.step, m.timestamp) for m in after] == [(m.step, m.timestamp) for m in first_epochs]

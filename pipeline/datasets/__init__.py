@@ -1,0 +1,1 @@
+"""Interaction logs to train on: synthetic logs with an oracle, and the UCI Census-Income data."""

@@ -1,0 +1,1 @@
+"""The logged scoring model, the registry, and batch scoring of raw logs."""

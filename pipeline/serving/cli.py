@@ -1,0 +1,85 @@
+"""`adatt register` and `adatt predict`: the registry and batch scoring."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+    ),
+]
+
+
+def _tracking_for_registry(tracking_uri: str | None) -> str:
+    """The tracking URI (checked reachable) for register/predict; quiet MLflow downloads."""
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking.runs import (
+        check_tracking_reachable,
+        quiet_telemetry,
+        resolve_tracking_uri,
+    )
+
+    quiet_telemetry()
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    check_tracking_reachable(uri)
+    return uri
+
+
+def register(
+    run: Annotated[
+        str, typer.Option(help="MLflow run id: an `adatt train` run or a tune trial's run.")
+    ],
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "adatt",
+    alias: Annotated[str, typer.Option(help="Alias to move to the new version.")] = "champion",
+    promote_if_better: Annotated[
+        str | None,
+        typer.Option(
+            help="Move the alias only if the new version beats its holder on this validation "
+            "metric, e.g. val/mean_auc (higher is better) or val/mean_ne (lower is better)."
+        ),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Register a run's model in the MLflow registry and move an alias to it."""
+    from pipeline.serving.registry import register_run
+    from pipeline.tracking.runs import set_tracking
+
+    uri = _tracking_for_registry(tracking_uri)
+    outcome = register_run(set_tracking(uri), run, name, alias, promote_if_better)
+    typer.echo(outcome.message)
+
+
+def predict(
+    model: Annotated[str, typer.Option(help="Model URI, e.g. models:/adatt@champion.")],
+    input: Annotated[
+        str, typer.Option("--input", help="Parquet logs to score (folder, glob, file or URI).")
+    ],
+    output: Annotated[
+        str, typer.Option(help="New or empty folder (or URI) for the scored Parquet files.")
+    ],
+    passthrough: Annotated[
+        list[str] | None,
+        typer.Option(help="Input column copied to the output (e.g. an id); repeatable."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per scoring batch.")] = 4096,
+    actors: Annotated[
+        int, typer.Option(min=1, help="Scoring actors (each loads the model once).")
+    ] = 1,
+    gpu: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu/--no-gpu", help="One GPU per actor (default: when the cluster has them)."
+        ),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Score raw interaction logs with a registered model: one column per task."""
+    from pipeline.serving.predict import predict as run_predict
+
+    uri = _tracking_for_registry(tracking_uri)
+    rows = run_predict(model, input, output, uri, passthrough, batch_size, actors, gpu)
+    typer.echo(f"scored {rows:,} rows into {output}")

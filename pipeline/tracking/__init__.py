@@ -1,0 +1,1 @@
+"""MLflow tracking: runs, params, metrics, tag names, credentials kept out. No Ray here."""

@@ -1,0 +1,24 @@
+"""The MLflow tag names the project writes and reads, in one place.
+
+Run tags (`adatt train`, tune trials and searches) and the registry's version tags.
+"""
+
+# Every training run (and tune trial run).
+GIT_COMMIT = "adatt.git_commit"
+MODEL = "adatt.model"  # the model family, e.g. adatt, mmoe
+STORAGE = "adatt.storage_path"  # Ray Train storage of the run's checkpoints
+RAY_RUN = "adatt.ray_run_name"  # Ray Train run name under STORAGE
+
+# Tune: trial runs are children of the search's parent run.
+PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+TRIAL = "adatt.trial_id"
+STOPPED = "adatt.stopped_early"
+SEARCH = "adatt.search"
+BEST_RUN = "adatt.best_run_id"
+BEST_MODEL = "adatt.best_model_uri"
+
+# Registry: tags of a registered model version.
+VERSION_SCHEMA_HASH = "data_schema_hash"
+VERSION_GIT_COMMIT = "git_commit"
+VERSION_MODEL_FAMILY = "model_family"
+VERSION_RUN_ID = "run_id"

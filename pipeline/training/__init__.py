@@ -1,0 +1,1 @@
+"""Training: the driver, the Ray Train worker loop, losses, metrics, checkpoints, outputs."""

@@ -1,0 +1,231 @@
+"""`adatt train`: the driver. Runs the checks (`pipeline.training.checks`), starts the MLflow
+run, runs the Ray Train `TorchTrainer` over the Ray Data splits, then logs the selected model
+and its plots (`pipeline.training.outputs`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipeline.config import Config, parse_config
+from pipeline.data.files import InputFiles
+from pipeline.data.fit import fit_preprocessor
+from pipeline.data.ingest import build_datasets, configure_ray_data
+from pipeline.data.preprocess import Preprocessor
+from pipeline.runtime import resolve_use_gpu, storage_uri
+from pipeline.tracking import tags
+from pipeline.tracking.runs import (
+    check_tracking_reachable,
+    log_metrics,
+    quiet_telemetry,
+    resolve_tracking_uri,
+    run_lifecycle,
+    set_tracking,
+    start_run,
+)
+from pipeline.training.callbacks import EpochLogger
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
+from pipeline.training.faults import FAULT_ENV
+from pipeline.training.loop import train_loop
+from pipeline.training.outputs import log_outputs, oracle_metrics
+from pipeline.training.resume import resolve_resume
+from pipeline.training.signals import terminate_as_interrupt
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished training produced."""
+
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint_path: str
+    model_uri: str | None
+    oracle: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where one training logs and checkpoints.
+
+    Attributes:
+        run_id: the MLflow run.
+        tracking_uri: the MLflow tracking URI holding it.
+        name: the Ray Train run name (its checkpoints are under `storage`/`name`).
+        storage: Ray Train's storage path (absolute path or URI).
+    """
+
+    run_id: str
+    tracking_uri: str
+    name: str
+    storage: str
+
+
+def git_commit() -> str:
+    """The commit of the working directory, or "unknown" (a run tag)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def training_file_order(files: InputFiles, config: Config) -> InputFiles:
+    """Files in the order Ray Data reads them: as given (shuffled anew by Ray each epoch),
+    or, with `train.deterministic`, one permutation seeded by `train.seed`."""
+    if not config.train.deterministic:
+        return files
+    order = sorted(files.paths)
+    random.Random(config.train.seed).shuffle(order)
+    return files.reordered(order)
+
+
+def make_trainer(
+    config: Config,
+    preprocessor: Preprocessor,
+    files: InputFiles,
+    run: RunContext,
+    *,
+    callbacks: list[Any] | None = None,
+    resume_from: str | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for one training run; a Tune trial builds the same one."""
+    task_names = [t.name for t in config.data.tasks]
+    deterministic = config.train.deterministic
+    dataset_config = configure_ray_data(
+        config.train.num_workers, config.train.cpus_per_worker, preserve_order=deterministic
+    )
+    datasets = build_datasets(
+        config.data,
+        preprocessor,
+        training_file_order(files, config),
+        shuffle_files=not deterministic,
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "preprocessor": preprocessor.to_dict(),
+            "mlflow_run_id": run.run_id,
+            "resume_from": resume_from,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=resolve_use_gpu(config.train, ray.cluster_resources()),
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.train.checkpoints_to_keep
+            ),
+            callbacks=[EpochLogger(run.tracking_uri, run.run_id, task_names), *(callbacks or [])],
+            worker_runtime_env=_forwarded_env(),
+            # Ray Train's INFO lines repeat every report in full; the epoch line says it once.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )
+
+
+def finish_run(
+    client: Any,
+    run: RunContext,
+    config: Config,
+    checkpoint: ray.train.Checkpoint,
+    metrics: dict[str, Any],
+    preprocessor: Preprocessor,
+    files: InputFiles,
+) -> TrainingOutcome:
+    """Log the selected model (the final checkpoint's), its plots and the oracle metrics to
+    `run`; return the outcome. `metrics` are the final report's."""
+    with checkpoint.as_directory() as folder:
+        final = load_checkpoint(folder)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    model_uri = log_outputs(client, run.run_id, config, final, preprocessor, files)
+    oracle = oracle_metrics(config.data, files)
+    log_metrics(client, run.run_id, oracle)
+    return TrainingOutcome(
+        run.run_id, run.tracking_uri, numeric, checkpoint.path, model_uri, oracle
+    )
+
+
+def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
+    """Train `config` (or resume a run) and return the run id and final metrics.
+
+    Args:
+        config: the validated training config.
+        resume: a checkpoint path or an MLflow run id to continue; the stored config and
+            preprocessing are reused, except `train.epochs`, taken from `config`.
+    """
+    quiet_telemetry()
+    uri = resolve_tracking_uri(config.tracking)
+    storage = storage_uri(config.train.storage_path)
+    state = None
+    if resume:
+        check_tracking_reachable(uri)
+        client = set_tracking(uri)
+        run_id, state, name = resolve_resume(resume, client)
+        stored = parse_config(state.config, source="checkpoint config")
+        config = stored.model_copy(
+            update={"train": stored.train.model_copy(update={"epochs": config.train.epochs})}
+        )
+        storage = client.get_run(run_id).data.tags.get(tags.STORAGE, storage)
+    files = check_before_ray(config, uri)
+    if state is not None:
+        preprocessor = Preprocessor.from_dict(state.preprocessor)
+    else:
+        preprocessor = fit_preprocessor(config.data, files)
+    start_ray_and_check_cluster(uri, storage)
+    if state is None:
+        client = set_tracking(uri)
+        run_tags = {tags.GIT_COMMIT: git_commit(), tags.MODEL: config.model.name}
+        run_id = start_run(client, config, uri, tags=run_tags)
+        name = f"adatt-{run_id}"
+        client.set_tag(run_id, tags.STORAGE, storage)
+        client.set_tag(run_id, tags.RAY_RUN, name)
+    run = RunContext(run_id, uri, name, storage)
+
+    try:
+        with terminate_as_interrupt(), run_lifecycle(client, run_id):
+            trainer = make_trainer(
+                config,
+                preprocessor,
+                files,
+                run,
+                resume_from=resume if resume and Path(resume).exists() else None,
+            )
+            result = trainer.fit()
+            return finish_run(
+                client, run, config, result.checkpoint, result.metrics, preprocessor, files
+            )
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: MLflow run {run_id} marked KILLED; continue it from its last "
+            f"checkpoint with: adatt train --config <config> --resume {run_id}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
+
+
+def _forwarded_env() -> dict[str, Any] | None:
+    """Pass the fault-injection test hook (see `pipeline/training/faults.py`) to the workers."""
+    fault = os.environ.get(FAULT_ENV)
+    return {"env_vars": {FAULT_ENV: fault}} if fault else None

@@ -1,0 +1,325 @@
+"""The Ray Train worker loop: one plain function of a config dict (the Ray Train examples'
+pattern), the same for a single run, a Tune trial and a cluster job.
+
+Per epoch: train on this worker's shard, evaluate on the validation shard (metrics exact
+across workers), report metrics with a checkpoint from rank 0. After the last epoch, the
+best epoch's model is evaluated on the test split (when there is one) and reported as the
+final checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from models import build_model
+from pipeline.config import Config, TrainConfig, parse_config
+from pipeline.data.ingest import iter_batches
+from pipeline.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from pipeline.training.faults import fault_trigger
+from pipeline.training.losses import MultiTaskLoss, TrainingModel
+from pipeline.training.metrics import MultiTaskMetrics, TaskKind
+
+
+def make_optimizer(module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over every trainable parameter (network and learned loss weights).
+
+    With `train.embedding_lr`, the embedding tables form a second parameter group with
+    that learning rate (group 0: the rest at `train.lr`, group 1: embeddings).
+    """
+    cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    tables = [m.weight for m in module.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+    if train.embedding_lr is None or not tables:
+        return cls(module.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    table_ids = {id(p) for p in tables}
+    rest = [p for p in module.parameters() if id(p) not in table_ids]
+    groups = [{"params": rest}, {"params": tables, "lr": train.embedding_lr}]
+    return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The multiplier of the base learning rates in `epoch` (1-based) of `epochs`."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - 0.5) / epochs))
+    return 1.0
+
+
+def set_epoch_lr(
+    optimizer: torch.optim.Optimizer, base_lrs: list[float], train: TrainConfig, epoch: int
+) -> float:
+    """Set each group's rate for `epoch` to its base rate times `lr_factor`; returns group 0's.
+
+    The base rates come from the config (`make_optimizer`), not from a restored optimiser
+    state, whose rates are the last epoch's scaled ones.
+    """
+    factor = lr_factor(train.lr_schedule, epoch, train.epochs)
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def build_training_model(config: Config) -> TrainingModel:
+    """The network plus its multi-task loss, as configured."""
+    model = build_model(config.model, config.data.feature_schema())
+    loss = MultiTaskLoss(
+        [t.type for t in config.data.tasks],
+        [t.weight for t in config.data.tasks],
+        config.train.loss_weighting,
+    )
+    return TrainingModel(model, loss)
+
+
+def train_autocast(device: torch.device, train: TrainConfig) -> Any:
+    """The context of a training step: bf16 autocast on a GPU when `train.bf16`, else none.
+
+    Only training steps run under it; evaluation runs in float32, so validation and test
+    metrics are those of the float32 model that `adatt predict` scores with.
+    """
+    if device.type == "cuda" and train.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_epoch(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shard: Any,
+    config: Config,
+    device: torch.device,
+    *,
+    shuffle_seed: int | None = None,
+    before_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """One pass over this worker's training shard; returns global loss and samples/s.
+
+    Args:
+        shuffle_seed: seed of the local shuffle buffer (see `epoch_seed`).
+        before_step: called with the number of steps done before each step (fault hook).
+    """
+    module.train()
+    num_tasks = len(config.data.tasks)
+    loss_sum, rows, batches = 0.0, 0, 0
+    task_loss_sum = torch.zeros(num_tasks, dtype=torch.float64)
+    # DDP's join() lets workers whose shard ends one batch early drop out without a hang.
+    join = (
+        module.join() if isinstance(module, nn.parallel.DistributedDataParallel) else nullcontext()
+    )
+    start = time.perf_counter()
+    with join:
+        batches_in = iter_batches(
+            shard, config.data.batch_size, device, shuffle=True, seed=shuffle_seed
+        )
+        for batch in batches_in:
+            if before_step is not None:
+                before_step(batches)
+            with train_autocast(device, config.train):
+                total, per_task, _ = module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            n = batch["labels"].shape[0]
+            loss_sum += float(total.detach()) * n
+            task_loss_sum += per_task.double().cpu() * n
+            rows += n
+            batches += 1
+    elapsed = time.perf_counter() - start
+    loss_sum, rows, elapsed_sum = _all_reduce_sum([loss_sum, rows, elapsed], device)
+    out = {
+        "train/loss": loss_sum / max(rows, 1),
+        "train/rows": rows,
+        "train/steps_per_worker": batches,
+        "train/seconds": elapsed_sum / ray.train.get_context().get_world_size(),
+        # elapsed is summed over workers: divided by the world size it is the mean wall time.
+        "train/samples_per_s": rows
+        / max(elapsed_sum / ray.train.get_context().get_world_size(), 1e-9),
+    }
+    totals = _all_reduce_sum(task_loss_sum.tolist(), device)
+    for task, value in zip(config.data.tasks, totals, strict=True):
+        out[f"train/{task.name}/loss"] = value / max(rows, 1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, shard: Any, config: Config, device: torch.device, prefix: str
+) -> dict[str, float]:
+    """Metrics on this split over all workers (every worker must call this)."""
+    model.eval()
+    metrics = MultiTaskMetrics([TaskKind(t.name, t.type) for t in config.data.tasks], device)
+    for batch in iter_batches(shard, config.data.batch_size * 4, device, shuffle=False):
+        metrics.update(model(batch), batch["labels"], batch["mask"])
+    return metrics.compute(prefix)
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _unwrap(module: nn.Module) -> TrainingModel:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _report(state: TrainingState, metrics: dict[str, float]) -> None:
+    """Report from every worker (a barrier); only rank 0 writes the checkpoint."""
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(state, folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _restore(loop_config: dict[str, Any]) -> TrainingState | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restart after a failure, or a resumed Ray run
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(folder)
+    if loop_config.get("resume_from"):
+        return load_checkpoint(loop_config["resume_from"])
+    return None
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one worker's epoch: torch's RNG and the shuffle buffer restart from it, so
+    an epoch re-run after a failure or a `--resume` repeats the uninterrupted run's epoch."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+
+
+def quiet_report_logging() -> None:
+    """Silence the INFO line Ray Train writes for every `ray.train.report` on every worker.
+
+    That line holds the whole `TrainingReport(checkpoint=..., metrics={...})`, several KB
+    per worker and epoch, above the one-line epoch summary (`EpochLogger`). Ray 2.60 logs it
+    through a logger named by its file's path, outside `ray.train`, so the run's
+    `ray.train.LoggingConfig` level does not reach it: its own level is set here.
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. `loop_config` holds `config` (the Config as a JSON dict),
+    `preprocessor` (fitted statistics), `mlflow_run_id`, and optionally `resume_from`."""
+    quiet_report_logging()
+    config = parse_config(loop_config["config"], source="train_loop_config")
+    torch.manual_seed(config.train.seed)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.train.threads_per_worker:
+        torch.set_num_threads(config.train.threads_per_worker)
+    training_model = build_training_model(config)
+    state = _restore(loop_config)
+    restored = state is not None
+    if state is not None:
+        # Counted in the checkpoint, so a restart shows in the next epochs' metrics.
+        state.restarts += 1
+        training_model.model.load_state_dict(state.model)
+        training_model.loss.load_state_dict(state.loss)
+    module = ray.train.torch.prepare_model(training_model)
+    optimizer = make_optimizer(module, config.train)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+    else:
+        state = TrainingState(
+            model={},
+            loss={},
+            optimizer={},
+            epoch=0,
+            config=loop_config["config"],
+            preprocessor=loop_config["preprocessor"],
+            mlflow_run_id=loop_config.get("mlflow_run_id"),
+        )
+    network = _unwrap(module).model
+    stopping = config.train.early_stopping
+    best_model = state.best_model
+    if best_model is None and state.best_epoch == state.epoch and state.epoch > 0:
+        best_model = state.model
+
+    rank = ray.train.get_context().get_world_rank()
+    for epoch in range(state.epoch + 1, config.train.epochs + 1):
+        if state.final:
+            break
+        seed = epoch_seed(config.train.seed, epoch, rank)
+        torch.manual_seed(seed)
+        previous_steps = state.history[-1]["train/steps_per_worker"] if state.history else None
+        lr = set_epoch_lr(optimizer, base_lrs, config.train, epoch)
+        metrics = {
+            "epoch": epoch,
+            "train/lr": lr,
+            **train_epoch(
+                module,
+                optimizer,
+                ray.train.get_dataset_shard("train"),
+                config,
+                device,
+                shuffle_seed=seed,
+                before_step=fault_trigger(epoch, rank, restored, previous_steps),
+            ),
+            "train/restarts": state.restarts,
+        }
+        started = time.perf_counter()
+        validation = ray.train.get_dataset_shard("validation")
+        metrics.update(evaluate(network, validation, config, device, "val"))
+        metrics["val/seconds"] = time.perf_counter() - started
+        value = metrics.get(stopping.metric, float("nan"))
+        state.model = _cpu_state(network)
+        if _improved(value, state.best_value, stopping.mode):
+            state.best_epoch, state.best_value, best_model = epoch, value, state.model
+        state.loss = _cpu_state(_unwrap(module).loss)
+        state.optimizer = optimizer.state_dict()
+        state.epoch = epoch
+        state.history.append(metrics)
+        state.best_model = None if state.best_epoch == epoch else best_model
+        _report(state, metrics)
+        if stopping.patience and epoch - state.best_epoch >= stopping.patience:
+            break
+
+    if state.final:
+        return
+    # Final: the selected model, evaluated on the test split when there is one.
+    if best_model is not None:
+        network.load_state_dict(best_model)
+    final = {"final": 1, "epoch": state.epoch, "best_epoch": state.best_epoch}
+    best_metrics = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
+    final.update({f"best/{k}": v for k, v in best_metrics.items() if k.startswith("val/")})
+    test_shard = _test_shard()
+    if test_shard is not None:
+        final.update(evaluate(network, test_shard, config, device, "test"))
+    state.model = _cpu_state(network)
+    state.best_model = None
+    state.final = True
+    _report(state, copy.deepcopy(final))
+
+
+def _test_shard() -> Any:
+    try:
+        return ray.train.get_dataset_shard("test")
+    except (KeyError, ValueError):
+        return None

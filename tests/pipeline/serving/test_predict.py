@@ -1,0 +1,147 @@
+"""`adatt predict` against a real MLflow server and a local Ray cluster: scores equal the
+in-process model's, one output row per input row, schema errors before any work; and the
+registered model loads in a fresh Python process without Ray or the project."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.serving.registry import register_run
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+NAME = "predict-test"
+TASKS = ["click", "like", "share", "watch_time"]
+
+
+@pytest.fixture(scope="module")
+def champion(served_training, mlflow_server) -> str:
+    _, outcome = served_training
+    register_run(MlflowClient(mlflow_server), outcome.run_id, NAME, "champion")
+    return f"models:/{NAME}@champion"
+
+
+def _predict(mlflow_server: str, *args: str):
+    command = ["predict", "--tracking-uri", mlflow_server, *args]
+    return CliRunner().invoke(app, command, catch_exceptions=False)
+
+
+def test_predict_scores_every_row_like_the_model(champion, mlflow_server, tiny_logs, tmp_path):
+    out = tmp_path / "scores"
+    result = _predict(
+        mlflow_server,
+        *("--model", champion, "--input", str(tiny_logs), "--output", str(out)),
+        *("--passthrough", "event_id", "--passthrough", "user_id", "--batch-size", "1000"),
+    )
+    assert result.exit_code == 0, result.output
+    assert f"scored 6,000 rows into {out}" in result.stdout
+    rows = pd.read_parquet(tiny_logs)
+    scores = pd.read_parquet(out)
+    assert list(scores.columns) == ["event_id", "user_id", *TASKS]
+    assert len(scores) == len(rows) == 6000 and scores["event_id"].is_unique
+    assert set(scores["event_id"]) == set(rows["event_id"])
+
+    mlflow.set_tracking_uri(mlflow_server)
+    expected = mlflow.pyfunc.load_model(champion).predict(rows)
+    expected[["event_id", "user_id"]] = rows[["event_id", "user_id"]]
+    joined = scores.merge(expected, on="event_id", suffixes=("", "_model"))
+    assert len(joined) == 6000 and (joined["user_id"] == joined["user_id_model"]).all()
+    for task in TASKS:
+        np.testing.assert_allclose(joined[task], joined[f"{task}_model"], atol=1e-6)
+
+    # Load anywhere: a fresh interpreter, outside the checkout, without PYTHONPATH or Ray,
+    # loads the alias from the server and gives the same scores.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    fresh = tmp_path / "fresh.parquet"
+    code = (
+        "import sys, mlflow, pandas as pd\n"
+        f"rows = pd.read_parquet({str(tiny_logs)!r})\n"
+        f"mlflow.pyfunc.load_model({champion!r}).predict(rows).to_parquet({str(fresh)!r})\n"
+        "assert 'ray' not in sys.modules\n"
+        "print(sys.modules['pipeline.serving'].__file__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The model's own copy of the code was used, not this checkout.
+    assert not done.stdout.strip().startswith(str(REPO_ROOT))
+    np.testing.assert_allclose(
+        pd.read_parquet(fresh)[TASKS].to_numpy(), expected[TASKS].to_numpy(), atol=1e-6
+    )
+
+
+def _copy_with(tiny_logs: Path, target: Path, change) -> Path:
+    table = pq.read_table(next(iter(sorted(Path(tiny_logs).glob("*.parquet")))))
+    target.mkdir()
+    pq.write_table(change(table), target / "part.parquet")
+    return target / "part.parquet"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.drop_columns(["position"]), "column 'position' (dense feature"),
+        (
+            lambda t: t.set_column(
+                t.schema.get_field_index("position"),
+                "position",
+                pa.array([str(v) for v in t["position"].to_pylist()]),
+            ),
+            "column 'position' (dense feature (standardize)) has type string",
+        ),
+        (lambda t: t.drop_columns(["event_id"]), "column 'event_id' (passthrough column)"),
+    ],
+    ids=["missing-feature", "wrong-type", "missing-passthrough"],
+)
+def test_wrong_schema_fails_early_and_writes_nothing(
+    champion, mlflow_server, tiny_logs, tmp_path, change, message
+) -> None:
+    bad = _copy_with(tiny_logs, tmp_path / "bad", change)
+    out = tmp_path / "scores"
+    result = _predict(
+        mlflow_server,
+        *("--model", champion, "--input", str(bad.parent), "--output", str(out)),
+        *("--passthrough", "event_id"),
+    )
+    assert result.exit_code == 2, result.output
+    assert f"error: {bad}: {message}" in result.stderr
+    assert not out.exists()
+
+
+def test_output_must_be_new_and_model_must_exist(champion, mlflow_server, tiny_logs, tmp_path):
+    out = tmp_path / "scores"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"")
+    used = _predict(
+        mlflow_server, "--model", champion, "--input", str(tiny_logs), "--output", str(out)
+    )
+    assert used.exit_code == 2 and "folder is not empty" in used.stderr
+    missing = _predict(
+        mlflow_server,
+        *(
+            "--model",
+            f"models:/{NAME}@nope",
+            "--input",
+            str(tiny_logs),
+            "--output",
+            str(tmp_path / "x"),
+        ),
+    )
+    assert missing.exit_code == 2 and f"--model models:/{NAME}@nope: cannot read" in missing.stderr
+    assert not (tmp_path / "x").exists()

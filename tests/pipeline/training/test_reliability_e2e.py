@@ -1,0 +1,256 @@
+"""Faults end to end on local Ray with real MLflow: a worker that dies mid-epoch, a driver
+killed mid-run and resumed, SIGTERM, reproducibility, and no credentials in what a run logs.
+
+Trained runs are shared through module fixtures (each tiny training costs about a minute):
+two one-worker runs (reproducibility; the reference for the driver-kill test; the second
+trains with fake secrets in the environment) and one two-worker run (the reference for the
+worker-failure test). All runs use `train.deterministic`, so "the same as an uninterrupted
+run" is checked exactly, not within noise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.artifacts import download_artifacts
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.tracking import tags
+from pipeline.training.driver import run_training
+from tests.conftest import REPO_ROOT, TINY_OVERRIDES, tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+# Wall-clock throughput, and the restart count that tells an interrupted run apart.
+# Wall-clock figures differ between any two runs; restarts differ by design.
+NOT_COMPARED = {
+    "train/samples_per_s",
+    "train/restarts",
+    "train/seconds",
+    "val/seconds",
+    "best/val/seconds",
+}
+ONE_WORKER = ["train.deterministic=true", "train.num_workers=1"]
+TWO_WORKERS = ["train.deterministic=true", "train.num_workers=2"]
+FAKE_SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-5f1c9a",
+    "AWS_SESSION_TOKEN": "fake-aws-session-77b2e0",
+    "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-0d4e1b",
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-a93c55",
+    "RAY_AUTH_TOKEN": "fake-ray-token-c8e6f2",
+}
+
+
+def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every logged metric of a run as (step, value) pairs, volatile ones left out."""
+    keys = sorted(set(client.get_run(run_id).data.metrics) - NOT_COMPARED)
+    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
+def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
+
+
+def _logged_models(client: MlflowClient, run_id: str) -> list:
+    experiment = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+
+
+def restarts_by_epoch(client: MlflowClient, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "train/restarts")}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("reliability")
+
+
+@pytest.fixture(scope="module")
+def client(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def one_worker_runs(ray_local, tiny_logs, workdir) -> tuple[str, str]:
+    """Two identical one-worker trainings; the second with fake secrets in the environment."""
+    first = run_training(tiny_config(tiny_logs, workdir, *ONE_WORKER)).run_id
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in FAKE_SECRETS.items():
+            env.setenv(name, value)
+        second = run_training(tiny_config(tiny_logs, workdir, *ONE_WORKER)).run_id
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, tiny_logs, workdir) -> str:
+    return run_training(tiny_config(tiny_logs, workdir, *TWO_WORKERS)).run_id
+
+
+def test_same_seed_one_worker_gives_identical_metrics(client, one_worker_runs) -> None:
+    first, second = one_worker_runs
+    history = metric_history(client, first)
+    assert epochs_logged(client, first) == [1, 2]
+    assert {"val/click/auc", "train/loss", "test/click/auc", "best/val/mean_auc"} <= set(history)
+    assert history == metric_history(client, second)  # exact: every value, every step
+
+
+def test_no_credentials_in_params_tags_or_artifacts(client, one_worker_runs, tmp_path) -> None:
+    run_id = one_worker_runs[1]
+    run = client.get_run(run_id)
+    assert run.data.params and run.data.tags
+    texts = [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+    folders = [Path(client.download_artifacts(run_id, "", str(tmp_path / "run")))]
+    # MLflow 3 keeps a logged model's files apart from the run's artifacts.
+    for model in _logged_models(client, run_id):
+        folders.append(
+            Path(download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path)))
+        )
+    files = [p for folder in folders for p in folder.rglob("*") if p.is_file()]
+    assert {"config.yaml", "MLmodel", "spec.json"} <= {p.name for p in files}
+    blobs = [p.read_bytes() for p in files]
+    for name, secret in FAKE_SECRETS.items():
+        assert not any(secret in t for t in texts), name
+        assert not any(secret.encode() in b for b in blobs), name
+
+
+def _train_command(tiny_logs: Path, workdir: Path, *extra: str) -> list[str]:
+    sets = [
+        f"data.path={tiny_logs}",
+        f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
+        f"train.storage_path={workdir}/runs",
+        *TINY_OVERRIDES,
+        *ONE_WORKER,
+    ]
+    args = ["train", "-c", str(REPO_ROOT / "configs" / "synthetic.yaml")]
+    for item in sets:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, Path]]]:
+    """Start `adatt train` as a separate driver on the test's Ray cluster."""
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str], fault: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"driver-{len(started)}.log"
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            "ADATT_FAULT": fault,
+        }
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(proc)
+        return proc, log
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; driver log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _only_run(client: MlflowClient, before: set[str]) -> str:
+    experiment = client.get_experiment_by_name("adatt").experiment_id
+    new = {r.info.run_id for r in client.search_runs([experiment])} - before
+    assert len(new) <= 1, new
+    return next(iter(new), "")
+
+
+def _run_ids(client: MlflowClient) -> set[str]:
+    experiment = client.get_experiment_by_name("adatt")
+    if experiment is None:
+        return set()
+    return {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+
+
+def test_sigkilled_driver_resumes_into_the_same_run(
+    client, one_worker_runs, tiny_logs, workdir, driver
+) -> None:
+    before = _run_ids(client)
+    # Rank 0 stops at epoch 2, after epoch 1's checkpoint: the kill lands mid-run.
+    proc, log = driver(_train_command(tiny_logs, workdir), fault="hang@2")
+    # The worker reports asynchronously: wait until the controller has also logged epoch 1
+    # (it registers the checkpoint before it calls the MLflow callback).
+    _wait_for(
+        lambda: (
+            "hangs at epoch 2" in log.read_text()
+            and epochs_logged(client, _only_run(client, before)) == [1]
+        ),
+        "epoch 1 logged and epoch 2 started",
+        log,
+    )
+    run_id = _only_run(client, before)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody left to mark it
+
+    result = CliRunner().invoke(app, _train_command(tiny_logs, workdir, "--resume", run_id))
+
+    assert result.exit_code == 0, result.output
+    assert f"resuming run {run_id}, marked RUNNING" in result.stderr
+    assert _run_ids(client) == before | {run_id}  # no new run
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(client, run_id) == [1, 2]  # each epoch once
+    assert restarts_by_epoch(client, run_id) == {1: 0, 2: 1}  # epoch 2 ran from a checkpoint
+    assert [m.name for m in _logged_models(client, run_id)] == ["model"]
+    # The same end state as an uninterrupted run with the same seed.
+    assert metric_history(client, run_id) == metric_history(client, one_worker_runs[0])
+
+
+def test_sigterm_marks_the_run_killed(client, tiny_logs, workdir, driver) -> None:
+    before = _run_ids(client)
+    proc, log = driver(_train_command(tiny_logs, workdir), fault="hang@1")
+    _wait_for(lambda: "hangs at epoch 1" in log.read_text(), "epoch 1 to start", log)
+    run_id = _only_run(client, before)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, log.read_text()[-3000:]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert f"MLflow run {run_id} marked KILLED" in log.read_text()
+    assert f"--resume {run_id}" in log.read_text()
+
+
+def test_worker_killed_mid_epoch_restarts_from_checkpoint(
+    client, two_worker_run, tiny_logs, workdir, monkeypatch
+) -> None:
+    monkeypatch.setenv("ADATT_FAULT", "exit@2.5@1")  # rank 1 dies halfway through epoch 2
+    config = tiny_config(tiny_logs, workdir, *TWO_WORKERS, "train.max_failures=1")
+    before = _run_ids(client)
+
+    outcome = run_training(config)
+
+    assert _run_ids(client) == before | {outcome.run_id}
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(client, outcome.run_id) == [1, 2]
+    assert restarts_by_epoch(client, outcome.run_id) == {1: 0, 2: 1}
+    # Epoch 2 re-ran from epoch 1's checkpoint with the same data order and seeds.
+    assert metric_history(client, outcome.run_id) == metric_history(client, two_worker_run)
+    storage = Path(run.data.tags[tags.STORAGE]) / run.data.tags[tags.RAY_RUN]
+    assert storage.is_dir()
