@@ -1,0 +1,163 @@
+"""Input files: paths, globs and URIs resolved to Parquet files, and their footers.
+
+Footers are read once per run (`read_footers`, in threads) and travel with the paths as an
+`InputFiles` value: the schema check, split pruning, the row count of a scoring job and the
+driver's small reads all use the same footers instead of reading them again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.errors import SchemaError
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+_GLOB_CHARS = "*?["
+
+
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem holding `path` (a local path or any URI) and the path in it."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+            raise SchemaError(f"{path}: cannot open this filesystem URI: {err}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _display(uri_or_path: str, fs_path: str, fs: pafs.FileSystem) -> str:
+    """How a file is named to users and to Ray: a local path, or a URI with its scheme."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs_path
+    return f"{uri_or_path.split('://', 1)[0]}://{fs_path}"
+
+
+def _is_data_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return not name.startswith(("_", ".")) and name.lower().endswith(PARQUET_SUFFIXES)
+
+
+def resolve_files(path: str | list[str]) -> list[str]:
+    """Expand folders (recursively, Parquet suffixes only), globs and files into a sorted list.
+
+    Args:
+        path: one or more local paths, globs or filesystem URIs (s3://, gs://, file://, ...).
+
+    Example:
+        >>> resolve_files("data/logs")  # doctest: +SKIP
+        ['/abs/data/logs/day-2024-01-01.parquet', ...]
+    """
+    found: list[str] = []
+    for item in [path] if isinstance(path, str) else path:
+        fs, fs_path = filesystem_for(item)
+        if any(ch in fs_path for ch in _GLOB_CHARS):
+            if isinstance(fs, pafs.LocalFileSystem):
+                matches = sorted(p for p in glob.glob(fs_path, recursive=True) if os.path.isfile(p))
+            else:
+                base = fs_path[: min(fs_path.find(ch) for ch in _GLOB_CHARS if ch in fs_path)]
+                base = base.rsplit("/", 1)[0]
+                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                matches = sorted(
+                    i.path
+                    for i in infos
+                    if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, fs_path)
+                )
+            if not matches:
+                raise SchemaError(f"{item}: no files match this pattern")
+            found += [_display(item, m, fs) for m in matches]
+            continue
+        info = fs.get_file_info(fs_path)
+        if info.type == pafs.FileType.NotFound:
+            raise SchemaError(f"{item}: no such file or folder")
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+            files = sorted(
+                i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
+            )
+            if not files:
+                raise SchemaError(f"{item}: folder holds no Parquet files (*.parquet)")
+            found += [_display(item, f, fs) for f in files]
+        else:
+            found.append(_display(item, fs_path, fs))
+    return found
+
+
+@dataclass(frozen=True)
+class Footer:
+    """One file's Parquet footer: its path, Arrow schema and metadata (row groups, stats)."""
+
+    file: str
+    schema: pa.Schema
+    metadata: pq.FileMetaData
+
+    def row_group_stats(self, column: str) -> list[Any] | None:
+        """The column's statistics per row group (an entry is None where a row group has
+        none); None when the file has no such column."""
+        md = self.metadata
+        names = [md.schema.column(i).path for i in range(md.num_columns)]
+        if column not in names:
+            return None
+        index = names.index(column)
+        return [md.row_group(rg).column(index).statistics for rg in range(md.num_row_groups)]
+
+
+def _read_footer(file: str) -> Footer:
+    fs, fs_path = filesystem_for(file)
+    try:
+        metadata = pq.read_metadata(fs_path, filesystem=fs)
+        schema = metadata.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise SchemaError(f"{file}: not a Parquet file, or truncated ({err})") from None
+    return Footer(file, schema, metadata)
+
+
+def read_footers(files: list[str]) -> list[Footer]:
+    """Footers of all files, read in parallel threads when there are many."""
+    if len(files) <= 4:
+        return [_read_footer(f) for f in files]
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(_read_footer, files))
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """Checked input files with their footers (from `pipeline.data.validate.check_schema`).
+
+    Example:
+        >>> files = check_schema(config.data)  # doctest: +SKIP
+        >>> files.paths[:1], files.rows  # doctest: +SKIP
+        (['/abs/data/logs/day-2024-01-01.parquet'], 1000000)
+    """
+
+    footers: tuple[Footer, ...]
+
+    @classmethod
+    def read(cls, files: Iterable[str]) -> InputFiles:
+        """Read the footers of `files` (in this order)."""
+        return cls(tuple(read_footers(list(files))))
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.file for f in self.footers]
+
+    @property
+    def rows(self) -> int:
+        return sum(f.metadata.num_rows for f in self.footers)
+
+    def reordered(self, paths: list[str]) -> InputFiles:
+        """The same files in the order of `paths` (each path one of `self.paths`)."""
+        by_path = {f.file: f for f in self.footers}
+        return InputFiles(tuple(by_path[p] for p in paths))
+
+    def __len__(self) -> int:
+        return len(self.footers)
