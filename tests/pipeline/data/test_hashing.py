@@ -23,7 +23,9 @@ def test_pinned_values() -> None:
 
 
 def test_same_hash_in_a_fresh_process() -> None:
-    code = "from pipeline.data.hashing import stable_hash; print(stable_hash(['a', 'b', 7]).tolist())"
+    code = (
+        "from pipeline.data.hashing import stable_hash; print(stable_hash(['a', 'b', 7]).tolist())"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

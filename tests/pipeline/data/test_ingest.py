@@ -11,10 +11,10 @@ import torch
 
 from pipeline.config import DataConfig, load_config
 from pipeline.data.files import InputFiles
-from pipeline.data.ingest import build_datasets, configure_ray_data, iter_batches
 from pipeline.data.fit import fit_preprocessor
-from pipeline.data.validate import check_schema
+from pipeline.data.ingest import build_datasets, configure_ray_data, iter_batches
 from pipeline.data.split import split_mask
+from pipeline.data.validate import check_schema
 from pipeline.datasets.synthetic import generate_logs
 
 ROOT = Path(__file__).resolve().parents[3]

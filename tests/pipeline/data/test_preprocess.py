@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.files import InputFiles
 from pipeline.config import DataConfig
-from pipeline.errors import SchemaError
+from pipeline.data.files import InputFiles
+from pipeline.data.fit import fit_preprocessor
 from pipeline.data.hashing import bucketize
 from pipeline.data.preprocess import DenseStats, Preprocessor
-from pipeline.data.fit import fit_preprocessor
 from pipeline.data.split import split_mask
+from pipeline.errors import SchemaError
 
 
 def _config(**extra) -> DataConfig:

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.files import InputFiles
 from pipeline.config import SplitConfig
+from pipeline.data.files import InputFiles
 from pipeline.data.split import prune_files, split_mask, split_names
 
 

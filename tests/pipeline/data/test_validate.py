@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.errors import SchemaError
-from pipeline.data.validate import check_schema
 from pipeline.data.files import resolve_files
+from pipeline.data.validate import check_schema
+from pipeline.errors import SchemaError
 
 
 def _config(path: str | list[str], **extra) -> DataConfig:
