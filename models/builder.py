@@ -47,11 +47,12 @@ def build_model(
         model_config = ModelConfig.model_validate(copy.deepcopy(dict(model_config)))
     if not schema.tasks:
         raise ValueError("tasks: a multi-task model needs at least one task")
-    inputs = FeatureInput(
-        schema,
-        model_config.dense_projection,
-        model_config.embedding_init_std,
-    )
+    # Imported here: TorchRec is an optional dependency, needed only for its tables.
+    if model_config.embeddings == "torchrec":
+        from models.torchrec_input import TorchRecFeatureInput as input_layer
+    else:
+        input_layer = FeatureInput
+    inputs = input_layer(schema, model_config.dense_projection, model_config.embedding_init_std)
     backbone = build_backbone(model_config, inputs.output_dim, len(schema.tasks))
     towers = Towers(
         backbone.output_dim,

@@ -42,6 +42,12 @@ class ModelConfig(BaseModel):
         dropout: dropout after each hidden layer of experts and towers.
         dense_projection: if set, dense features are projected to this width before being
             concatenated with the embeddings.
+        embeddings: how the id tables are held. `dense`: one `nn.Embedding` per feature,
+            replicated on every worker and all-reduced whole at every step (small
+            vocabularies). `torchrec`: one TorchRec `EmbeddingBagCollection`, sharded across
+            the workers and updated by a fused row-wise optimizer that touches only the rows
+            a batch uses, so a step costs the same at 10^5 or 10^7 buckets (docs/models.md).
+            A trained model scores the same either way: its logged weights are dense.
         embedding_init_std: embedding rows start as N(0, std^2). Near zero (the default),
             the network starts from one function for every id and learns each id's
             deviation from that id's rows, instead of first unlearning a random code of
@@ -68,6 +74,7 @@ class ModelConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dense_projection: PositiveInt | None = None
     embedding_init_std: float = Field(default=0.05, gt=0.0)
+    embeddings: Literal["dense", "torchrec"] = "dense"
 
     @model_validator(mode="after")
     def _levels_match_dims(self) -> ModelConfig:

@@ -193,6 +193,11 @@ class TrainConfig(Strict):
     # torch threads of a CPU worker; None keeps Ray's choice (its CPUs rounded down, at
     # least 1). More threads than reserved CPUs pays off when Ray Data needs little CPU.
     threads_per_worker: PositiveInt | None = None
+    # How TorchRec lays the id tables out over the workers (`model.embeddings: torchrec`):
+    # `auto` lets its planner choose per table; `row_wise` splits every table's rows among
+    # the workers (a worker holds 1/N of each table), `table_wise` puts whole tables on
+    # workers, `column_wise` splits the embedding dimensions.
+    sharding: Literal["auto", "row_wise", "table_wise", "column_wise", "data_parallel"] = "auto"
     use_gpu: bool | Literal["auto"] = "auto"
     bf16: bool = True  # autocast on GPU only
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
@@ -261,6 +266,11 @@ def check_across_sections(config: Config, source: str) -> None:
         config.train.early_stopping.metric, config.data, f"{source}: train.early_stopping.metric"
     )
     try:
+        if config.model.embeddings == "torchrec":
+            # Imported first: its dependencies' import-time setup cannot run on the meta device.
+            from models.torchrec_input import require_torchrec
+
+            require_torchrec()
         # On the meta device: every check the builder makes, without allocating the tables.
         with torch.device("meta"):
             build_model(config.model, config.data.feature_schema())

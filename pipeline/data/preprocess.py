@@ -177,6 +177,22 @@ class Preprocessor:
                 out[f"passthrough.{column}"] = table[column].to_numpy()
         return out
 
+    def empty(self, with_labels: bool = True) -> dict[str, np.ndarray]:
+        """A batch of no rows in the layout of `transform`'s output (keys, dtypes, widths)."""
+        data = self.data
+        out: dict[str, np.ndarray] = {}
+        if data.categorical:
+            out["categorical"] = np.zeros((0, len(data.categorical)), dtype=np.int64)
+        if data.dense:
+            out["dense"] = np.zeros((0, len(data.dense)), dtype=np.float32)
+        for f in data.multi_hot:
+            out[f"multi_hot.{f.column}"] = np.zeros((0, f.max_length), dtype=np.int64)
+        if with_labels:
+            out["labels"] = np.zeros((0, len(data.tasks)), dtype=np.float32)
+            out["mask"] = np.zeros((0, len(data.tasks)), dtype=np.float32)
+            out["weight"] = np.zeros(0, dtype=np.float32)
+        return out
+
     @staticmethod
     def _multi_hot(column: Any, buckets: int, max_length: int) -> np.ndarray:
         """Hash each list's first `max_length` values to ids in [1, buckets); 0 pads."""

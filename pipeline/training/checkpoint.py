@@ -36,6 +36,9 @@ class TrainingState:
         mlflow_run_id: the MLflow run this training logs to.
         final: True for the last checkpoint, whose `model` is the selected (best) model.
         restarts: how often training restarted from a checkpoint (worker failure, resume).
+        sharded: the tables are sharded (`model.embeddings: torchrec`): `model`, `loss` and
+            `best_model` are empty here, and every worker's shards are in the checkpoint
+            folder's `sharded/` (see `pipeline.training.sharding`).
     """
 
     model: dict[str, torch.Tensor]
@@ -51,6 +54,7 @@ class TrainingState:
     mlflow_run_id: str | None = None
     final: bool = False
     restarts: int = 0
+    sharded: bool = False
 
 
 def save_checkpoint(state: TrainingState, folder: str | Path) -> Path:

@@ -157,6 +157,10 @@ def finish_run(
     `run`; return the outcome. `metrics` are the final report's."""
     with checkpoint.as_directory() as folder:
         final = load_checkpoint(folder)
+        if final.sharded:  # full tables, read on this process without a process group
+            from pipeline.training.sharding import load_dense_weights
+
+            final.model = load_dense_weights(folder, config)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     model_uri = log_outputs(client, run.run_id, config, final, preprocessor, files)
     oracle = oracle_metrics(config.data, files)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 from models import build_model
 from pipeline.config import Config, TrainConfig, parse_config
 from pipeline.data.ingest import iter_batches
+from pipeline.data.preprocess import Preprocessor
 from pipeline.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from pipeline.training.faults import fault_trigger
 from pipeline.training.losses import MultiTaskLoss, TrainingModel
@@ -101,17 +103,17 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def train_epoch(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    shard: Any,
+    batches_in: Iterator[dict[str, Any]],
     config: Config,
     device: torch.device,
     *,
-    shuffle_seed: int | None = None,
     before_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over this worker's training shard; returns global loss and samples/s.
+    """One pass over this worker's training batches; returns global loss and samples/s.
 
     Args:
-        shuffle_seed: seed of the local shuffle buffer (see `epoch_seed`).
+        batches_in: the epoch's batches (`Replicated.train_batches`); a padded batch holds
+            its number of real rows as `rows` (`sharding.lockstep`).
         before_step: called with the number of steps done before each step (fault hook).
     """
     module.train()
@@ -124,9 +126,6 @@ def train_epoch(
     )
     start = time.perf_counter()
     with join:
-        batches_in = iter_batches(
-            shard, config.data.batch_size, device, shuffle=True, seed=shuffle_seed
-        )
         for batch in batches_in:
             if before_step is not None:
                 before_step(batches)
@@ -135,7 +134,7 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            n = batch["labels"].shape[0]
+            n = int(batch["rows"]) if "rows" in batch else batch["labels"].shape[0]
             loss_sum += float(total.detach()) * n
             task_loss_sum += per_task.double().cpu() * n
             rows += n
@@ -159,12 +158,16 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, shard: Any, config: Config, device: torch.device, prefix: str
+    model: nn.Module,
+    batches: Iterator[dict[str, Any]],
+    config: Config,
+    device: torch.device,
+    prefix: str,
 ) -> dict[str, float]:
-    """Metrics on this split over all workers (every worker must call this)."""
+    """Metrics over `batches` of every worker (every worker must call this)."""
     model.eval()
     metrics = MultiTaskMetrics([TaskKind(t.name, t.type) for t in config.data.tasks], device)
-    for batch in iter_batches(shard, config.data.batch_size * 4, device, shuffle=False):
+    for batch in batches:
         metrics.update(model(batch), batch["labels"], batch["mask"])
     return metrics.compute(prefix)
 
@@ -181,28 +184,94 @@ def _unwrap(module: nn.Module) -> TrainingModel:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def _report(state: TrainingState, metrics: dict[str, float]) -> None:
-    """Report from every worker (a barrier); only rank 0 writes the checkpoint."""
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(state, folder)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _restore(loop_config: dict[str, Any]) -> TrainingState | None:
+def report(metrics: dict[str, float], folder: str | None) -> None:
+    """`ray.train.report` from this worker, with the checkpoint folder it wrote (if any).
+    Every worker reports (a barrier); Ray Train merges the workers' folders into one."""
+    checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class Replicated:
+    """Every parameter on every worker, gradients all-reduced by DDP (`embeddings: dense`).
+
+    The loop's view of the training module, shared with `sharding.Sharded`: the module and
+    its optimizer, the network, evaluation batches, the best epoch's weights, checkpoints
+    (one `checkpoint.pt`, written by rank 0).
+    """
+
+    def __init__(self, training_model: TrainingModel, train: TrainConfig, state: Any) -> None:
+        if state is not None:
+            training_model.model.load_state_dict(state.model)
+            training_model.loss.load_state_dict(state.loss)
+        self.module = ray.train.torch.prepare_model(training_model)
+        self.optimizer = make_optimizer(self.module, train)
+        # The config's rates, before a restored state's scaled ones replace them.
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if state is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        self.network = _unwrap(self.module).model
+        self.current = state.model if state is not None else None
+        self.best = state.best_model if state is not None else None
+        if state is not None and self.best is None and state.best_epoch == state.epoch > 0:
+            self.best = state.model
+
+    def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
+        """The epoch's shuffled batches; `seed` seeds the shuffle (see `epoch_seed`)."""
+        return iter_batches(shard, batch_size, device, shuffle=True, seed=seed)
+
+    def eval_batches(self, shard: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
+        return iter_batches(shard, batch_size, device, shuffle=False)
+
+    def table_bytes(self) -> int:
+        """What the id tables hold on this worker: their weights and optimizer state."""
+        tables = [
+            m.weight
+            for m in self.network.modules()
+            if isinstance(m, nn.Embedding | nn.EmbeddingBag)
+        ]
+        state = self.optimizer.state
+        return sum(
+            _nbytes(t) + sum(_nbytes(v) for v in state.get(t, {}).values() if torch.is_tensor(v))
+            for t in tables
+        )
+
+    def end_epoch(self, improved: bool) -> None:
+        self.current = _cpu_state(self.network)
+        if improved:
+            self.best = self.current
+
+    def select_best(self) -> None:
+        if self.best is not None:
+            self.network.load_state_dict(self.best)
+        self.current = self.best = _cpu_state(self.network)
+
+    def report(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        state.model = self.current
+        state.best_model = None if self.best is self.current else self.best
+        state.loss = _cpu_state(_unwrap(self.module).loss)
+        state.optimizer = self.optimizer.state_dict()
+        if ray.train.get_context().get_world_rank() != 0:
+            report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, folder)
+            report(metrics, folder)
+
+
+def _restore(loop_config: dict[str, Any]) -> tuple[TrainingState | None, str | None]:
+    """The state to continue from, and its checkpoint folder (on this worker)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a failure, or a resumed Ray run
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(folder)
+        folder = checkpoint.to_directory()
+        return load_checkpoint(folder), folder
     if loop_config.get("resume_from"):
-        return load_checkpoint(loop_config["resume_from"])
-    return None
+        folder = loop_config["resume_from"]
+        return load_checkpoint(folder), folder
+    return None, None
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -211,41 +280,38 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
 
 
-def quiet_report_logging() -> None:
-    """Silence the INFO line Ray Train writes for every `ray.train.report` on every worker.
+def quiet_worker_logging() -> None:
+    """Keep the INFO lines of the libraries a worker runs off the console: warnings only.
 
-    That line holds the whole `TrainingReport(checkpoint=..., metrics={...})`, several KB
-    per worker and epoch, above the one-line epoch summary (`EpochLogger`). Ray 2.60 logs it
-    through a logger named by its file's path, outside `ray.train`, so the run's
-    `ray.train.LoggingConfig` level does not reach it: its own level is set here.
+    Ray Train sets a worker's root logger to INFO, and two libraries log through it at every
+    report or model build, several KB a worker each time, above the one-line epoch summary
+    (`EpochLogger`): Ray Train 2.60's `TrainingReport(checkpoint=..., metrics={...})` of
+    every `ray.train.report` (from a logger named by its file's path, outside `ray.train`,
+    so the run's `ray.train.LoggingConfig` does not reach it), and FBGEMM's argument dump of
+    every sharded table group. Ray Train's own `ray.train` logger keeps its level.
     """
-    from ray.train.v2._internal.execution import context
+    logging.getLogger().setLevel(logging.WARNING)
 
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (the Config as a JSON dict),
     `preprocessor` (fitted statistics), `mlflow_run_id`, and optionally `resume_from`."""
-    quiet_report_logging()
+    quiet_worker_logging()
     config = parse_config(loop_config["config"], source="train_loop_config")
     torch.manual_seed(config.train.seed)
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.train.threads_per_worker:
         torch.set_num_threads(config.train.threads_per_worker)
-    training_model = build_training_model(config)
-    state = _restore(loop_config)
+    state, folder = _restore(loop_config)
     restored = state is not None
     if state is not None:
         # Counted in the checkpoint, so a restart shows in the next epochs' metrics.
         state.restarts += 1
-        training_model.model.load_state_dict(state.model)
-        training_model.loss.load_state_dict(state.loss)
-    module = ray.train.torch.prepare_model(training_model)
-    optimizer = make_optimizer(module, config.train)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    if state is not None:
-        optimizer.load_state_dict(state.optimizer)
     else:
         state = TrainingState(
             model={},
@@ -256,11 +322,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             preprocessor=loop_config["preprocessor"],
             mlflow_run_id=loop_config.get("mlflow_run_id"),
         )
-    network = _unwrap(module).model
+    training_model = build_training_model(config)
+    if config.model.embeddings == "torchrec":
+        from pipeline.training.sharding import Sharded
+
+        empty = Preprocessor.from_dict(loop_config["preprocessor"]).empty()
+        replicas = Sharded(
+            training_model, config.train, device, empty, state if restored else None, folder
+        )
+    else:
+        replicas = Replicated(training_model, config.train, state if restored else None)
+    state.sharded = config.model.embeddings == "torchrec"
     stopping = config.train.early_stopping
-    best_model = state.best_model
-    if best_model is None and state.best_epoch == state.epoch and state.epoch > 0:
-        best_model = state.model
+    eval_rows = config.data.batch_size * 4
 
     rank = ray.train.get_context().get_world_rank()
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
@@ -269,53 +343,65 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seed = epoch_seed(config.train.seed, epoch, rank)
         torch.manual_seed(seed)
         previous_steps = state.history[-1]["train/steps_per_worker"] if state.history else None
-        lr = set_epoch_lr(optimizer, base_lrs, config.train, epoch)
+        lr = set_epoch_lr(replicas.optimizer, replicas.base_lrs, config.train, epoch)
         metrics = {
             "epoch": epoch,
             "train/lr": lr,
             **train_epoch(
-                module,
-                optimizer,
-                ray.train.get_dataset_shard("train"),
+                replicas.module,
+                replicas.optimizer,
+                replicas.train_batches(
+                    ray.train.get_dataset_shard("train"), config.data.batch_size, device, seed
+                ),
                 config,
                 device,
-                shuffle_seed=seed,
                 before_step=fault_trigger(epoch, rank, restored, previous_steps),
             ),
             "train/restarts": state.restarts,
         }
         started = time.perf_counter()
         validation = ray.train.get_dataset_shard("validation")
-        metrics.update(evaluate(network, validation, config, device, "val"))
+        batches = replicas.eval_batches(validation, eval_rows, device)
+        metrics.update(evaluate(replicas.network, batches, config, device, "val"))
         metrics["val/seconds"] = time.perf_counter() - started
+        peak, tables = _all_reduce_max([peak_memory_bytes(), replicas.table_bytes()], device)
+        metrics["train/peak_memory_mb_per_worker"] = peak / 2**20
+        metrics["train/table_mb_per_worker"] = tables / 2**20
         value = metrics.get(stopping.metric, float("nan"))
-        state.model = _cpu_state(network)
-        if _improved(value, state.best_value, stopping.mode):
-            state.best_epoch, state.best_value, best_model = epoch, value, state.model
-        state.loss = _cpu_state(_unwrap(module).loss)
-        state.optimizer = optimizer.state_dict()
+        improved = _improved(value, state.best_value, stopping.mode)
+        if improved:
+            state.best_epoch, state.best_value = epoch, value
+        replicas.end_epoch(improved)
         state.epoch = epoch
         state.history.append(metrics)
-        state.best_model = None if state.best_epoch == epoch else best_model
-        _report(state, metrics)
+        replicas.report(state, metrics)
         if stopping.patience and epoch - state.best_epoch >= stopping.patience:
             break
 
     if state.final:
         return
     # Final: the selected model, evaluated on the test split when there is one.
-    if best_model is not None:
-        network.load_state_dict(best_model)
+    replicas.select_best()
     final = {"final": 1, "epoch": state.epoch, "best_epoch": state.best_epoch}
     best_metrics = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     final.update({f"best/{k}": v for k, v in best_metrics.items() if k.startswith("val/")})
     test_shard = _test_shard()
     if test_shard is not None:
-        final.update(evaluate(network, test_shard, config, device, "test"))
-    state.model = _cpu_state(network)
-    state.best_model = None
+        batches = replicas.eval_batches(test_shard, eval_rows, device)
+        final.update(evaluate(replicas.network, batches, config, device, "test"))
     state.final = True
-    _report(state, copy.deepcopy(final))
+    replicas.report(state, copy.deepcopy(final))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def _test_shard() -> Any:

@@ -96,9 +96,14 @@ def log_outputs(
     files: InputFiles,
 ) -> str | None:
     """Log the selected model (scoring raw rows) and the fusion-weight heatmaps; return the
-    model's URI (None when `tracking.log_model` is off)."""
+    model's URI (None when `tracking.log_model` is off).
+
+    The logged network holds its tables dense whatever `model.embeddings` trained it
+    (`final.model` holds full tables), so scoring needs neither TorchRec nor a process group.
+    """
     schema = config.data.feature_schema()
-    network = build_model(config.model, schema)
+    model_config = config.model.model_copy(update={"embeddings": "dense"})
+    network = build_model(model_config, schema)
     network.load_state_dict(final.model)
     network.eval()
     example = raw_example(config.data, files)
@@ -109,7 +114,7 @@ def log_outputs(
     return log_scoring_model(
         run_id,
         network,
-        config.model.model_dump(mode="json"),
+        model_config.model_dump(mode="json"),
         schema,
         task_types,
         preprocessor,
