@@ -82,6 +82,7 @@ def run(logs: Path, work: Path, embeddings: str, buckets: int, args: argparse.Na
         "embeddings": embeddings,
         "buckets": buckets,
         "samples_per_s": float(np.median([h["train/samples_per_s"] for h in steady])),
+        "epochs": [round(h["train/samples_per_s"]) for h in history],
         "peak_mb": max(h["train/peak_memory_mb_per_worker"] for h in history),
         "table_mb": max(h["train/table_mb_per_worker"] for h in history),
         "wall_s": time.perf_counter() - started,
@@ -109,9 +110,7 @@ def main() -> None:
         ]:
             results.append(run(logs, Path(tmp), embeddings, buckets, args))
             r = results[-1]
-            print(
-                f"done {embeddings} {buckets:.0e}: {r['samples_per_s']:,.0f} samples/s", flush=True
-            )
+            print(f"done {embeddings} {buckets:.0e}: samples/s by epoch {r['epochs']}", flush=True)
 
     print(
         f"{args.rows:,} rows ({args.users:,} users, {args.items:,} items), {args.epochs} epochs, "

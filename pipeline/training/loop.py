@@ -9,6 +9,7 @@ final checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -262,16 +263,15 @@ class Replicated:
             report(metrics, folder)
 
 
-def _restore(loop_config: dict[str, Any]) -> tuple[TrainingState | None, str | None]:
-    """The state to continue from, and its checkpoint folder (on this worker)."""
+@contextlib.contextmanager
+def _restored_folder(loop_config: dict[str, Any]) -> Iterator[str | None]:
+    """The checkpoint folder to continue from, on this worker, while inside; or None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a failure, or a resumed Ray run
-        folder = checkpoint.to_directory()
-        return load_checkpoint(folder), folder
-    if loop_config.get("resume_from"):
-        folder = loop_config["resume_from"]
-        return load_checkpoint(folder), folder
-    return None, None
+        with checkpoint.as_directory() as folder:
+            yield folder
+    else:
+        yield loop_config.get("resume_from")
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -307,31 +307,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.train.threads_per_worker:
         torch.set_num_threads(config.train.threads_per_worker)
-    state, folder = _restore(loop_config)
-    restored = state is not None
-    if state is not None:
+    with _restored_folder(loop_config) as folder:
+        restored = load_checkpoint(folder) if folder else None
+        training_model = build_training_model(config)
+        if config.model.embeddings == "torchrec":
+            from pipeline.training.sharding import Sharded
+
+            empty = Preprocessor.from_dict(loop_config["preprocessor"]).empty()
+            replicas = Sharded(training_model, config.train, device, empty, restored, folder)
+        else:
+            replicas = Replicated(training_model, config.train, restored)
+    state = restored or TrainingState(
+        model={},
+        loss={},
+        optimizer={},
+        epoch=0,
+        config=loop_config["config"],
+        preprocessor=loop_config["preprocessor"],
+        mlflow_run_id=loop_config.get("mlflow_run_id"),
+    )
+    if restored is not None:
         # Counted in the checkpoint, so a restart shows in the next epochs' metrics.
         state.restarts += 1
-    else:
-        state = TrainingState(
-            model={},
-            loss={},
-            optimizer={},
-            epoch=0,
-            config=loop_config["config"],
-            preprocessor=loop_config["preprocessor"],
-            mlflow_run_id=loop_config.get("mlflow_run_id"),
-        )
-    training_model = build_training_model(config)
-    if config.model.embeddings == "torchrec":
-        from pipeline.training.sharding import Sharded
-
-        empty = Preprocessor.from_dict(loop_config["preprocessor"]).empty()
-        replicas = Sharded(
-            training_model, config.train, device, empty, state if restored else None, folder
-        )
-    else:
-        replicas = Replicated(training_model, config.train, state if restored else None)
     state.sharded = config.model.embeddings == "torchrec"
     stopping = config.train.early_stopping
     eval_rows = config.data.batch_size * 4
@@ -355,7 +352,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ),
                 config,
                 device,
-                before_step=fault_trigger(epoch, rank, restored, previous_steps),
+                before_step=fault_trigger(epoch, rank, restored is not None, previous_steps),
             ),
             "train/restarts": state.restarts,
         }

@@ -78,11 +78,8 @@ def shard(
         The `DistributedModelParallel` module and its optimizer.
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import (
-        EmbeddingShardingPlanner,
-        ParameterConstraints,
-        Topology,
-    )
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.distributed.types import ShardingEnv
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -100,7 +97,10 @@ def shard(
             for config in tables.embedding_bag_configs()
         }
     local_world = torch.cuda.device_count() if device.type == "cuda" else world
-    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local_world)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world, local_world_size=local_world),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
     sharders = [_row_wise_sharder()]
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(training_model, sharders, dist.group.WORLD)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import ray
 import yaml
@@ -39,6 +40,7 @@ def tiny_spec(
     rates: list[float] = LEARNING_RATES,
     epochs: int = 2,
     scheduler: str = "asha",
+    **fields: object,
 ):
     fixed = dict(item.split("=", 1) for item in TINY_OVERRIDES)
     fixed.update(
@@ -48,6 +50,7 @@ def tiny_spec(
             "train.storage_path": str(workdir / "runs"),
             "train.epochs": epochs,
             "train.num_workers": 1,
+            **fields,
         }
     )
     raw = {
@@ -218,3 +221,30 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     for run in runs.values():
         assert [int(v) for v in _history(client, run.info.run_id, "epoch")] == [1, 2]
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+
+
+def test_trials_train_with_sharded_tables(ray_local, tiny_logs, tmp_path) -> None:
+    """A trial is an `adatt train` run: with `model.embeddings: torchrec` its tables are
+    sharded row-wise over its two workers, and the best trial logs a dense scoring model."""
+    spec = tiny_spec(
+        tiny_logs,
+        tmp_path,
+        "sharded",
+        rates=[0.01],
+        epochs=1,
+        scheduler="none",
+        **{"model.embeddings": "torchrec", "train.sharding": "row_wise", "train.num_workers": 2},
+    )
+    outcome = run_search(spec)
+    (trial,) = outcome.trials
+    assert trial.status == "completed" and outcome.best.run_id == trial.run_id
+    shards = Path(trial.checkpoint_path) / "sharded"
+    assert {p.name for p in shards.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(trial.run_id)
+    assert run.data.params["model.embeddings"] == "torchrec"
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    rows = pd.read_parquet(sorted(Path(tiny_logs).glob("*.parquet"))[-1]).head(50)
+    scores = model.predict(rows)
+    assert len(scores) == 50 and scores["click"].between(0, 1).all()
