@@ -8,7 +8,28 @@ from torch import Tensor, nn
 from models.config import FeatureSchema
 
 
-class FeatureInput(nn.Module):
+class InputLayer(nn.Module):
+    """What every input layer shares: the dense features (or their linear projection) after
+    the embeddings, and the output width."""
+
+    def _init_dense(self, schema: FeatureSchema, dense_projection: int | None) -> None:
+        self.num_dense = schema.num_dense
+        self.projection = (
+            nn.Linear(schema.num_dense, dense_projection)
+            if dense_projection and schema.num_dense
+            else None
+        )
+        dense_width = dense_projection if self.projection is not None else schema.num_dense
+        self.output_dim = sum(f.dim for f in (*schema.categorical, *schema.multi_hot)) + dense_width
+
+    def _dense(self, features: dict[str, Tensor]) -> list[Tensor]:
+        if not self.num_dense:
+            return []
+        dense = _get(features, "dense")
+        return [self.projection(dense) if self.projection is not None else dense]
+
+
+class FeatureInput(InputLayer):
     """Embeds categorical and multi-hot features and concatenates them with dense features.
 
     Batch keys (see `FeatureSchema`): `categorical` int64 [B, C], `dense` float32 [B, D],
@@ -48,14 +69,7 @@ class FeatureInput(nn.Module):
         for bag in self.bags:
             with torch.no_grad():
                 bag.weight[0].zero_()  # the padding row stays zero
-        self.num_dense = schema.num_dense
-        self.projection = (
-            nn.Linear(schema.num_dense, dense_projection)
-            if dense_projection and schema.num_dense
-            else None
-        )
-        dense_width = dense_projection if self.projection is not None else schema.num_dense
-        self.output_dim = sum(f.dim for f in (*schema.categorical, *schema.multi_hot)) + dense_width
+        self._init_dense(schema, dense_projection)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """[B, output_dim] from a batch dict."""
@@ -69,9 +83,7 @@ class FeatureInput(nn.Module):
             parts.extend(emb(ids[:, i]) for i, emb in enumerate(self.embeddings))
         for name, bag in zip(self.multi_hot_names, self.bags, strict=True):
             parts.append(bag(_get(features, f"multi_hot.{name}")))
-        if self.num_dense:
-            dense = _get(features, "dense")
-            parts.append(self.projection(dense) if self.projection is not None else dense)
+        parts.extend(self._dense(features))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

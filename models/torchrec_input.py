@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import FeatureSchema
+from models.inputs import InputLayer
 
 
 def table_name(feature: str) -> str:
@@ -43,7 +44,7 @@ def require_torchrec() -> Any:
     return torchrec
 
 
-class TorchRecFeatureInput(nn.Module):
+class TorchRecFeatureInput(InputLayer):
     """`FeatureInput` with the id tables in a TorchRec `EmbeddingBagCollection` (`tables`).
 
     Args:
@@ -89,14 +90,7 @@ class TorchRecFeatureInput(nn.Module):
             )
         self.schema = schema
         self.tables = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
-        self.num_dense = schema.num_dense
-        self.projection = (
-            nn.Linear(schema.num_dense, dense_projection)
-            if dense_projection and schema.num_dense
-            else None
-        )
-        dense_width = dense_projection if self.projection is not None else schema.num_dense
-        self.output_dim = sum(f.dim for f in (*schema.categorical, *schema.multi_hot)) + dense_width
+        self._init_dense(schema, dense_projection)
 
     def forward(self, features: dict[str, Any]) -> Tensor:
         """[B, output_dim] from a batch dict: the ids as `sparse` (a `KeyedJaggedTensor`),
@@ -104,10 +98,7 @@ class TorchRecFeatureInput(nn.Module):
         sparse = features.get("sparse")
         if sparse is None:
             sparse = keyed_jagged(features, self.schema)
-        parts = [self.tables(sparse).values()]
-        if self.num_dense:
-            dense = features["dense"]
-            parts.append(self.projection(dense) if self.projection is not None else dense)
+        parts = [self.tables(sparse).values(), *self._dense(features)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
