@@ -14,7 +14,7 @@ of every table. Prints a table, then last:
   - `rowwise_mem_per_worker_ratio=<ratio>`: torchrec row-wise table memory per worker over the
     dense replicated one, at the largest bucket count both ran (target <= 0.6).
 
-    python bench/id_scale.py [--rows 400000] [--epochs 3] [--dense-buckets 1e5,1e6]
+    python bench/id_scale.py [--rows 400000] [--epochs 5] [--dense-buckets 1e5,1e6]
 
 Dense tables at 10^7 buckets are left out by default: they all-reduce 2 x 10^7 x 16 floats
 at every step (issue 21: no epoch in 17 minutes, then the run died); `--dense-buckets
@@ -92,7 +92,7 @@ def run(logs: Path, work: Path, embeddings: str, buckets: int, args: argparse.Na
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=400_000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--torchrec-buckets", default="1e5,1e6,1e7")

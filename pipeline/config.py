@@ -197,7 +197,7 @@ class TrainConfig(Strict):
     # `auto` lets its planner choose per table; `row_wise` splits every table's rows among
     # the workers (a worker holds 1/N of each table), `table_wise` puts whole tables on
     # workers, `column_wise` splits the embedding dimensions.
-    sharding: Literal["auto", "row_wise", "table_wise", "column_wise", "data_parallel"] = "auto"
+    sharding: Literal["auto", "row_wise", "table_wise", "column_wise"] = "auto"
     use_gpu: bool | Literal["auto"] = "auto"
     bf16: bool = True  # autocast on GPU only
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)

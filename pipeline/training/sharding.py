@@ -40,11 +40,14 @@ TABLES = "model.inputs.tables"  # the tables' prefix in the training module's st
 
 
 def _row_wise_sharder() -> Any:
-    """TorchRec's `EmbeddingBagCollectionSharder`, with row-wise sharding offered on CPU.
+    """TorchRec's `EmbeddingBagCollectionSharder`, offering the model-parallel layouts only,
+    row-wise on CPU included.
 
     TorchRec 1.8 lists row-wise (and table-row-wise) for CUDA only. Its row-wise sharding
     (an all-to-all of the ids, a reduce-scatter of the pooled embeddings) runs over gloo
     too; `tests/pipeline/training/test_sharding.py` checks it against the dense model.
+    Data-parallel is left out: every table here trains with a fused optimizer in the
+    backward pass, which is what model-parallel tables get.
     """
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.types import ShardingType
@@ -53,7 +56,8 @@ def _row_wise_sharder() -> Any:
         def sharding_types(self, compute_device_type: str) -> list[str]:
             types = super().sharding_types(compute_device_type)
             extra = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
-            return [*types, *(t for t in extra if t not in types)]
+            types = [*types, *(t for t in extra if t not in types)]
+            return [t for t in types if t != ShardingType.DATA_PARALLEL.value]
 
     return Sharder()
 
