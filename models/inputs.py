@@ -12,6 +12,11 @@ class InputLayer(nn.Module):
     """What every input layer shares: the dense features (or their linear projection) after
     the embeddings, and the output width."""
 
+    def __init__(self, schema: FeatureSchema) -> None:
+        super().__init__()
+        if not (schema.categorical or schema.num_dense or schema.multi_hot):
+            raise ValueError("schema: the model needs at least one input feature")
+
     def _init_dense(self, schema: FeatureSchema, dense_projection: int | None) -> None:
         self.num_dense = schema.num_dense
         self.projection = (
@@ -56,9 +61,7 @@ class FeatureInput(InputLayer):
         dense_projection: int | None = None,
         init_std: float = 0.05,
     ) -> None:
-        super().__init__()
-        if not (schema.categorical or schema.num_dense or schema.multi_hot):
-            raise ValueError("schema: the model needs at least one input feature")
+        super().__init__(schema)
         self.embeddings = nn.ModuleList(nn.Embedding(f.buckets, f.dim) for f in schema.categorical)
         self.multi_hot_names = [f.name for f in schema.multi_hot]
         self.bags = nn.ModuleList(

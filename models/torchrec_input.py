@@ -66,9 +66,7 @@ class TorchRecFeatureInput(InputLayer):
         dense_projection: int | None = None,
         init_std: float = 0.05,
     ) -> None:
-        super().__init__()
-        if not (schema.categorical or schema.num_dense or schema.multi_hot):
-            raise ValueError("schema: the model needs at least one input feature")
+        super().__init__(schema)
         torchrec = require_torchrec()
         sum_, mean = torchrec.PoolingType.SUM, torchrec.PoolingType.MEAN
         configs = [
