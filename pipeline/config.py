@@ -58,6 +58,9 @@ class TaskSpec(Strict):
     type: Literal["binary", "regression"] = "binary"
     weight: float = Field(default=1.0, ge=0.0)
     oracle: str | None = None  # column with the true probability/expectation, for reports only
+    # The column whose values group rows for this task's GAUC (e.g. a user id); None falls
+    # back to `data.group_column`. Binary tasks only.
+    group_column: str | None = None
 
     @property
     def label_column(self) -> str:
@@ -105,6 +108,9 @@ class DataConfig(Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     split: SplitConfig = Field(default_factory=SplitConfig)
     weight_column: str | None = None
+    # Rows with the same value here form one group (a user) for GAUC, the per-user AUC of
+    # each binary task (`pipeline/training/metrics.py`); a task's own `group_column` wins.
+    group_column: str | None = None
     passthrough: list[str] = Field(default_factory=list)
     batch_size: PositiveInt = 512
 
@@ -120,7 +126,27 @@ class DataConfig(Strict):
         leaked = sorted(labels.intersection(features))
         if leaked:
             raise ValueError(f"data: label column(s) {leaked} are also listed as features")
+        for task in self.tasks:
+            if task.group_column and task.type != "binary":
+                raise ValueError(
+                    f"data.tasks: {task.name!r} sets group_column, but GAUC is a metric of "
+                    f"binary tasks and {task.name!r} is {task.type}"
+                )
+        grouped_by_label = sorted(labels.intersection(self.group_columns))
+        if grouped_by_label:
+            raise ValueError(f"data: label column(s) {grouped_by_label} used as group_column")
         return self
+
+    def group_column_of(self, task: TaskSpec) -> str | None:
+        """The column grouping `task`'s rows for GAUC, or None (no GAUC for this task)."""
+        if task.type != "binary":
+            return None
+        return task.group_column or self.group_column
+
+    @property
+    def group_columns(self) -> list[str]:
+        """The distinct GAUC group columns of the tasks, in task order."""
+        return list(dict.fromkeys(c for t in self.tasks if (c := self.group_column_of(t))))
 
     @property
     def feature_columns(self) -> list[str]:
@@ -130,7 +156,8 @@ class DataConfig(Strict):
         self, labels: bool = True, split: bool = False, passthrough: bool = False
     ) -> list[str]:
         """The raw columns a step reads, without duplicates: features; with `labels` the
-        label and weight columns; with `split` the split column; with `passthrough` those.
+        label, weight and GAUC group columns; with `split` the split column; with
+        `passthrough` those.
 
         Example:
             >>> data = DataConfig(dense=[{"column": "x"}], tasks=[{"name": "click"}])
@@ -142,6 +169,7 @@ class DataConfig(Strict):
             out += [t.label_column for t in self.tasks]
             if self.weight_column:
                 out.append(self.weight_column)
+            out += self.group_columns
         if split:
             out.append(self.split.column)
         if passthrough:
@@ -232,14 +260,21 @@ BINARY_METRICS = ("auc", "logloss", "ne", "calibration", "count")
 REGRESSION_METRICS = ("mse", "count")
 
 
+GROUPED_METRICS = ("gauc", "gauc_groups")  # binary tasks with a GAUC group column
+
+
 def reported_metrics(data: DataConfig, prefix: str = "val") -> list[str]:
     """The metrics an evaluation of these tasks reports under `prefix` (`val`, `test`)."""
     names = []
     for task in data.tasks:
         kinds = BINARY_METRICS if task.type == "binary" else REGRESSION_METRICS
+        if data.group_column_of(task):
+            kinds += GROUPED_METRICS
         names += [f"{prefix}/{task.name}/{kind}" for kind in kinds]
     if any(t.type == "binary" for t in data.tasks):
         names += [f"{prefix}/mean_auc", f"{prefix}/mean_ne"]
+    if data.group_columns:
+        names.append(f"{prefix}/mean_gauc")
     return names
 
 
@@ -250,7 +285,8 @@ def check_metric_name(metric: str, data: DataConfig, field: str) -> None:
             f"{field}: {metric!r} is not a validation metric of tasks "
             f"{[t.name for t in data.tasks]}; use val/mean_auc, val/mean_ne, or "
             f"val/<task>/<metric> with a metric in {', '.join(BINARY_METRICS)} (binary "
-            f"tasks) or {', '.join(REGRESSION_METRICS)} (regression)"
+            f"tasks) or {', '.join(REGRESSION_METRICS)} (regression); with a group_column, "
+            f"also val/mean_gauc and val/<task>/gauc"
         )
 
 

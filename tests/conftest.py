@@ -70,7 +70,8 @@ def tiny_config(logs: Path, workdir: Path, *overrides: str):
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     import socket
 
     with socket.socket() as s:
@@ -88,7 +89,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import urllib.request
 
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),

@@ -11,6 +11,8 @@ Batch format (see `models.config.FeatureSchema`):
   multi_hot.<column>  int64 [B, max_length]  ids in [1, buckets), 0 = padding
   labels       float32 [B, T] 0 where missing;  mask float32 [B, T] 1 observed / 0 null
   weight       float32 [B]    the weight column, or ones
+  group.<column>  int64 [B]   GAUC group key of each row (`hashing.group_keys`), for each
+               of `data.group_columns`
   passthrough.<column>        raw values, only with `passthrough=True`
 """
 
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DataConfig, DenseFeature, TaskSpec
-from pipeline.data.hashing import as_arrow, bucketize
+from pipeline.data.hashing import as_arrow, bucketize, group_keys
 from pipeline.errors import SchemaError
 
 Batch = pa.Table | pd.DataFrame | dict[str, Any]
@@ -172,6 +174,8 @@ class Preprocessor:
                 out["weight"] = weight.astype(np.float32)
             else:
                 out["weight"] = np.ones(rows, dtype=np.float32)
+            for column in data.group_columns:
+                out[f"group.{column}"] = group_keys(table[column])
         if passthrough:
             for column in data.passthrough:
                 out[f"passthrough.{column}"] = table[column].to_numpy()
@@ -191,6 +195,8 @@ class Preprocessor:
             out["labels"] = np.zeros((0, len(data.tasks)), dtype=np.float32)
             out["mask"] = np.zeros((0, len(data.tasks)), dtype=np.float32)
             out["weight"] = np.zeros(0, dtype=np.float32)
+            for column in data.group_columns:
+                out[f"group.{column}"] = np.zeros(0, dtype=np.int64)
         return out
 
     @staticmethod

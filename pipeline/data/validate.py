@@ -85,6 +85,8 @@ def required_columns(data: DataConfig, labels: bool = True) -> dict[str, _Need]:
             need[t.label_column] = _Need(f"{t.type} label of task {t.name!r}", accepts, expected)
         if data.weight_column:
             need[data.weight_column] = _Need("sample weight", _numeric, "a number")
+        for column in data.group_columns:
+            need.setdefault(column, _Need("GAUC group column", _id, "an integer or string"))
         split_need = {
             "hash": _Need("split key (hash)", _id, "an integer, string or bool"),
             "values": _Need("split column (values)", _id, "an integer or string"),

@@ -15,11 +15,16 @@ def generate(
     days: Annotated[int, typer.Option("--days", min=1, help="Days (one file each).")] = 14,
     users: Annotated[int, typer.Option("--users", min=1)] = 2_000,
     items: Annotated[int, typer.Option("--items", min=1)] = 1_000,
+    start_day: Annotated[
+        str, typer.Option("--start-day", help="First day (ISO); e.g. the next day of logs.")
+    ] = "2024-01-01",
 ) -> None:
     """Write synthetic interaction logs with oracle columns (see pipeline/datasets/synthetic.py)."""
     from pipeline.datasets.synthetic import generate_logs
 
-    summary = generate_logs(out, rows, seed, days=days, users=users, items=items)
+    summary = generate_logs(
+        out, rows, seed, days=days, users=users, items=items, start_day=start_day
+    )
     typer.echo(summary.line())
 
 

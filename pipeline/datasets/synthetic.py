@@ -267,7 +267,8 @@ def generate_logs(
     Args:
         out_dir: output folder; files are `day-YYYY-MM-DD.parquet`, each with a `day` column.
         rows: total rows, spread evenly over the days.
-        seed: the same seed gives the same rows.
+        seed: the same seed gives the same world (users, items, interests) and, for the same
+            calendar day, the same rows.
         days: number of days (files).
         users, items: id cardinalities; each id gets about rows/users (rows/items) rows.
         relatedness: in [0, 1], how much of like's (and share's) interest is click's.
@@ -289,6 +290,10 @@ def generate_logs(
     out.mkdir(parents=True, exist_ok=True)
     world = make_world(seed, users, items)
     first_day = dt.date.fromisoformat(start_day)
+    # Rows depend on the calendar day, not on the file's position: logs generated one day
+    # at a time (a daily retraining) are new rows of the same world, and the default start
+    # keeps the rows of every earlier version.
+    offset = (first_day - dt.date(2024, 1, 1)).days
     per_day = [rows // days + (1 if d < rows % days else 0) for d in range(days)]
     starts = np.concatenate([[0], np.cumsum(per_day)[:-1]])
 
@@ -299,7 +304,7 @@ def generate_logs(
         writer = None
         for c, chunk_start in enumerate(range(0, per_day[d], CHUNK_ROWS)):
             n = min(CHUNK_ROWS, per_day[d] - chunk_start)
-            rng = np.random.default_rng([seed, 1, d, c])
+            rng = np.random.default_rng([seed, 1, (offset + d) % 2**32, c])
             table = _chunk(world, rng, n, day, int(starts[d]) + chunk_start, relatedness, conflict)
             for k in sums:
                 sums[k] += float(pc.sum(table[k]).as_py() or 0.0)

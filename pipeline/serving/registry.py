@@ -21,8 +21,8 @@ from pipeline.tracking import tags as tag
 
 # Metrics where lower is better; the other quality metrics (auc) are maximised.
 LOWER_IS_BETTER = ("ne", "logloss", "loss", "mse")
-# Not a quality: calibration is best at 1, count is a row count.
-NOT_COMPARABLE = ("calibration", "count")
+# Not a quality: calibration is best at 1, count and gauc_groups are counts.
+NOT_COMPARABLE = ("calibration", "count", "gauc_groups")
 
 
 @dataclass
@@ -52,8 +52,14 @@ def schema_hash(data: dict) -> str:
     Args:
         data: the `data:` config section (as JSON) the model was trained with.
     """
-    keys = ("categorical", "dense", "multi_hot", "tasks")
-    blob = json.dumps({k: data.get(k) for k in keys}, sort_keys=True)
+    keys = ("categorical", "dense", "multi_hot")
+    schema: dict = {k: data.get(k) for k in keys}
+    # A task's output, not how it is trained or evaluated (loss weight, oracle, GAUC group).
+    schema["tasks"] = [
+        {"name": t["name"], "label": t.get("label") or t["name"], "type": t.get("type", "binary")}
+        for t in data.get("tasks", [])
+    ]
+    blob = json.dumps(schema, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,13 @@ MODEL = "adatt.model"  # the model family, e.g. adatt, mmoe
 STORAGE = "adatt.storage_path"  # Ray Train storage of the run's checkpoints
 RAY_RUN = "adatt.ray_run_name"  # Ray Train run name under STORAGE
 
+# Lineage of a warm-started run (`adatt train --warm-start`).
+WARM_START = "adatt.warm_start"  # the source as given, e.g. models:/adatt@champion
+PARENT_MODEL = "adatt.parent_model_uri"  # that model, pinned: models:/NAME/VERSION, runs:/...
+PARENT_RUN = "adatt.parent_run_id"  # the run that logged it
+PARENT_VERSION = "adatt.parent_model_version"  # NAME/VERSION of a registered source
+DATA_WINDOW = "adatt.data_window"  # the split column's range over the run's files
+
 # Tune: trial runs are children of the search's parent run.
 PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 TRIAL = "adatt.trial_id"

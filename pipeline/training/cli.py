@@ -55,6 +55,17 @@ def train(
         str | None,
         typer.Option(help="Continue from a checkpoint folder or an MLflow run id."),
     ] = None,
+    warm_start: Annotated[
+        str | None,
+        typer.Option(
+            help="Start a new run from a model's weights and preprocessing: "
+            "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a run id."
+        ),
+    ] = None,
+    refit_stats: Annotated[
+        bool,
+        typer.Option(help="With --warm-start, refit the dense statistics on this data."),
+    ] = False,
 ) -> None:
     """Train a model: Parquet logs -> Ray Data -> Ray Train -> MLflow run."""
     from pipeline.config import load_config
@@ -63,7 +74,7 @@ def train(
 
     cfg = load_config(config, set_ or [])
     try:
-        outcome = run_training(cfg, resume=resume)
+        outcome = run_training(cfg, resume=resume, warm_start=warm_start, refit_stats=refit_stats)
     except KeyboardInterrupt as err:
         # 128 + the signal's number, as a shell reports a process a signal stopped.
         raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None

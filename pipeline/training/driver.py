@@ -22,6 +22,7 @@ from pipeline.data.files import InputFiles
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
 from pipeline.data.preprocess import Preprocessor
+from pipeline.errors import InputError
 from pipeline.runtime import resolve_use_gpu, storage_uri
 from pipeline.tracking import tags
 from pipeline.tracking.runs import (
@@ -41,6 +42,7 @@ from pipeline.training.loop import train_loop
 from pipeline.training.outputs import log_outputs, oracle_metrics
 from pipeline.training.resume import resolve_resume
 from pipeline.training.signals import terminate_as_interrupt
+from pipeline.training.warm_start import WarmStart, resolve_warm_start
 
 
 @dataclass
@@ -101,8 +103,11 @@ def make_trainer(
     *,
     callbacks: list[Any] | None = None,
     resume_from: str | None = None,
+    warm_start: WarmStart | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer for one training run; a Tune trial builds the same one."""
+    """The TorchTrainer for one training run; a Tune trial builds the same one. With
+    `warm_start`, the workers start from its weights (through the object store, so the
+    workers of a cluster read them too)."""
     task_names = [t.name for t in config.data.tasks]
     deterministic = config.train.deterministic
     dataset_config = configure_ray_data(
@@ -121,6 +126,7 @@ def make_trainer(
             "preprocessor": preprocessor.to_dict(),
             "mlflow_run_id": run.run_id,
             "resume_from": resume_from,
+            "warm_start": ray.put(warm_start.weights) if warm_start else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,
@@ -170,18 +176,31 @@ def finish_run(
     )
 
 
-def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
+def run_training(
+    config: Config,
+    resume: str | None = None,
+    warm_start: str | None = None,
+    refit_stats: bool = False,
+) -> TrainingOutcome:
     """Train `config` (or resume a run) and return the run id and final metrics.
 
     Args:
         config: the validated training config.
         resume: a checkpoint path or an MLflow run id to continue; the stored config and
             preprocessing are reused, except `train.epochs`, taken from `config`.
+        warm_start: a model to start a new run from (`pipeline.training.warm_start`): its
+            weights, and its dense statistics unless `refit_stats`.
+        refit_stats: with `warm_start`, fit the dense statistics on this run's data.
     """
+    if resume and warm_start:
+        raise InputError("--resume continues a run, --warm-start starts a new one: pick one")
+    if refit_stats and not warm_start:
+        raise InputError("--refit-stats applies to --warm-start (a cold start always fits)")
     quiet_telemetry()
     uri = resolve_tracking_uri(config.tracking)
     storage = storage_uri(config.train.storage_path)
     state = None
+    parent = None
     if resume:
         check_tracking_reachable(uri)
         client = set_tracking(uri)
@@ -192,14 +211,21 @@ def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
         )
         storage = client.get_run(run_id).data.tags.get(tags.STORAGE, storage)
     files = check_before_ray(config, uri)
+    if warm_start:
+        parent = resolve_warm_start(warm_start, set_tracking(uri), config)
     if state is not None:
         preprocessor = Preprocessor.from_dict(state.preprocessor)
     else:
+        # The row pass checks the day's data even when the statistics stay the model's.
         preprocessor = fit_preprocessor(config.data, files)
+        if parent is not None:
+            preprocessor = parent.preprocessor(config, preprocessor, refit_stats)
     start_ray_and_check_cluster(uri, storage)
     if state is None:
         client = set_tracking(uri)
         run_tags = {tags.GIT_COMMIT: git_commit(), tags.MODEL: config.model.name}
+        if parent is not None:
+            run_tags.update(parent.lineage_tags(files, config))
         run_id = start_run(client, config, uri, tags=run_tags)
         name = f"adatt-{run_id}"
         client.set_tag(run_id, tags.STORAGE, storage)
@@ -214,6 +240,7 @@ def run_training(config: Config, resume: str | None = None) -> TrainingOutcome:
                 files,
                 run,
                 resume_from=resume if resume and Path(resume).exists() else None,
+                warm_start=parent,
             )
             result = trainer.fit()
             return finish_run(

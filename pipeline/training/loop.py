@@ -167,9 +167,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics over `batches` of every worker (every worker must call this)."""
     model.eval()
-    metrics = MultiTaskMetrics([TaskKind(t.name, t.type) for t in config.data.tasks], device)
+    data = config.data
+    kinds = [TaskKind(t.name, t.type, data.group_column_of(t)) for t in data.tasks]
+    metrics = MultiTaskMetrics(kinds, device)
     for batch in batches:
-        metrics.update(model(batch), batch["labels"], batch["mask"])
+        groups = {c: batch[f"group.{c}"] for c in data.group_columns}
+        metrics.update(model(batch), batch["labels"], batch["mask"], groups)
     return metrics.compute(prefix)
 
 
@@ -204,10 +207,18 @@ class Replicated:
     (one `checkpoint.pt`, written by rank 0).
     """
 
-    def __init__(self, training_model: TrainingModel, train: TrainConfig, state: Any) -> None:
+    def __init__(
+        self,
+        training_model: TrainingModel,
+        train: TrainConfig,
+        state: Any,
+        initial: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if state is not None:
             training_model.model.load_state_dict(state.model)
             training_model.loss.load_state_dict(state.loss)
+        elif initial is not None:  # warm start: the network only; a fresh optimizer
+            training_model.model.load_state_dict(initial)
         self.module = ray.train.torch.prepare_model(training_model)
         self.optimizer = make_optimizer(self.module, train)
         # The config's rates, before a restored state's scaled ones replace them.
@@ -300,7 +311,8 @@ def peak_memory_bytes() -> int:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (the Config as a JSON dict),
-    `preprocessor` (fitted statistics), `mlflow_run_id`, and optionally `resume_from`."""
+    `preprocessor` (fitted statistics), `mlflow_run_id`, and optionally `resume_from` and
+    `warm_start` (an object ref of the network's initial state dict)."""
     quiet_worker_logging()
     config = parse_config(loop_config["config"], source="train_loop_config")
     torch.manual_seed(config.train.seed)
@@ -309,14 +321,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(config.train.threads_per_worker)
     with _restored_folder(loop_config) as folder:
         restored = load_checkpoint(folder) if folder else None
+        # A warm start initialises the network of a new run; a restart or resume continues
+        # from the run's own checkpoint instead.
+        initial = loop_config.get("warm_start") if restored is None else None
+        initial = ray.get(initial) if initial is not None else None
         training_model = build_training_model(config)
         if config.model.embeddings == "torchrec":
             from pipeline.training.sharding import Sharded
 
             empty = Preprocessor.from_dict(loop_config["preprocessor"]).empty()
-            replicas = Sharded(training_model, config.train, device, empty, restored, folder)
+            replicas = Sharded(
+                training_model, config.train, device, empty, restored, folder, initial=initial
+            )
         else:
-            replicas = Replicated(training_model, config.train, restored)
+            replicas = Replicated(training_model, config.train, restored, initial)
     state = restored or TrainingState(
         model={},
         loss={},

@@ -7,6 +7,14 @@ Rows whose label is missing (mask 0) are left out of that task's metrics.
 The state lives in torchmetrics objects, which gather every worker's predictions (AUC) or
 sums (the rest) through `torch.distributed` on `compute()`: the AUC is computed once over all
 predictions, not averaged over per-worker AUCs.
+
+GAUC (binary tasks with a group column, e.g. a user id): the AUC of each group's rows,
+averaged with the group's number of rows (impressions) as its weight, over the groups that
+hold both classes, as TorchRec's and TorchEasyRec's GAUC. Sample weights do not enter it.
+It is exact across workers without gathering the split anywhere: each worker sends every
+row to the worker that owns its group (`all_to_all`, owner = group key mod world size), so a
+group's rows meet on one worker, which computes that group's AUC; the workers then sum the
+weighted AUCs. A worker holds about 1/N of the split's (key, score, label) triples.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 from torchmetrics.classification import BinaryAUROC
@@ -23,16 +33,95 @@ from torchmetrics.classification import BinaryAUROC
 
 @dataclass(frozen=True)
 class TaskKind:
-    """A task's name and whether it is `binary` or `regression`."""
+    """A task's name, whether it is `binary` or `regression`, and its GAUC group column."""
 
     name: str
     type: str
+    group: str | None = None
 
 
 class _BinaryState:
     def __init__(self, device: torch.device) -> None:
         self.auroc = BinaryAUROC(thresholds=None).to(device)
         self.sums = {k: SumMetric().to(device) for k in ("logloss", "pred", "label", "count")}
+
+
+class _GroupState:
+    """This worker's (group key, score, label) rows of one task, for GAUC."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []  # [n, 2] float64: score, label
+
+    def update(self, keys: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        self.keys.append(keys.long())
+        self.values.append(torch.stack([scores.double(), labels.double()], dim=1))
+
+    def compute(self, device: torch.device) -> tuple[float, float]:
+        """(GAUC, number of groups with both classes) over every worker's rows."""
+        keys = torch.cat(self.keys) if self.keys else torch.zeros(0, dtype=torch.long)
+        values = torch.cat(self.values) if self.values else torch.zeros(0, 2).double()
+        keys, values = _to_group_owners(keys.to(device), values.to(device))
+        values = values.cpu().numpy()
+        weighted, weight, groups = grouped_auc_sums(keys.cpu().numpy(), values[:, 0], values[:, 1])
+        totals = torch.tensor([weighted, weight, groups], dtype=torch.float64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        weighted, weight, groups = totals.tolist()
+        return (weighted / weight if weight > 0 else float("nan")), groups
+
+
+def _to_group_owners(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every worker's rows whose group this worker owns (key mod world size), from all
+    workers (one `all_to_all`); unchanged outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys, values
+    world = dist.get_world_size()
+    owner = torch.remainder(keys, world)
+    order = torch.argsort(owner, stable=True)
+    keys, values = keys[order], values[order]
+    send = torch.bincount(owner, minlength=world)
+    receive = torch.empty_like(send)
+    dist.all_to_all_single(receive, send)
+    send_sizes, receive_sizes = send.tolist(), receive.tolist()
+    out_keys = keys.new_empty(sum(receive_sizes))
+    dist.all_to_all_single(out_keys, keys, receive_sizes, send_sizes)
+    out_values = values.new_empty((sum(receive_sizes), values.shape[1]))
+    dist.all_to_all_single(out_values, values.contiguous(), receive_sizes, send_sizes)
+    return out_keys, out_values
+
+
+def grouped_auc_sums(
+    keys: np.ndarray, scores: np.ndarray, labels: np.ndarray
+) -> tuple[float, float, int]:
+    """Per-group AUC of 0/1 `labels` by `scores`, ties counted half (the Mann-Whitney U).
+
+    Returns (sum over the groups with both classes of rows x AUC, sum of those rows, number
+    of those groups); GAUC is the first divided by the second.
+
+    Example:
+        >>> grouped_auc_sums(np.array([7, 7, 7, 9, 9]), np.array([.9, .1, .5, .3, .4]),
+        ...                  np.array([1, 0, 0, 1, 1]))
+        (3.0, 3.0, 1)
+    """
+    if len(keys) == 0:
+        return 0.0, 0.0, 0
+    order = np.lexsort((scores, keys))
+    keys, scores, labels = keys[order], scores[order], labels[order]
+    starts = np.r_[True, keys[1:] != keys[:-1]]
+    group = np.cumsum(starts) - 1
+    rank = np.arange(len(keys)) - np.flatnonzero(starts)[group] + 1.0  # 1-based, in group
+    # Tied scores within a group share the mean of their ranks.
+    tie = np.cumsum(starts | np.r_[True, scores[1:] != scores[:-1]]) - 1
+    rank = (np.bincount(tie, weights=rank) / np.bincount(tie))[tie]
+    size = np.bincount(group).astype(np.float64)
+    positives = np.bincount(group, weights=labels)
+    negatives = size - positives
+    positive_ranks = np.bincount(group, weights=rank * labels)
+    both = (positives > 0) & (negatives > 0)
+    p, n = positives[both], negatives[both]
+    auc = (positive_ranks[both] - p * (p + 1) / 2) / (p * n)
+    return float((auc * size[both]).sum()), float(size[both].sum()), int(both.sum())
 
 
 class _RegressionState:
@@ -69,15 +158,28 @@ class MultiTaskMetrics:
             _BinaryState(device) if t.type == "binary" else _RegressionState(device)
             for t in self.tasks
         ]
+        self.groups = {i: _GroupState() for i, t in enumerate(self.tasks) if t.group}
 
     @torch.no_grad()
-    def update(self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add a batch: `outputs` are logits (binary) or values (regression), all [B, T]."""
+    def update(
+        self,
+        outputs: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        groups: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Add a batch: `outputs` are logits (binary) or values (regression), all [B, T];
+        `groups` maps a group column to the rows' keys [B] (the batch's `group.<column>`),
+        needed for every task with a group column."""
         self.updated = True
         outputs = outputs.float()
         for i, state in enumerate(self.state):
             keep = mask[:, i] > 0
             out, y = outputs[keep, i], labels[keep, i]
+            if i in self.groups:
+                column = self.tasks[i].group
+                keys = groups[column][keep] if groups else out.new_zeros(0, dtype=torch.long)
+                self.groups[i].update(keys, torch.sigmoid(out), y)
             if isinstance(state, _BinaryState):
                 state.auroc.update(torch.sigmoid(out), y.long())
                 state.sums["logloss"].update(
@@ -101,7 +203,14 @@ class MultiTaskMetrics:
             empty = torch.zeros(0, len(self.tasks), device=self.device)
             self.update(empty, empty, empty)
         out: dict[str, float] = {}
-        aucs, nes = [], []
+        aucs, nes, gaucs = [], [], []
+        for i, group in self.groups.items():  # every worker, in the same order
+            gauc, count = group.compute(self.device)
+            key = f"{prefix}/{self.tasks[i].name}"
+            out[f"{key}/gauc_groups"] = count
+            if count:
+                out[f"{key}/gauc"] = gauc
+                gaucs.append(gauc)
         for task, state in zip(self.tasks, self.state, strict=True):
             sums = {k: float(v.compute()) for k, v in state.sums.items()}
             count = sums["count"]
@@ -127,4 +236,6 @@ class MultiTaskMetrics:
         if aucs:
             out[f"{prefix}/mean_auc"] = sum(aucs) / len(aucs)
             out[f"{prefix}/mean_ne"] = sum(nes) / len(nes)
+        if gaucs:
+            out[f"{prefix}/mean_gauc"] = sum(gaucs) / len(gaucs)
         return out

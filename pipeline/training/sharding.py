@@ -312,6 +312,7 @@ class Sharded:
         state: the state to continue from, or None.
         folder: the checkpoint folder `state` came from.
         table_optimizer: see `shard`.
+        initial: without `state`, full weights of the network to start from (warm start).
     """
 
     def __init__(
@@ -323,6 +324,7 @@ class Sharded:
         state: Any = None,
         folder: str | None = None,
         table_optimizer: type | None = None,
+        initial: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.module, self.optimizer = shard(training_model, train, device, table_optimizer)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -342,6 +344,8 @@ class Sharded:
             if state.best_epoch == state.epoch > 0:
                 self.best = snapshot(self.module)
             self.optimizer.load_state_dict(state.optimizer)
+        elif initial is not None:  # the network's names, under the training module's
+            load_full_weights(self.module, {f"model.{k}": v for k, v in initial.items()})
 
     def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
         from pipeline.data.ingest import iter_batches

@@ -48,6 +48,15 @@ def test_minimal_config_gets_defaults() -> None:
         (_raw(split={"method": "cutoff", "column": "day"}), "validation_from: required"),
         (_raw(split={"method": "random"}), "data.split.method"),
         ({**_raw(), "train": {"threads_per_worker": 0}}, "train.threads_per_worker"),
+        (
+            _raw(tasks=[{"name": "w", "type": "regression", "group_column": "user_id"}]),
+            "GAUC is a metric of binary tasks",
+        ),
+        (_raw(tasks=[{"name": "click"}], group_column="click"), "used as group_column"),
+        (
+            {**_raw(), "train": {"early_stopping": {"metric": "val/mean_gauc"}}},
+            "with a group_column, also val/mean_gauc",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(raw: dict, message: str) -> None:
@@ -55,6 +64,20 @@ def test_invalid_configs_name_the_field(raw: dict, message: str) -> None:
         parse_config(raw, source="my.yaml")
     assert message in str(err.value)
     assert str(err.value).startswith("my.yaml: ")
+
+
+def test_gauc_metrics_need_a_group_column() -> None:
+    raw = _raw(
+        tasks=[{"name": "click"}, {"name": "like", "group_column": "viewer"}, {"name": "t"}],
+        group_column="user_id",
+    )
+    raw["train"] = {"early_stopping": {"metric": "val/mean_gauc"}}
+    data = parse_config(raw).data
+    assert [data.group_column_of(t) for t in data.tasks] == ["user_id", "viewer", "user_id"]
+    assert data.group_columns == ["user_id", "viewer"]
+    assert data.columns() == ["user_id", "price", "click", "like", "t", "viewer"]
+    raw["train"] = {"early_stopping": {"metric": "val/like/gauc"}}
+    assert parse_config(raw).train.early_stopping.metric == "val/like/gauc"
 
 
 def test_overrides_parse_yaml_values() -> None:

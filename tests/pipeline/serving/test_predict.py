@@ -4,9 +4,14 @@ registered model loads in a fresh Python process without Ray or the project."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -20,7 +25,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.serving.registry import register_run
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -145,3 +150,73 @@ def test_output_must_be_new_and_model_must_exist(champion, mlflow_server, tiny_l
     )
     assert missing.exit_code == 2 and f"--model models:/{NAME}@nope: cannot read" in missing.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"mlflow models serve did not answer in 180 s: {log.read_text()[-3000:]}")
+
+
+def _post(url: str, rows: pd.DataFrame) -> tuple[int, str]:
+    body = json.dumps({"dataframe_records": json.loads(rows.to_json(orient="records"))})
+    request = urllib.request.Request(
+        f"{url}/invocations", body.encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_rest_serving_answers_raw_rows_like_predict(
+    champion, mlflow_server, tiny_logs, tmp_path
+) -> None:
+    """`mlflow models serve` of the alias on 127.0.0.1 (docs/registry.md, "REST serving")."""
+    day = sorted(Path(tiny_logs).glob("*.parquet"))[0]
+    out = tmp_path / "scores"
+    result = _predict(
+        mlflow_server,
+        *("--model", champion, "--input", str(day), "--output", str(out)),
+        *("--passthrough", "event_id"),
+    )
+    assert result.exit_code == 0, result.output
+    batch = pd.read_parquet(out).set_index("event_id")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    # MLflow starts `uvicorn` by name: the environment's scripts must be on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": path}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", champion]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as sink:
+        server = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_until_serving(url, server, log)
+        rows = pd.read_parquet(day)  # raw rows: every column of the log, labels included
+        status, body = _post(url, rows)
+        assert status == 200, body
+        served = pd.DataFrame(json.loads(body)["predictions"], index=rows["event_id"])
+        assert len(served) == len(rows) == len(batch)
+        for task in TASKS:
+            np.testing.assert_allclose(served[task], batch.loc[served.index, task], atol=1e-6)
+
+        status, body = _post(url, rows.drop(columns=["position"]).head(3))
+        assert 400 <= status < 500, body
+        assert "position" in json.loads(body)["message"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

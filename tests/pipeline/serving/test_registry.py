@@ -40,6 +40,27 @@ def test_metric_direction_and_choice() -> None:
         check_metric("test/mean_auc")
     with pytest.raises(InputError, match="not a metric that ranks"):
         check_metric("val/click/calibration")
+    with pytest.raises(InputError, match="not a metric that ranks"):
+        check_metric("val/click/gauc_groups")
+    assert not lower_is_better("val/mean_gauc")
+
+
+def test_schema_hash_covers_inputs_and_task_outputs_only() -> None:
+    data = {
+        "categorical": [{"column": "user_id", "buckets": 100, "dim": 16}],
+        "dense": [],
+        "multi_hot": [],
+        "tasks": [{"name": "click", "label": None, "type": "binary", "weight": 1.0}],
+    }
+    base = schema_hash(data)
+    how_trained = {**data, "group_column": "user_id", "batch_size": 7}
+    how_trained["tasks"] = [{**data["tasks"][0], "weight": 0.5, "group_column": "user_id"}]
+    assert schema_hash(how_trained) == base
+    assert schema_hash({**data, "tasks": [{"name": "click", "label": "click"}]}) == base
+    wider = {**data, "categorical": [{"column": "user_id", "buckets": 200, "dim": 16}]}
+    assert schema_hash(wider) != base
+    regression = {**data, "tasks": [{"name": "click", "type": "regression"}]}
+    assert schema_hash(regression) != base
 
 
 def test_register_tags_and_promote_if_better(served_training, untrained_run, mlflow_server):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pipeline.data.fit import fit_preprocessor
 from pipeline.datasets.synthetic import generate_logs
 from pipeline.training import checks
 from pipeline.training.checks import check_before_ray
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
 TRAIN_DAY = "day-2024-01-05.parquet"
@@ -74,12 +73,6 @@ def _with_value(table: pa.Table, column: str, row: int, value: float) -> pa.Tabl
     values = table[column].to_numpy().astype(np.float64)
     values[row] = value
     return _set(table, column, pa.array(values).cast(table.schema.field(column).type))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _corrupt_column_pages(path: Path, column: str) -> None:
@@ -370,7 +363,7 @@ def _invoke(tmp_path: Path, *args: str, env: dict[str, str] | None = None, confi
 
 
 def test_unreachable_tracking_server_fails_fast(good_logs: Path, tmp_path: Path, no_ray) -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     result = _invoke(
         tmp_path, "--set", f"data.path={good_logs}", "--set", f"tracking.tracking_uri={uri}"
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,7 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
 
-from pipeline.training.metrics import MultiTaskMetrics, TaskKind, binary_entropy
+from pipeline.training.metrics import (
+    MultiTaskMetrics,
+    TaskKind,
+    binary_entropy,
+    grouped_auc_sums,
+)
+from tests.conftest import free_port
 
 TASKS = [TaskKind("click", "binary"), TaskKind("like", "binary"), TaskKind("watch", "regression")]
 
@@ -84,12 +89,6 @@ def test_binary_entropy() -> None:
     assert binary_entropy(0.0) == 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -109,7 +108,7 @@ def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
 def test_metrics_are_exact_across_two_workers(cut: int) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, queue, cut)) for r in range(2)]
     for p in procs:
         p.start()
@@ -122,3 +121,107 @@ def test_metrics_are_exact_across_two_workers(cut: int) -> None:
     want = _expected(logits, labels, mask)
     _check(results[0], want)
     assert results[0] == results[1]
+
+
+# GAUC: click and like grouped by user (like on its own column), watch time has none.
+GROUPED = [
+    TaskKind("click", "binary", "user"),
+    TaskKind("like", "binary", "viewer"),
+    TaskKind("watch", "regression"),
+]
+
+
+def _grouped_data(seed: int, n: int = 3000) -> tuple[torch.Tensor, ...]:
+    """`_data` with a third of the logits 0 (tied scores within users) and two group
+    columns. Ties at 0 only: sigmoid(0) is 0.5 exactly, while a float32 sigmoid of other
+    values may differ in the last bit with the value's position in its batch."""
+    logits, labels, mask = _data(seed, n)
+    g = torch.Generator().manual_seed(seed + 100)
+    logits = torch.where(torch.rand(logits.shape, generator=g) < 0.3, 0.0, logits)
+    users = torch.randint(0, 150, (n,), generator=g) * 7919 - 40_000  # negative keys too
+    viewers = torch.randint(0, 40, (n,), generator=g)
+    return logits, labels, mask, users, viewers
+
+
+def _reference_gauc(users: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> float:
+    """Per-user sklearn AUC weighted by the user's rows; single-class users left out."""
+    total, weight = 0.0, 0.0
+    for user in np.unique(users):
+        rows = users == user
+        if len(np.unique(labels[rows])) == 2:
+            total += roc_auc_score(labels[rows], scores[rows]) * rows.sum()
+            weight += rows.sum()
+    return total / weight
+
+
+def _chunks(cut: int, rank: int, n: int = 3000) -> list[slice]:
+    """The batches of rows one worker scores: rows split by position, not by user."""
+    start, stop = (0, cut) if rank == 0 else (cut, n)
+    return [slice(s, min(s + 400, stop)) for s in range(start, stop, 400)]
+
+
+def _expected_gauc(logits, labels, mask, users, viewers) -> dict[str, float]:
+    out = {}
+    for i, column in ((0, users), (1, viewers)):
+        keep = mask[:, i].bool().numpy()
+        p = torch.sigmoid(logits[:, i]).double().numpy()[keep]
+        out[f"val/{GROUPED[i].name}/gauc"] = _reference_gauc(
+            column.numpy()[keep], p, labels[:, i].numpy()[keep]
+        )
+    out["val/mean_gauc"] = (out["val/click/gauc"] + out["val/like/gauc"]) / 2
+    return out
+
+
+def test_grouped_auc_matches_per_user_sklearn_with_ties_and_one_class_users() -> None:
+    logits, labels, mask, users, _ = _grouped_data(3)
+    keys, scores, y = users.numpy(), torch.sigmoid(logits[:, 0]).double().numpy(), labels[:, 0]
+    y = y.numpy().astype(np.float64)
+    y[keys == keys[0]] = 1.0  # one user holding positives only: skipped, as in TorchRec
+    weighted, weight, groups = grouped_auc_sums(keys, scores, y)
+    assert weighted / weight == pytest.approx(_reference_gauc(keys, scores, y), abs=1e-12)
+    with_both = sum(len(np.unique(y[keys == u])) == 2 for u in np.unique(keys))
+    assert groups == with_both < len(np.unique(keys))
+    assert grouped_auc_sums(keys[:0], scores[:0], y[:0]) == (0.0, 0.0, 0)
+
+
+def test_gauc_is_the_per_user_auc_not_the_global_auc() -> None:
+    # Within each user the order is right (GAUC 1); across users the scores are shifted so
+    # that the global AUC is poor.
+    keys = np.array([1, 1, 2, 2])
+    scores, labels = np.array([0.8, 0.9, 0.1, 0.2]), np.array([0.0, 1.0, 0.0, 1.0])
+    weighted, weight, _ = grouped_auc_sums(keys, scores, labels)
+    assert weighted / weight == 1.0
+    assert roc_auc_score(labels, scores) == 0.75
+
+
+def _gauc_worker(rank: int, port: int, queue: mp.Queue, cut: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    logits, labels, mask, users, viewers = _grouped_data(4)
+    metrics = MultiTaskMetrics(GROUPED, torch.device("cpu"))
+    for rows in _chunks(cut, rank):
+        groups = {"user": users[rows], "viewer": viewers[rows]}
+        metrics.update(logits[rows], labels[rows], mask[rows], groups)
+    queue.put((rank, metrics.compute("val")))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cut", [1300, 3000])  # 3000: the second worker's shard is empty
+def test_gauc_is_exact_across_two_workers(cut: int) -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gauc_worker, args=(r, port, queue, cut)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    want = _expected_gauc(*_grouped_data(4))
+    for key, value in want.items():
+        assert results[0][key] == pytest.approx(value, abs=1e-9), key
+    assert results[0] == results[1]
+    assert "val/watch/gauc" not in results[0]
+    # Per-worker GAUCs would differ: each worker sees part of most users' rows.
+    users = _grouped_data(4)[3][:1300].numpy()
+    assert len(np.intersect1d(users, _grouped_data(4)[3][1300:].numpy())) > 100

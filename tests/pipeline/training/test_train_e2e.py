@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
@@ -75,6 +76,22 @@ def test_logged_model_matches_trained_model(trained, tiny_logs) -> None:
     click = rows["click"].notna()
     auc = roc_auc_score(rows.loc[click, "click"], logged.loc[click, "click"])
     assert outcome.metrics["test/click/auc"] == pytest.approx(auc, abs=1e-4)
+    # GAUC: each user's AUC weighted by the user's rows, users with one class left out,
+    # computed across the two workers; the reference is per-user sklearn AUCs on one host.
+    for task in ("click", "like", "share"):
+        seen = rows[task].notna()
+        frame = pd.DataFrame(
+            {
+                "user": rows.loc[seen, "user_id"],
+                "y": rows.loc[seen, task],
+                "p": logged.loc[seen, task],
+            }
+        )
+        both = frame.groupby("user").filter(lambda g: g["y"].nunique() == 2)
+        per_user = both.groupby("user").apply(lambda g: roc_auc_score(g["y"], g["p"]) * len(g))
+        gauc = per_user.sum() / len(both)
+        assert outcome.metrics[f"test/{task}/gauc"] == pytest.approx(gauc, abs=1e-4), task
+        assert outcome.metrics[f"test/{task}/gauc_groups"] == both["user"].nunique()
 
 
 def _console(capfd: pytest.CaptureFixture[str], until: str, wait_s: float = 15.0) -> str:

@@ -1,0 +1,198 @@
+"""`--warm-start`: a new run initialised from a logged model's weights and preprocessing.
+
+The source is a registered version (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), a run's
+model (`runs:/RUN_ID/model`) or a run id. Everything is checked on the driver before Ray
+starts: the model must read the same raw columns the same way (the registry's
+`data_schema_hash`) and its weights must fit the configured network; a mismatch is a
+one-line error naming the field that changed.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+from pipeline.config import Config, DataConfig
+from pipeline.data.files import InputFiles
+from pipeline.data.preprocess import DenseStats, Preprocessor
+from pipeline.errors import InputError
+from pipeline.serving.registry import schema_hash
+from pipeline.serving.scoring import MODEL_NAME, read_spec
+from pipeline.tracking import tags
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_SCHEMA_SECTIONS = ("categorical", "dense", "multi_hot")
+
+
+@dataclass
+class WarmStart:
+    """A resolved warm-start source.
+
+    Attributes:
+        source: as given on the command line.
+        model_uri: the model it names, pinned (`models:/NAME/VERSION` for an alias).
+        parent_run: the run that logged the model.
+        parent_version: `NAME/VERSION` when the source is a registered version.
+        weights: the network's state dict.
+        dense_stats: the model's dense statistics, kept unless `--refit-stats`.
+    """
+
+    source: str
+    model_uri: str
+    parent_run: str | None
+    parent_version: str | None
+    weights: dict[str, torch.Tensor]
+    dense_stats: dict[str, DenseStats]
+
+    def lineage_tags(self, files: InputFiles, config: Config) -> dict[str, str]:
+        """The run tags that say where the run came from."""
+        out = {
+            tags.WARM_START: self.source,
+            tags.PARENT_MODEL: self.model_uri,
+            tags.DATA_WINDOW: data_window(files, config.data),
+        }
+        if self.parent_run:
+            out[tags.PARENT_RUN] = self.parent_run
+        if self.parent_version:
+            out[tags.PARENT_VERSION] = self.parent_version
+        return out
+
+    def preprocessor(self, config: Config, fitted: Preprocessor, refit: bool) -> Preprocessor:
+        """The run's preprocessing: the model's dense statistics, or `fitted`'s with `refit`."""
+        return fitted if refit else Preprocessor(config.data, self.dense_stats)
+
+
+def _pinned(source: str, client: Any) -> tuple[str, str | None, str | None]:
+    """(model URI, parent run, NAME/VERSION) of a source; InputError naming it otherwise."""
+    flag = f"--warm-start {source}"
+    try:
+        if _RUN_ID.match(source):
+            client.get_run(source)
+            return f"runs:/{source}/{MODEL_NAME}", source, None
+        if source.startswith("runs:/"):
+            run_id = source.removeprefix("runs:/").split("/", 1)[0]
+            client.get_run(run_id)
+            return source, run_id, None
+        if source.startswith("models:/"):
+            name, _, ref = source.removeprefix("models:/").rpartition("@")
+            if name:
+                version = client.get_model_version_by_alias(name, ref)
+            else:
+                name, _, number = source.removeprefix("models:/").rpartition("/")
+                version = client.get_model_version(name, number)
+            pinned = f"{version.name}/{version.version}"
+            return f"models:/{pinned}", version.run_id, pinned
+    except MlflowException as err:
+        raise InputError(f"{flag}: not found ({err.message.splitlines()[0]})") from None
+    raise InputError(
+        f"{flag}: expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a run id"
+    )
+
+
+def _first_difference(path: str, model: Any, config: Any) -> str | None:
+    """The dotted path of the first value that differs between two JSON values."""
+    if isinstance(model, dict) and isinstance(config, dict):
+        for key in sorted(set(model) | set(config)):
+            found = _first_difference(f"{path}.{key}", model.get(key), config.get(key))
+            if found:
+                return found
+        return None
+    if isinstance(model, list) and isinstance(config, list) and len(model) == len(config):
+        for i, (a, b) in enumerate(zip(model, config, strict=True)):
+            found = _first_difference(f"{path}[{i}]", a, b)
+            if found:
+                return found
+        return None
+    if model != config:
+        return f"{path} is {model!r} in the model, {config!r} in the config"
+    return None
+
+
+def check_schema_matches(spec: dict[str, Any], config: Config, source: str) -> None:
+    """InputError naming the first changed field unless the model reads the configured raw
+    columns the same way (the same `data_schema_hash`)."""
+    trained = spec["preprocessor"]["data"]
+    wanted = config.data.model_dump(mode="json")
+    if schema_hash(trained) == schema_hash(wanted):
+        return
+    for section in _SCHEMA_SECTIONS:
+        found = _first_difference(f"data.{section}", trained.get(section), wanted.get(section))
+        if found:
+            break
+    else:
+
+        def task(t: dict) -> dict:
+            return {"name": t["name"], "label": t.get("label") or t["name"], "type": t["type"]}
+
+        found = _first_difference(
+            "data.tasks", [task(t) for t in trained["tasks"]], [task(t) for t in wanted["tasks"]]
+        )
+    raise InputError(
+        f"--warm-start {source}: the data schema changed: {found}; a warm start needs the "
+        "model's feature columns, buckets, transforms and tasks"
+    )
+
+
+def check_weights_fit(weights: dict[str, torch.Tensor], spec: dict, config: Config, source: str):
+    """InputError naming the changed model field unless `weights` load into the configured
+    network (built on the meta device: shapes only)."""
+    from models import build_model
+
+    with torch.device("meta"):
+        network = build_model(config.model, config.data.feature_schema())
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected == given:
+        return
+    changed = _first_difference("model", spec["model"], config.model.model_dump(mode="json"))
+    key = next(
+        (k for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k)), ""
+    )
+    detail = f"parameter {key!r} is {given.get(key)} in the model, {expected.get(key)} here"
+    raise InputError(
+        f"--warm-start {source}: the model's weights do not fit the configured network: "
+        f"{changed or detail}"
+    )
+
+
+def resolve_warm_start(source: str, client: Any, config: Config) -> WarmStart:
+    """Find the model, check it against `config`, and read its weights (driver side)."""
+    model_uri, parent_run, parent_version = _pinned(source.strip(), client)
+    try:
+        spec = read_spec(model_uri)
+        with tempfile.TemporaryDirectory() as folder:
+            path = get_artifact_repository(model_uri).download_artifacts(
+                "artifacts/weights.pt", dst_path=folder
+            )
+            weights = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (MlflowException, OSError) as err:
+        raise InputError(f"--warm-start {source}: not an adatt model ({err})") from None
+    check_schema_matches(spec, config, source)
+    check_weights_fit(weights, spec, config, source)
+    stats = Preprocessor.from_dict(spec["preprocessor"]).dense_stats
+    return WarmStart(source, model_uri, parent_run, parent_version, weights, stats)
+
+
+def data_window(files: InputFiles, data: DataConfig) -> str:
+    """The data a run saw: with a cutoff split, `<column> <min>..<max> (<n> files)` from the
+    footers' statistics; otherwise (or without statistics) the first and last file names."""
+    names = sorted(Path(p).name for p in files.paths)
+    fallback = f"files {names[0]}" + (f"..{names[-1]}" if len(names) > 1 else "")
+    fallback += f" ({len(names)})"
+    if data.split.method != "cutoff":
+        return fallback
+    lows, highs = [], []
+    for footer in files.footers:
+        for stats in footer.row_group_stats(data.split.column) or [None]:
+            if stats is None or not stats.has_min_max:
+                return fallback
+            lows.append(stats.min)
+            highs.append(stats.max)
+    return f"{data.split.column} {min(lows)}..{max(highs)} ({len(names)} files)"
