@@ -21,6 +21,7 @@ PIPELINE = [
     "pipeline.training.faults",
     "pipeline.training.losses",
     "pipeline.training.metrics",
+    "pipeline.ranking",
     "cluster.submit",
 ]
 

@@ -55,6 +55,7 @@ COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
     (app, "tune", tune_cli.tune),
     (app, "register", serving_cli.register),
     (app, "predict", serving_cli.predict),
+    (app, "evaluate", serving_cli.evaluate),
     (app, "submit", cluster_cli.submit),
     (app, "jobs", cluster_cli.jobs),
     (app, "stop", cluster_cli.stop),

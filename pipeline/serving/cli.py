@@ -1,4 +1,5 @@
-"""`adatt register` and `adatt predict`: the registry and batch scoring."""
+"""`adatt register`, `adatt predict` and `adatt evaluate`: the registry, batch scoring and
+champion-vs-challenger comparisons."""
 
 from __future__ import annotations
 
@@ -83,3 +84,32 @@ def predict(
     uri = _tracking_for_registry(tracking_uri)
     rows = run_predict(model, input, output, uri, passthrough, batch_size, actors, gpu)
     typer.echo(f"scored {rows:,} rows into {output}")
+
+
+def evaluate(
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="Model URI; repeat it. The first (e.g. models:/adatt@champion) is the "
+            "reference the others are compared with."
+        ),
+    ],
+    data: Annotated[str, typer.Option(help="Holdout Parquet logs with labels.")],
+    group_column: Annotated[
+        str | None,
+        typer.Option(help="Users for GAUC and the bootstrap (default: data.group_column)."),
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per scoring batch.")] = 4096,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Score models on the same rows; AUC, GAUC, NE and the gains, with intervals."""
+    from pipeline.serving.evaluate import evaluate as run_evaluate
+    from pipeline.serving.evaluate import report_lines
+
+    uri = _tracking_for_registry(tracking_uri)
+    result = run_evaluate(model, data, uri, group_column, bootstrap, seed, batch_size)
+    for line in report_lines(result):
+        typer.echo(line)
+    typer.echo(f"logged to MLflow run {result.run_id}")

@@ -19,16 +19,16 @@ weighted AUCs. A worker holds about 1/N of the split's (key, score, label) tripl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 from torchmetrics.classification import BinaryAUROC
+
+from pipeline.ranking import binary_entropy, grouped_auc_sums
 
 
 @dataclass(frozen=True)
@@ -91,49 +91,9 @@ def _to_group_owners(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
     return out_keys, out_values
 
 
-def grouped_auc_sums(
-    keys: np.ndarray, scores: np.ndarray, labels: np.ndarray
-) -> tuple[float, float, int]:
-    """Per-group AUC of 0/1 `labels` by `scores`, ties counted half (the Mann-Whitney U).
-
-    Returns (sum over the groups with both classes of rows x AUC, sum of those rows, number
-    of those groups); GAUC is the first divided by the second.
-
-    Example:
-        >>> grouped_auc_sums(np.array([7, 7, 7, 9, 9]), np.array([.9, .1, .5, .3, .4]),
-        ...                  np.array([1, 0, 0, 1, 1]))
-        (3.0, 3.0, 1)
-    """
-    if len(keys) == 0:
-        return 0.0, 0.0, 0
-    order = np.lexsort((scores, keys))
-    keys, scores, labels = keys[order], scores[order], labels[order]
-    starts = np.r_[True, keys[1:] != keys[:-1]]
-    group = np.cumsum(starts) - 1
-    rank = np.arange(len(keys)) - np.flatnonzero(starts)[group] + 1.0  # 1-based, in group
-    # Tied scores within a group share the mean of their ranks.
-    tie = np.cumsum(starts | np.r_[True, scores[1:] != scores[:-1]]) - 1
-    rank = (np.bincount(tie, weights=rank) / np.bincount(tie))[tie]
-    size = np.bincount(group).astype(np.float64)
-    positives = np.bincount(group, weights=labels)
-    negatives = size - positives
-    positive_ranks = np.bincount(group, weights=rank * labels)
-    both = (positives > 0) & (negatives > 0)
-    p, n = positives[both], negatives[both]
-    auc = (positive_ranks[both] - p * (p + 1) / 2) / (p * n)
-    return float((auc * size[both]).sum()), float(size[both].sum()), int(both.sum())
-
-
 class _RegressionState:
     def __init__(self, device: torch.device) -> None:
         self.sums = {k: SumMetric().to(device) for k in ("sq_err", "count")}
-
-
-def binary_entropy(rate: float) -> float:
-    """Entropy (nats) of a Bernoulli(rate); 0 at rate 0 or 1."""
-    if rate <= 0.0 or rate >= 1.0:
-        return 0.0
-    return -(rate * math.log(rate) + (1.0 - rate) * math.log(1.0 - rate))
 
 
 class MultiTaskMetrics:

@@ -12,12 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
 
-from pipeline.training.metrics import (
-    MultiTaskMetrics,
-    TaskKind,
-    binary_entropy,
-    grouped_auc_sums,
-)
+from pipeline.ranking import binary_entropy, grouped_auc_sums
+from pipeline.training.metrics import MultiTaskMetrics, TaskKind
 from tests.conftest import free_port
 
 TASKS = [TaskKind("click", "binary"), TaskKind("like", "binary"), TaskKind("watch", "regression")]
