@@ -142,10 +142,10 @@ def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
     return config, run_training(config)
 
 
-def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path):
-    """A run made without Ray: an untrained tiny network (seed 0) with fitted preprocessing,
-    logged as the scoring model, with its real validation metrics logged as `best/val/...`
-    the way a training run logs its selected epoch's."""
+def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None):
+    """A run made without Ray: an untrained tiny network (seed 0; or `weights`) with fitted
+    preprocessing, logged as the scoring model, with its real validation metrics logged as
+    `best/val/...` the way a training run logs its selected epoch's."""
     from types import SimpleNamespace
 
     import torch
@@ -163,6 +163,8 @@ def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path):
     preprocessor = fit_preprocessor(config.data, files)
     torch.manual_seed(0)
     network = build_model(config.model, config.data.feature_schema()).eval()
+    if weights is not None:
+        network.load_state_dict(weights)
     client = set_tracking(tracking_uri)
     tags = {"adatt.git_commit": "0" * 40, "adatt.model": config.model.name}
     run_id = start_run(client, config, tracking_uri, tags=tags)

@@ -43,14 +43,33 @@ def register(
             "metric, e.g. val/mean_auc (higher is better) or val/mean_ne (lower is better)."
         ),
     ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Decide on this holdout instead of the runs' metrics: both versions are "
+            "scored on it (`adatt evaluate`) and the alias moves only on a significant gain."
+        ),
+    ] = None,
+    min_gain: Annotated[
+        float,
+        typer.Option(help="With --data: the gain's 95 % interval must clear this margin."),
+    ] = 0.0,
+    group_column: Annotated[
+        str | None, typer.Option(help="With --data: the users of GAUC and the bootstrap.")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="With --data: bootstrap replicates.")] = 200,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Register a run's model in the MLflow registry and move an alias to it."""
-    from pipeline.serving.registry import register_run
+    from pipeline.errors import InputError
+    from pipeline.serving.registry import Evidence, register_run
     from pipeline.tracking.runs import set_tracking
 
+    if data is None and (min_gain or group_column):
+        raise InputError("--min-gain/--group-column: they apply to a comparison on --data")
+    evidence = Evidence(data, min_gain, group_column, bootstrap) if data else None
     uri = _tracking_for_registry(tracking_uri)
-    outcome = register_run(set_tracking(uri), run, name, alias, promote_if_better)
+    outcome = register_run(set_tracking(uri), run, name, alias, promote_if_better, evidence)
     typer.echo(outcome.message)
 
 

@@ -29,3 +29,12 @@ VERSION_SCHEMA_HASH = "data_schema_hash"
 VERSION_GIT_COMMIT = "git_commit"
 VERSION_MODEL_FAMILY = "model_family"
 VERSION_RUN_ID = "run_id"
+# Registry: the evidence of a promotion decided on a holdout (`register --data`).
+PROMOTION_METRIC = "promotion.metric"
+PROMOTION_COMPARED_WITH = "promotion.compared_with"  # the holder's version
+PROMOTION_GAIN = "promotion.gain"
+PROMOTION_GAIN_LOW = "promotion.gain_low"
+PROMOTION_GAIN_HIGH = "promotion.gain_high"
+PROMOTION_MIN_GAIN = "promotion.min_gain"
+PROMOTION_EVALUATION = "promotion.evaluation_run"  # the `adatt evaluate` run
+PROMOTION_DECISION = "promotion.decision"  # promoted, kept, no holder
