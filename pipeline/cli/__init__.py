@@ -51,6 +51,7 @@ COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
     (app, "generate", datasets_cli.generate),
     (data_app, "census", datasets_cli.census),
     (app, "train", training_cli.train),
+    (app, "retrain", training_cli.retrain),
     (app, "demo", training_cli.demo),
     (app, "tune", tune_cli.tune),
     (app, "register", serving_cli.register),

@@ -28,8 +28,10 @@ import pandas as pd
 import ray
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import SplitConfig
 from pipeline.data.hashing import group_keys
 from pipeline.data.preprocess import as_float
+from pipeline.data.split import split_mask
 from pipeline.data.validate import check_schema
 from pipeline.errors import InputError
 from pipeline.ranking import binary_entropy, per_group_auc, score_blocks, weighted_auc
@@ -126,13 +128,20 @@ class _MultiScorer:
         self.columns = columns
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        split = self.columns.get("split")
+        if split is not None:  # only the rows of one split (e.g. a day's test rows)
+            config, name = split
+            batch = batch[split_mask(batch[config.column], config, name)]
         out = {"group": group_keys(batch[self.columns["group"]])}
         for task, label in self.columns["labels"].items():
             out[f"label.{task}"] = as_float(batch[label])
         for i, (model, features) in enumerate(
             zip(self.models, self.columns["features"], strict=True)
         ):
-            scores = model.predict(batch[features])
+            if len(batch) == 0:  # every row in another split: nothing to score
+                scores = pd.DataFrame({t: np.zeros(0) for t in self.columns["labels"]})
+            else:
+                scores = model.predict(batch[features])
             for task in self.columns["labels"]:
                 out[f"score.{i}.{task}"] = scores[task].to_numpy(np.float64)
         return out
@@ -176,6 +185,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 4096,
     experiment: str = EXPERIMENT,
+    split: tuple[SplitConfig, str] | None = None,
 ) -> Evaluation:
     """Score `data_path` with every model and compare them with the first (see module doc).
 
@@ -189,6 +199,8 @@ def evaluate(
         seed: seed of the replicates' group counts.
         batch_size: rows per scoring call.
         experiment: the MLflow experiment of the comparison run.
+        split: evaluate only the rows of this split of `data_path` (config, name), e.g. the
+            test rows of a day that `adatt retrain` trained on.
 
     Raises:
         InputError: before scoring, when a model cannot be read, the models' tasks differ,
@@ -211,7 +223,8 @@ def evaluate(
     labels = {t.name: t.label_column for t in data.tasks}
     kinds = {t.name: t.type for t in data.tasks}
     features = [s.data.feature_columns for s in specs]
-    columns = list(dict.fromkeys([c for f in features for c in f] + [*labels.values(), group]))
+    columns = [c for f in features for c in f] + [*labels.values(), group]
+    columns = list(dict.fromkeys(columns + ([split[0].column] if split else [])))
     checked = data.model_copy(
         update={"path": data_path, "passthrough": columns, "group_column": None}
     )
@@ -226,7 +239,7 @@ def evaluate(
             fn_constructor_args=(
                 uris,
                 tracking_uri,
-                {"group": group, "labels": labels, "features": features},
+                {"group": group, "labels": labels, "features": features, "split": split},
             ),
             batch_size=batch_size,
             batch_format="pandas",

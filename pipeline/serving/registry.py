@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import SplitConfig
 from pipeline.errors import InputError
 from pipeline.serving.scoring import MODEL_NAME, read_spec
 from pipeline.tracking import tags as tag
@@ -203,6 +204,7 @@ class Evidence:
     min_gain: float = 0.0
     group_column: str | None = None
     bootstrap: int = 200
+    split: tuple[SplitConfig, str] | None = None  # only these rows of `data`
 
 
 def register_run(
@@ -344,6 +346,7 @@ def _compare_on_holdout(
         mlflow.get_tracking_uri(),
         group_column=evidence.group_column,
         bootstrap=evidence.bootstrap,
+        split=evidence.split,
     )
     gain = result.gains[1].get(key)
     if gain is None:

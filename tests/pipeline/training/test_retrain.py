@@ -1,0 +1,87 @@
+"""`adatt retrain`: the daily loop over three days against a real MLflow server and local
+Ray: versions appear day by day, the alias moves only on a significant gain, and a bad day
+leaves everything as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import InputError
+from pipeline.serving.registry import register_run
+from pipeline.tracking import tags
+from pipeline.training.retrain import day_files, parse_alias
+from tests.conftest import tiny_config
+
+NAME = "daily"
+
+
+def test_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    assert parse_alias("models:/adatt@champion") == ("adatt", "champion")
+    for bad in ("models:/adatt/3", "runs:/abc/model", "adatt@champion"):
+        with pytest.raises(InputError, match="expected models:/NAME@ALIAS"):
+            parse_alias(bad)
+    (tmp_path / "day-2024-01-15.parquet").write_bytes(b"")
+    config = tiny_config(tmp_path, tmp_path)
+    with pytest.raises(InputError, match="--day 2024-1-15: expected a date"):
+        day_files(config, "2024-1-15")
+    with pytest.raises(InputError, match="no file under .* has 2024-01-16 in its path"):
+        day_files(config, "2024-01-16")
+    assert day_files(config, "2024-01-15") == [str(tmp_path / "day-2024-01-15.parquet")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory) -> None:
+    from pipeline.datasets.synthetic import generate_logs
+
+    _, first = served_training
+    client = MlflowClient(mlflow_server)
+    register_run(client, first.run_id, NAME, "champion")  # version 1: the first day's model
+    logs = tmp_path_factory.mktemp("days")
+    for day in ("2024-01-15", "2024-01-16"):
+        generate_logs(logs, rows=3000, days=1, start_day=day, seed=0)
+    (logs / "day-2024-01-17.parquet").write_bytes(b"PAR1 a truncated upload")  # a bad day
+    workdir = tmp_path_factory.mktemp("retrain")
+    config = tiny_config(logs, workdir, f"tracking.tracking_uri={mlflow_server}", "train.epochs=1")
+    path = workdir / "daily.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+
+    def retrain(day: str):
+        command = ["retrain", "--config", str(path), "--model", f"models:/{NAME}@champion"]
+        return CliRunner().invoke(app, [*command, "--day", day, "--bootstrap", "50"])
+
+    for day, version in (("2024-01-15", "2"), ("2024-01-16", "3")):
+        before = client.get_model_version_by_alias(NAME, "champion").version
+        result = retrain(day)
+        assert result.exit_code == 0, result.output
+        registered = client.get_model_version(NAME, version)
+        run = client.get_run(registered.run_id)
+        assert run.data.tags[tags.RETRAIN_DAY] == day
+        assert run.data.tags[tags.PARENT_VERSION] == f"{NAME}/{before}"  # warm from the champion
+        assert run.data.tags[tags.REGISTERED_VERSION] == f"{NAME}/{version}"
+        assert run.data.tags[tags.DATA_WINDOW] == f"files day-{day}.parquet (1)"
+        # The alias moved exactly when the gain's interval lies above 0.
+        low = float(registered.tags[tags.PROMOTION_GAIN_LOW])
+        promoted = registered.tags[tags.PROMOTION_DECISION] == "promoted"
+        assert promoted == (low > 0), registered.tags
+        assert registered.tags[tags.PROMOTION_COMPARED_WITH] == before
+        holder = client.get_model_version_by_alias(NAME, "champion").version
+        assert holder == (version if promoted else before)
+        assert f"retrain {day}: run {registered.run_id}, version {version}" in result.stdout
+    assert [v.version for v in client.search_model_versions(f"name='{NAME}'")] == ["3", "2", "1"]
+
+    holder = client.get_model_version_by_alias(NAME, "champion").version
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    runs = len(client.search_runs([experiment]))
+    bad = retrain("2024-01-17")
+    assert bad.exit_code == 2, bad.output
+    assert bad.stderr.startswith(f"error: {logs / 'day-2024-01-17.parquet'}")
+    assert client.get_model_version_by_alias(NAME, "champion").version == holder
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 3
+    assert len(client.search_runs([experiment])) == runs
