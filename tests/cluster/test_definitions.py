@@ -177,3 +177,52 @@ def test_dockerignore_matches_the_job_excludes():
     for pattern in ("/data/", "/runs/", "/mlruns/", "mlflow.db", "/.venv/", "/.git/"):
         assert pattern in WORKING_DIR_EXCLUDES
         assert pattern.strip("/") in ignored
+
+
+RETRAIN = list(yaml.safe_load_all((CLUSTER / "kuberay" / "retrain-cronjob.yaml").read_text()))
+
+
+def test_retrain_cronjob_creates_the_rayjob_of_yesterday_and_waits_for_it():
+    kinds = {d["kind"]: d for d in RETRAIN}
+    assert set(kinds) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
+    cron = kinds["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"  # each day starts from the last champion
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
+    (rule,) = kinds["Role"]["rules"]
+    assert rule["resources"] == ["rayjobs"] and {"create", "get"} <= set(rule["verbs"])
+    (container,) = pod["containers"]
+    script = container["command"][-1]
+    assert 'sed "s/__DAY__/${day}/g" /template/rayjob.yaml | kubectl create -f -' in script
+    assert "SUCCEEDED) exit 0" in script and "exit 1" in script
+    assert pod["volumes"][0]["configMap"]["name"] == kinds["ConfigMap"]["metadata"]["name"]
+
+    template = yaml.safe_load(kinds["ConfigMap"]["data"]["rayjob.yaml"])
+    assert (template["apiVersion"], template["kind"]) == ("ray.io/v1", "RayJob")
+    assert template["metadata"]["name"] == "adatt-retrain-__DAY__"
+    # The same cluster as kuberay/rayjob.yaml: one definition of images, resources, auth.
+    assert template["spec"]["rayClusterSpec"] == RAYJOB["spec"]["rayClusterSpec"]
+    assert template["spec"]["runtimeEnvYAML"] == RAYJOB["spec"]["runtimeEnvYAML"]
+
+
+def test_retrain_entrypoint_is_a_valid_adatt_retrain_command():
+    import typer.main
+
+    from pipeline.cli import app
+
+    template = yaml.safe_load(
+        next(d for d in RETRAIN if d["kind"] == "ConfigMap")["data"]["rayjob.yaml"]
+    )
+    outer = shlex.split(template["spec"]["entrypoint"])
+    assert outer[:2] == ["bash", "-c"]
+    tokens = shlex.split(outer[2].replace("__DAY__", "2024-01-15"))
+    assert tokens[:4] == ["python", "-m", "pipeline.cli", "retrain"]
+    command = typer.main.get_command(app).commands["retrain"]
+    context = command.make_context("retrain", tokens[4:])  # parses as the CLI would
+    assert context.params["model"] == "models:/adatt@champion"
+    assert context.params["day"] == "2024-01-15"
+    assert str(context.params["config"]) == "/home/ray/app/configs/synthetic.yaml"
+    assert context.params["set_"] == [
+        "data.path=$ADATT_DATA_PATH",
+        "train.storage_path=$ADATT_STORAGE_PATH",
+    ]
