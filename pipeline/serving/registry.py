@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -343,7 +342,7 @@ def _compare_on_holdout(
     result = evaluate(
         [f"models:/{name}/{holder}", f"models:/{name}/{version}"],
         evidence.data,
-        mlflow.get_tracking_uri(),
+        client.tracking_uri,
         group_column=evidence.group_column,
         bootstrap=evidence.bootstrap,
         split=evidence.split,

@@ -100,17 +100,23 @@ def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cut", [1000, 3000])  # 3000: the second worker's shard is empty
-def test_metrics_are_exact_across_two_workers(cut: int) -> None:
+def _on_two_workers(worker, cut: int) -> dict[int, dict[str, float]]:
+    """Each rank's `compute()` from `worker(rank, port, queue, cut)` in two processes."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue, cut)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, queue, cut)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("cut", [1000, 3000])  # 3000: the second worker's shard is empty
+def test_metrics_are_exact_across_two_workers(cut: int) -> None:
+    results = _on_two_workers(_worker, cut)
     logits, labels, mask = _data(2)
     logits = logits.clone()
     logits[cut:] += 1.5
@@ -204,15 +210,7 @@ def _gauc_worker(rank: int, port: int, queue: mp.Queue, cut: int) -> None:
 
 @pytest.mark.parametrize("cut", [1300, 3000])  # 3000: the second worker's shard is empty
 def test_gauc_is_exact_across_two_workers(cut: int) -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_gauc_worker, args=(r, port, queue, cut)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _on_two_workers(_gauc_worker, cut)
     want = _expected_gauc(*_grouped_data(4))
     for key, value in want.items():
         assert results[0][key] == pytest.approx(value, abs=1e-9), key
