@@ -71,7 +71,7 @@ def main() -> None:
         [*base, f"data.path={history}", f"train.epochs={args.history_epochs}"],
     )
     first = run_training(cold)
-    client = MlflowClient(tracking)
+    client = MlflowClient(tracking, registry_uri=tracking)
     register_run(client, first.run_id, NAME, "champion")
     print(f"day 0 ({args.history_days} days, {args.history_rows:,} rows): version 1 @champion")
 

@@ -70,6 +70,15 @@ def tiny_config(logs: Path, workdir: Path, *overrides: str):
     )
 
 
+def registry_client(uri: str):
+    """A client of the runs and the registry at `uri`. `MlflowClient(uri)` alone takes its
+    registry from the process's tracking URI when made, which an earlier test may have
+    pointed at another store."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now."""
     import socket

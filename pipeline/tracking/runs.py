@@ -142,6 +142,9 @@ def log_metrics(
 
 
 def set_tracking(uri: str) -> MlflowClient:
-    """Point this process's MLflow at `uri` and return a client for it."""
+    """Point this process's MLflow at `uri` and return a client of its runs and registry.
+
+    The registry is named explicitly: a client's registry otherwise follows the process's
+    tracking URI at the time it is made, which may be another store."""
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return MlflowClient(uri, registry_uri=uri)

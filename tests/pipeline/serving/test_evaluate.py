@@ -9,7 +9,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
@@ -17,6 +16,7 @@ from pipeline.cli import app
 from pipeline.ranking import binary_entropy
 from pipeline.serving.evaluate import evaluate
 from pipeline.serving.scoring import load_scoring_model
+from tests.conftest import registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BINARY = ("click", "like", "share")
@@ -60,7 +60,7 @@ def test_evaluate_scores_both_models_on_the_same_rows(
     assert "\n6,000 rows; [95 % bootstrap interval by group]\n" in result.stdout
     assert re.search(r"click/gauc\s+0\.\d{4} \[0\.\d{4}, 0\.\d{4}\]", result.stdout)
     run_id = re.search(r"logged to MLflow run (\w+)", result.stdout).group(1)
-    client = MlflowClient(mlflow_server)
+    client = registry_client(mlflow_server)
     run = client.get_run(run_id)
     assert run.data.params["model.0"] == champion and run.data.params["model.1"] == challenger
     metrics = run.data.metrics

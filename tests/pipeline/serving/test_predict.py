@@ -20,12 +20,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.serving.registry import register_run
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -36,7 +35,7 @@ TASKS = ["click", "like", "share", "watch_time"]
 @pytest.fixture(scope="module")
 def champion(served_training, mlflow_server) -> str:
     _, outcome = served_training
-    register_run(MlflowClient(mlflow_server), outcome.run_id, NAME, "champion")
+    register_run(registry_client(mlflow_server), outcome.run_id, NAME, "champion")
     return f"models:/{NAME}@champion"
 
 

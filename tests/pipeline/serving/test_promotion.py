@@ -17,12 +17,11 @@ import pytest
 import ray
 import torch
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.tracking import MlflowClient
 
 from pipeline.serving.evaluate import evaluate
 from pipeline.serving.registry import Evidence, register_run
 from pipeline.tracking import tags
-from tests.conftest import REPO_ROOT, log_untrained_run
+from tests.conftest import REPO_ROOT, log_untrained_run, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 METRIC = "val/mean_ne"
@@ -54,7 +53,7 @@ def test_promotion_needs_a_significant_gain_and_records_the_evidence(
     ranked, mlflow_server, tiny_logs
 ) -> None:
     (worst, middle, best), ne = ranked
-    client = MlflowClient(mlflow_server)
+    client = registry_client(mlflow_server)
     register_run(client, worst, "promo-test", "champion")  # version 1
     evidence = Evidence(str(tiny_logs), min_gain=0.0, bootstrap=50)
     moved = register_run(client, middle, "promo-test", "champion", METRIC, evidence)
@@ -90,7 +89,7 @@ def test_two_racing_registrations_leave_the_alias_on_the_best(
     ranked, mlflow_server, tiny_logs, tmp_path
 ) -> None:
     (worst, middle, best), _ = ranked
-    client = MlflowClient(mlflow_server)
+    client = registry_client(mlflow_server)
     register_run(client, worst, "race-test", "champion")  # version 1
     env = {
         **os.environ,

@@ -8,7 +8,6 @@ untrained network logged without Ray).
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -20,6 +19,7 @@ from pipeline.serving.registry import (
     register_run,
     schema_hash,
 )
+from tests.conftest import registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -65,7 +65,7 @@ def test_schema_hash_covers_inputs_and_task_outputs_only() -> None:
 
 def test_register_tags_and_promote_if_better(served_training, untrained_run, mlflow_server):
     config, trained = served_training
-    client = MlflowClient(mlflow_server)
+    client = registry_client(mlflow_server)
     runs = [trained.run_id, untrained_run.run_id]
     metrics = {r: client.get_run(r).data.metrics for r in runs}
     # Which run is better depends on a tiny 1-epoch training: order them by their values.
@@ -119,4 +119,4 @@ def test_bad_register_inputs_exit_2(served_training, mlflow_server) -> None:
     assert leak.exit_code == 2 and "validation metric" in leak.stderr
     unknown = _register("--run", good.run_id, *url, "--promote-if-better", "val/nope/auc")
     assert unknown.exit_code == 2 and "has no such metric" in unknown.stderr
-    assert MlflowClient(mlflow_server).search_registered_models("name = 'reg-bad'") == []
+    assert registry_client(mlflow_server).search_registered_models("name = 'reg-bad'") == []

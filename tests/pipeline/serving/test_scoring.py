@@ -16,12 +16,11 @@ import pytest
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, DataType
 
 from pipeline.data.sample import read_split
 from pipeline.serving.scoring import read_spec, score_frame
-from tests.conftest import log_untrained_run
+from tests.conftest import log_untrained_run, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -127,7 +126,7 @@ def test_reading_a_model_never_writes_into_the_artifact_store(
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # MLflow's subprocesses
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = log_untrained_run(uri, tiny_logs, tmp_path)
-    client = MlflowClient(uri)
+    client = registry_client(uri)
     client.create_registered_model("adatt")
     client.create_model_version("adatt", run.model_uri, run_id=run.run_id)
     client.set_registered_model_alias("adatt", "champion", "1")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -16,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.serving.registry import register_run
 from pipeline.tracking import tags
 from pipeline.training.retrain import day_files, parse_alias
-from tests.conftest import tiny_config
+from tests.conftest import registry_client, tiny_config
 
 NAME = "daily"
 
@@ -41,7 +40,7 @@ def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory
     from pipeline.datasets.synthetic import generate_logs
 
     _, first = served_training
-    client = MlflowClient(mlflow_server)
+    client = registry_client(mlflow_server)
     register_run(client, first.run_id, NAME, "champion")  # version 1: the first day's model
     logs = tmp_path_factory.mktemp("days")
     for day in ("2024-01-15", "2024-01-16"):

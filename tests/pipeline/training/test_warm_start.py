@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import parse_config
 from pipeline.data.preprocess import DenseStats, Preprocessor
@@ -24,7 +23,7 @@ from pipeline.training.warm_start import (
     check_weights_fit,
     resolve_warm_start,
 )
-from tests.conftest import tiny_config
+from tests.conftest import registry_client, tiny_config
 
 NEXT_DAY = "2024-01-15"  # the tiny logs hold 2024-01-01 .. 2024-01-14
 
@@ -101,7 +100,7 @@ def test_warm_start_on_the_next_day_beats_a_cold_start(
     from pipeline.datasets.synthetic import generate_logs
 
     parent_config, parent = served_training
-    client = MlflowClient(mlflow_server)
+    client = registry_client(mlflow_server)
     register_run(client, parent.run_id, "warm-test", "champion")
     day = tmp_path_factory.mktemp("next-day")
     generate_logs(day, rows=3000, days=1, start_day=NEXT_DAY, seed=0)
