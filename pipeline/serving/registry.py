@@ -258,7 +258,7 @@ def register_run(
             raise InputError(
                 f"--promote-if-better {promote_if_better}: run {run_id} has no such metric"
             )
-    spec = read_spec(model.model_uri)
+    spec = read_spec(model.model_uri, client.tracking_uri)
     tags = {
         tag.VERSION_SCHEMA_HASH: schema_hash(spec["preprocessor"]["data"]),
         tag.VERSION_GIT_COMMIT: run.data.tags.get(tag.GIT_COMMIT, "unknown"),

@@ -226,16 +226,37 @@ def log_scoring_model(
     return info.model_uri
 
 
-def read_spec(model_uri: str) -> dict[str, Any]:
+def read_spec(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """The `spec.json` of a logged scoring model, without loading the model.
 
     Args:
         model_uri: any model URI: `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
             `models:/m-...` (a logged model id) or `runs:/RUN_ID/model`.
+        tracking_uri: the store (and registry) holding it; default the process's.
     """
+    return json.loads(read_model_file(model_uri, "artifacts/spec.json", tracking_uri))
+
+
+def read_model_file(model_uri: str, path: str, tracking_uri: str | None = None) -> bytes:
+    """One file of a logged model (e.g. `artifacts/weights.pt`), downloaded to memory."""
     # The artifact repository resolves the URI to the model's folder first: a logged-model
-    # id URI cannot simply be suffixed with a path the way `models:/NAME@ALIAS` can.
-    repository = get_artifact_repository(model_uri)
-    with tempfile.TemporaryDirectory() as folder:
-        path = repository.download_artifacts("artifacts/spec.json", dst_path=folder)
-        return json.loads(Path(path).read_text())
+    # id URI cannot simply be suffixed with a path the way `models:/NAME@ALIAS` can. MLflow
+    # 3.x resolves `models:/m-...` with the process's tracking URI whatever it is given, so
+    # that URI is pointed at the model's store meanwhile.
+    with _tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as folder:
+        repository = get_artifact_repository(model_uri, tracking_uri, tracking_uri)
+        return Path(repository.download_artifacts(path, dst_path=folder)).read_bytes()
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str | None) -> Iterator[None]:
+    """The process's MLflow tracking URI set to `uri` while inside (unchanged for None)."""
+    if uri is None:
+        yield
+        return
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)

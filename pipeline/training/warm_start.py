@@ -9,22 +9,21 @@ one-line error naming the field that changed.
 
 from __future__ import annotations
 
+import io
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from pipeline.config import Config, DataConfig
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import DenseStats, Preprocessor
 from pipeline.errors import InputError
 from pipeline.serving.registry import schema_hash
-from pipeline.serving.scoring import MODEL_NAME, read_spec
+from pipeline.serving.scoring import MODEL_NAME, read_model_file, read_spec
 from pipeline.tracking import tags
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -166,12 +165,9 @@ def resolve_warm_start(source: str, client: Any, config: Config) -> WarmStart:
     """Find the model, check it against `config`, and read its weights (driver side)."""
     model_uri, parent_run, parent_version = _pinned(source.strip(), client)
     try:
-        spec = read_spec(model_uri)
-        with tempfile.TemporaryDirectory() as folder:
-            path = get_artifact_repository(model_uri).download_artifacts(
-                "artifacts/weights.pt", dst_path=folder
-            )
-            weights = torch.load(Path(path), map_location="cpu", weights_only=True)
+        spec = read_spec(model_uri, client.tracking_uri)
+        weights_file = read_model_file(model_uri, "artifacts/weights.pt", client.tracking_uri)
+        weights = torch.load(io.BytesIO(weights_file), map_location="cpu", weights_only=True)
     except (MlflowException, OSError) as err:
         raise InputError(f"--warm-start {source}: not an adatt model ({err})") from None
     check_schema_matches(spec, config, source)

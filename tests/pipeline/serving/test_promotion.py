@@ -8,18 +8,18 @@ their measured NE rather than assuming the order.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import ray
 import torch
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from pipeline.serving.evaluate import evaluate
 from pipeline.serving.registry import Evidence, register_run
+from pipeline.serving.scoring import read_model_file
 from pipeline.tracking import tags
 from tests.conftest import REPO_ROOT, log_untrained_run, registry_client
 
@@ -27,19 +27,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 METRIC = "val/mean_ne"
 
 
-def _weights(model_uri: str) -> dict[str, torch.Tensor]:
-    with tempfile.TemporaryDirectory() as folder:
-        path = get_artifact_repository(model_uri).download_artifacts(
-            "artifacts/weights.pt", dst_path=folder
-        )
-        return torch.load(path, weights_only=True)
+def _weights(model_uri: str, tracking_uri: str) -> dict[str, torch.Tensor]:
+    data = read_model_file(model_uri, "artifacts/weights.pt", tracking_uri)
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def ranked(served_training, untrained_run, mlflow_server, tiny_logs, tmp_path_factory):
     """(worst, middle, best) run ids by mean NE on the tiny logs, and their gaps."""
     _, trained = served_training
-    start, end = untrained_run.network.state_dict(), _weights(trained.model_uri)
+    start, end = untrained_run.network.state_dict(), _weights(trained.model_uri, mlflow_server)
     halfway = {k: (v + end[k]) / 2 if v.is_floating_point() else v for k, v in start.items()}
     middle = log_untrained_run(mlflow_server, tiny_logs, tmp_path_factory.mktemp("mid"), halfway)
     runs = [untrained_run, middle, trained]

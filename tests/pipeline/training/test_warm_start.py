@@ -137,7 +137,7 @@ def test_warm_start_on_the_next_day_beats_a_cold_start(
     assert tags.WARM_START not in client.get_run(cold.run_id).data.tags
     # The dense statistics are the parent's (no --refit-stats), the cold run's its own.
     stats = {
-        uri: read_spec(uri)["preprocessor"]["dense_stats"]
+        uri: read_spec(uri, mlflow_server)["preprocessor"]["dense_stats"]
         for uri in (parent.model_uri, warm.model_uri, cold.model_uri)
     }
     assert stats[warm.model_uri] == stats[parent.model_uri] != stats[cold.model_uri]
