@@ -37,11 +37,11 @@ from pipeline.errors import InputError
 from pipeline.ranking import binary_entropy, per_group_auc, score_blocks, weighted_auc
 from pipeline.runtime import init_ray
 from pipeline.serving.predict import ModelSpec, load_spec
+from pipeline.serving.registry import lower_is_better
 from pipeline.serving.scoring import load_scoring_model
 from pipeline.tracking.runs import ensure_experiment, log_metrics, log_params, run_lifecycle
 
 EXPERIMENT = "adatt-evaluation"
-LOWER_IS_BETTER = ("ne", "mse")
 
 
 @dataclass
@@ -301,7 +301,7 @@ def _log(
     run_id = client.create_run(ensure_experiment(client, experiment, uri), run_name="evaluate")
     run_id = run_id.info.run_id
     with run_lifecycle(client, run_id):
-        params = {f"model.{i}": uri for i, uri in enumerate(result.models)}
+        params = {f"model.{i}": model for i, model in enumerate(result.models)}
         params.update(
             data=json.dumps(data_path), group_column=group, bootstrap=bootstrap, seed=seed
         )
@@ -346,7 +346,7 @@ def report_lines(result: Evaluation) -> list[str]:
             g = gains.get(key)
             if g is None:
                 continue
-            down = key.rsplit("/", 1)[-1].removeprefix("mean_") in LOWER_IS_BETTER
+            down = lower_is_better(key)
             better = g.high < 0 if down else g.low > 0
             cells.append(
                 f"gain {i} {g.value:+.4f} [{g.low:+.4f}, {g.high:+.4f}]"

@@ -60,15 +60,19 @@ def schema_hash(data: dict) -> str:
     Args:
         data: the `data:` config section (as JSON) the model was trained with.
     """
-    keys = ("categorical", "dense", "multi_hot")
-    schema: dict = {k: data.get(k) for k in keys}
-    # A task's output, not how it is trained or evaluated (loss weight, oracle, GAUC group).
+    blob = json.dumps(schema_fields(data), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def schema_fields(data: dict) -> dict:
+    """What `schema_hash` covers: the feature sections, and each task's output (name, label
+    column, type), not how it is trained or evaluated (loss weight, oracle, GAUC group)."""
+    schema: dict = {k: data.get(k) for k in ("categorical", "dense", "multi_hot")}
     schema["tasks"] = [
         {"name": t["name"], "label": t.get("label") or t["name"], "type": t.get("type", "binary")}
         for t in data.get("tasks", [])
     ]
-    blob = json.dumps(schema, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return schema
 
 
 def _kind(metric: str) -> str:

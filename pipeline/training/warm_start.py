@@ -22,12 +22,11 @@ from pipeline.config import Config, DataConfig
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import DenseStats, Preprocessor
 from pipeline.errors import InputError
-from pipeline.serving.registry import schema_hash
+from pipeline.serving.registry import schema_fields
 from pipeline.serving.scoring import MODEL_NAME, read_model_file, read_spec
 from pipeline.tracking import tags
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_SCHEMA_SECTIONS = ("categorical", "dense", "multi_hot")
 
 
 @dataclass
@@ -117,22 +116,10 @@ def _first_difference(path: str, model: Any, config: Any) -> str | None:
 def check_schema_matches(spec: dict[str, Any], config: Config, source: str) -> None:
     """InputError naming the first changed field unless the model reads the configured raw
     columns the same way (the same `data_schema_hash`)."""
-    trained = spec["preprocessor"]["data"]
-    wanted = config.data.model_dump(mode="json")
-    if schema_hash(trained) == schema_hash(wanted):
+    trained = schema_fields(spec["preprocessor"]["data"])
+    found = _first_difference("data", trained, schema_fields(config.data.model_dump(mode="json")))
+    if found is None:
         return
-    for section in _SCHEMA_SECTIONS:
-        found = _first_difference(f"data.{section}", trained.get(section), wanted.get(section))
-        if found:
-            break
-    else:
-
-        def task(t: dict) -> dict:
-            return {"name": t["name"], "label": t.get("label") or t["name"], "type": t["type"]}
-
-        found = _first_difference(
-            "data.tasks", [task(t) for t in trained["tasks"]], [task(t) for t in wanted["tasks"]]
-        )
     raise InputError(
         f"--warm-start {source}: the data schema changed: {found}; a warm start needs the "
         "model's feature columns, buckets, transforms and tasks"
