@@ -71,7 +71,7 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
 
     from pipeline.config import load_config
     from pipeline.data.fit import fit_preprocessor
-    from pipeline.data.ingest import build_datasets, iter_batches
+    from pipeline.data.ingest import batch_layout, build_datasets, iter_batches
     from pipeline.data.validate import check_schema
 
     if not any(data_dir.glob("*.parquet")):  # --keep reuses logs from an earlier run
@@ -94,12 +94,14 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
         with PeakMemory() as memory:
             datasets = build_datasets(cfg, preprocessor, files)
             # Warm-up outside the timer: start Ray's worker processes and their imports.
-            for _ in iter_batches(datasets["test"].limit(1), batch_size, device="cpu"):
+            layout = batch_layout(preprocessor)
+            for _ in iter_batches(datasets["test"].limit(1), layout, batch_size, "cpu"):
                 pass
             started = time.perf_counter()
             seen = 0
             for name, ds in datasets.items():
-                for batch in iter_batches(ds, batch_size, device="cpu", shuffle=name == "train"):
+                batches = iter_batches(ds, layout, batch_size, "cpu", shuffle=name == "train")
+                for batch in batches:
                     seen += len(batch["weight"])
             seconds = time.perf_counter() - started
     finally:

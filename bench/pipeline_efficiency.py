@@ -16,7 +16,7 @@ Prints both samples/s, the start-up time of the pipeline, and last
         --set data.batch_size=8192          # one GPU: both paths on it, bf16 autocast
 
 With `--gpu` the in-memory loop keeps its tensors on the GPU and steps under the training
-loop's own bf16 autocast (`train_autocast`); `adatt train` runs with `train.use_gpu=true`.
+loop's own bf16 autocast (`pipeline.training.step.autocast`); `adatt train` runs with `train.use_gpu=true`.
 """
 
 from __future__ import annotations
@@ -43,12 +43,9 @@ from pipeline.data.validate import check_schema  # noqa: E402
 from pipeline.datasets.synthetic import generate_logs  # noqa: E402
 from pipeline.training.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.training.driver import run_training  # noqa: E402
-from pipeline.training.loop import (  # noqa: E402
-    build_training_model,
-    make_optimizer,
-    train_autocast,
-)
-from pipeline.training.losses import TrainingModel  # noqa: E402
+from pipeline.training.losses import TrainingModel, build_training_model  # noqa: E402
+from pipeline.training.optim import embedding_tables, make_optimizer  # noqa: E402
+from pipeline.training.step import autocast  # noqa: E402
 
 
 def in_memory_samples_per_s(
@@ -67,7 +64,7 @@ def in_memory_samples_per_s(
     rows = len(tensors["labels"])
     torch.manual_seed(config.train.seed)
     module: TrainingModel = build_training_model(config).to(device)
-    optimizer = make_optimizer(module, config.train)
+    optimizer = make_optimizer(module.parameters(), config.train, embedding_tables(module))
     batch_size = config.data.batch_size
     rates = []
     for _ in range(epochs):
@@ -76,7 +73,7 @@ def in_memory_samples_per_s(
         for i in range(0, rows, batch_size):
             index = order[i : i + batch_size]
             batch = {k: v[index] for k, v in tensors.items()}
-            with train_autocast(device, config.train):
+            with autocast(device, config.train.bf16):
                 total, _, _ = module(batch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -31,10 +31,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.datasets.synthetic import generate_logs  # noqa: E402
-from pipeline.serving.registry import register_run  # noqa: E402
+from pipeline.release.registry import register_run  # noqa: E402
+from pipeline.release.retrain import retrain  # noqa: E402
 from pipeline.tracking import tags  # noqa: E402
 from pipeline.training.driver import run_training  # noqa: E402
-from pipeline.training.retrain import retrain  # noqa: E402
 
 NAME = "bench-daily"
 FIRST_DAY = dt.date(2024, 1, 1)

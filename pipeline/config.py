@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from models.config import CategoricalInput, FeatureSchema, ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.metrics_vocab import check_validation_metric
 
 
 class Strict(BaseModel):
@@ -58,8 +58,9 @@ class TaskSpec(Strict):
     type: Literal["binary", "regression"] = "binary"
     weight: float = Field(default=1.0, ge=0.0)
     oracle: str | None = None  # column with the true probability/expectation, for reports only
-    # The column whose values group rows for this task's GAUC (e.g. a user id); None falls
-    # back to `data.group_column`. Binary tasks only.
+    # The column whose values group rows for this task's GAUC (e.g. a user id). Binary
+    # tasks only; left out, a binary task takes `data.group_column` (filled in when the
+    # data section is validated, so every reader finds the task's group here).
     group_column: str | None = None
 
     @property
@@ -132,21 +133,17 @@ class DataConfig(Strict):
                     f"data.tasks: {task.name!r} sets group_column, but GAUC is a metric of "
                     f"binary tasks and {task.name!r} is {task.type}"
                 )
+            if task.type == "binary" and task.group_column is None:
+                task.group_column = self.group_column
         grouped_by_label = sorted(labels.intersection(self.group_columns))
         if grouped_by_label:
             raise ValueError(f"data: label column(s) {grouped_by_label} used as group_column")
         return self
 
-    def group_column_of(self, task: TaskSpec) -> str | None:
-        """The column grouping `task`'s rows for GAUC, or None (no GAUC for this task)."""
-        if task.type != "binary":
-            return None
-        return task.group_column or self.group_column
-
     @property
     def group_columns(self) -> list[str]:
         """The distinct GAUC group columns of the tasks, in task order."""
-        return list(dict.fromkeys(c for t in self.tasks if (c := self.group_column_of(t))))
+        return list(dict.fromkeys(t.group_column for t in self.tasks if t.group_column))
 
     @property
     def feature_columns(self) -> list[str]:
@@ -218,6 +215,9 @@ class TrainConfig(Strict):
     num_workers: PositiveInt = 2
     # Fractional on purpose: whole CPUs per worker starve Ray Data on small machines.
     cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    # How Ray places the workers: PACK fills a node before the next (Ray Train's default,
+    # the fewest network hops); SPREAD puts them on as many nodes as it can.
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     # torch threads of a CPU worker; None keeps Ray's choice (its CPUs rounded down, at
     # least 1). More threads than reserved CPUs pays off when Ray Data needs little CPU.
     threads_per_worker: PositiveInt | None = None
@@ -228,6 +228,11 @@ class TrainConfig(Strict):
     sharding: Literal["auto", "row_wise", "table_wise", "column_wise"] = "auto"
     use_gpu: bool | Literal["auto"] = "auto"
     bf16: bool = True  # autocast on GPU only
+    # How a train step runs (`pipeline/training/step.py`): `eager`; `compile`
+    # (`torch.compile`); `cuda_graph`, the whole step (forward, loss, backward, clip,
+    # optimizer) replayed as one CUDA graph; `auto`: cuda_graph on a GPU, eager on CPU.
+    step_mode: Literal["auto", "eager", "compile", "cuda_graph"] = "auto"
+    grad_clip: float | None = Field(default=None, gt=0.0)  # max total gradient norm
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_failures: int = Field(default=0, ge=-1)
     # Same seed, data and workers -> the same metrics, also across a restart or a resume:
@@ -255,41 +260,6 @@ class Config(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
-# The per-task metrics every evaluation reports (`pipeline/training/metrics.py`), by task type.
-BINARY_METRICS = ("auc", "logloss", "ne", "calibration", "count")
-REGRESSION_METRICS = ("mse", "count")
-
-
-GROUPED_METRICS = ("gauc", "gauc_groups")  # binary tasks with a GAUC group column
-
-
-def reported_metrics(data: DataConfig, prefix: str = "val") -> list[str]:
-    """The metrics an evaluation of these tasks reports under `prefix` (`val`, `test`)."""
-    names = []
-    for task in data.tasks:
-        kinds = BINARY_METRICS if task.type == "binary" else REGRESSION_METRICS
-        if data.group_column_of(task):
-            kinds += GROUPED_METRICS
-        names += [f"{prefix}/{task.name}/{kind}" for kind in kinds]
-    if any(t.type == "binary" for t in data.tasks):
-        names += [f"{prefix}/mean_auc", f"{prefix}/mean_ne"]
-    if data.group_columns:
-        names.append(f"{prefix}/mean_gauc")
-    return names
-
-
-def check_metric_name(metric: str, data: DataConfig, field: str) -> None:
-    """ConfigError naming `field` unless `metric` is a validation metric of these tasks."""
-    if metric not in reported_metrics(data, "val"):
-        raise ConfigError(
-            f"{field}: {metric!r} is not a validation metric of tasks "
-            f"{[t.name for t in data.tasks]}; use val/mean_auc, val/mean_ne, or "
-            f"val/<task>/<metric> with a metric in {', '.join(BINARY_METRICS)} (binary "
-            f"tasks) or {', '.join(REGRESSION_METRICS)} (regression); with a group_column, "
-            f"also val/mean_gauc and val/<task>/gauc"
-        )
-
-
 def check_across_sections(config: Config, source: str) -> None:
     """The rules between sections, which neither section can check alone: the network must
     fit the data (per-task lists against the number of tasks, ...) and the early-stopping
@@ -298,8 +268,23 @@ def check_across_sections(config: Config, source: str) -> None:
 
     from models import build_model
 
-    check_metric_name(
-        config.train.early_stopping.metric, config.data, f"{source}: train.early_stopping.metric"
+    if config.train.step_mode == "cuda_graph" and config.train.use_gpu is False:
+        raise ConfigError(
+            f"{source}: train.step_mode: cuda_graph captures the train step on a GPU, but "
+            "train.use_gpu is false; use eager (or auto)"
+        )
+    if (
+        config.train.step_mode in ("compile", "cuda_graph")
+        and config.model.embeddings == "torchrec"
+    ):
+        raise ConfigError(
+            f"{source}: train.step_mode: {config.train.step_mode} does not apply to "
+            "model.embeddings: torchrec; use eager (or auto)"
+        )
+    check_validation_metric(
+        config.train.early_stopping.metric,
+        config.data.tasks,
+        f"{source}: train.early_stopping.metric",
     )
     try:
         if config.model.embeddings == "torchrec":
@@ -402,11 +387,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     raw = read_yaml_mapping(path)
     return parse_config(apply_overrides(raw, overrides or []), source=str(path))
-
-
-# How a command takes a config on the command line: a file and `--set` overrides.
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a config field, e.g. --set train.epochs=5."),
-]

@@ -1,10 +1,13 @@
-"""Shared fixtures: one local Ray cluster per test session (2 CPUs, like CI), tiny synthetic
-logs, and a tiny training config built from `configs/synthetic.yaml`."""
+"""Shared fixtures, one of each per test session: a real S3 endpoint (moto's server), a
+two-node Ray cluster (2 CPUs in all, like CI), an `mlflow server` whose artifacts go to S3,
+tiny synthetic logs (on local disk and in S3), and a tiny training config built from
+`configs/synthetic.yaml`."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,17 +34,175 @@ TINY_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """A local Ray cluster shared by every test that needs one."""
-    import ray
+S3_BUCKET = "adatt-test"
+# The S3 endpoint's credentials: a secret value no log, param or tag may ever show.
+FAKE_AWS_SECRET = "fake-aws-secret-3c7e91d0b2"
+NODE_OBJECT_STORE_BYTES = 300 * 2**20
 
-    if ray.is_initialized():  # an earlier test's `adatt train` already started one
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
+
+@dataclass(frozen=True)
+class S3:
+    """The session's S3 endpoint (moto in server mode on 127.0.0.1) and its bucket."""
+
+    endpoint: str
+    bucket: str
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Copy a local folder's files under `prefix`; the folder's URI."""
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(str(folder), f"{self.bucket}/{prefix}", destination_filesystem=s3_fs())
+        return self.uri(prefix)
+
+
+def s3_fs():
+    """pyarrow's S3 filesystem, configured from the environment (AWS_ENDPOINT_URL, ...)."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem()
+
+
+def _wait_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up: {log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def _stop(proc) -> None:
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """A real S3 API on 127.0.0.1 (`moto` in server mode, its own process) with one bucket.
+
+    Endpoint and credentials reach every client the way they would in production: the
+    standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which pyarrow,
+    boto3, MLflow and the Ray nodes started after this fixture all read.
+    """
+    import subprocess
+    import sys
+
+    import boto3
+
+    folder = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = folder / "moto.log"
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(
+        command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        _wait_http(f"{endpoint}/moto-api/", server, log)
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield S3(endpoint, S3_BUCKET)
+    finally:
+        _stop(server)
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class TwoNodes:
+    """The session's Ray cluster: a head and a worker node on this machine, each with its
+    own raylet and object store (Ray's own multi-node test harness)."""
+
+    cluster: object
+    address: str
+    worker: object
+
+    def node_ids(self) -> set[str]:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+    def replace_worker(self) -> None:
+        """Remove the worker node (its raylet and every process on it), then add a fresh
+        one, as an autoscaler replaces a lost machine."""
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+        self.worker = self.cluster.add_node(**_node_args())
+        self.cluster.wait_for_nodes()
+
+
+def _node_args() -> dict:
+    return {"num_cpus": 1, "object_store_memory": NODE_OBJECT_STORE_BYTES}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3: S3) -> Iterator[TwoNodes]:
+    """Two Ray nodes on this machine (1 CPU each: 2 in all, like CI), shared by every test
+    that needs Ray; the test process is a driver connected to it.
+
+    Started with `ray.cluster_utils.Cluster`. Its address is put in `RAY_ADDRESS` before any
+    node starts, so every process of every job names this cluster (other Ray instances may
+    run beside it). Both nodes share this machine's disk, so local storage counts as shared
+    (`ADATT_SHARED_STORAGE`); the object-storage tests use S3.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.session import start_ray
+
+    if ray.is_initialized():  # a test started its own instance: this cluster replaces it
+        ray.shutdown()
+    import ray.util
+
+    port = free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"  # the IP Ray gives its nodes
+    os.environ["RAY_ADDRESS"] = address
+    os.environ["ADATT_SHARED_STORAGE"] = "1"
+    head = {
+        **_node_args(),
+        "gcs_server_port": port,
+        "include_dashboard": True,  # the state API (which node ran what) needs it
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": free_port(),
+    }
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        worker = cluster.add_node(**_node_args())
+        cluster.wait_for_nodes()
+        start_ray()  # the product's own way to join a cluster by its address
+        yield TwoNodes(cluster, address, worker)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop("ADATT_SHARED_STORAGE", None)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +215,7 @@ def tiny_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def tiny_config(logs: Path, workdir: Path, *overrides: str):
+def tiny_config(logs: Path | str, workdir: Path, *overrides: str):
     """The synthetic config shrunk for tests; MLflow and checkpoints under `workdir`."""
     from pipeline.config import load_config
 
@@ -79,6 +240,15 @@ def registry_client(uri: str):
     return MlflowClient(uri, registry_uri=uri)
 
 
+def register_version(client, name: str, run) -> str:
+    """Register `run`'s logged model (`run.model_uri`, `models:/m-...`) as a new version of
+    `name`, as `adatt register` does: by its artifact location (MLflow's SQL registry
+    resolves a `models:/` source with the process's tracking URI, not the client's)."""
+    model_id = run.model_uri.removeprefix("models:/")
+    location = client.get_logged_model(model_id).artifact_location
+    return client.create_model_version(name, location, run_id=run.run_id, model_id=model_id).version
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now."""
     import socket
@@ -89,8 +259,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact store); its URI."""
+def mlflow_server(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend) whose artifacts go to the S3
+    endpoint (`--artifacts-destination s3://...`); its URI."""
     import signal
     import subprocess
     import sys
@@ -103,7 +274,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
         *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"),
-        *("--artifacts-destination", str(folder / "artifacts")),
+        *("--artifacts-destination", s3.uri("mlflow")),
     ]
     log = (folder / "server.log").open("w")
     # Its own session: the server's worker processes are stopped with it.
@@ -138,15 +309,25 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def served_training(ray_local, tiny_logs, mlflow_server, tmp_path_factory):
-    """One tiny 1-epoch training tracked on `mlflow_server`: (config, TrainingOutcome)."""
+def s3_logs(s3: S3, tiny_logs: Path) -> str:
+    """`tiny_logs` in S3: their folder's URI."""
+    return s3.upload(tiny_logs, "logs")
+
+
+@pytest.fixture(scope="session")
+def served_training(ray_cluster, s3, s3_logs, mlflow_server, tmp_path_factory):
+    """One tiny 1-epoch training where users run it: logs and checkpoints in S3, tracked on
+    `mlflow_server` (artifacts in S3), its 2 workers spread over the two nodes:
+    (config, TrainingOutcome)."""
     from pipeline.training.driver import run_training
 
     config = tiny_config(
-        tiny_logs,
+        s3_logs,
         tmp_path_factory.mktemp("served"),
+        f"train.storage_path={s3.uri('runs')}",
         f"tracking.tracking_uri={mlflow_server}",
         "train.epochs=1",
+        "train.placement_strategy=SPREAD",
     )
     return config, run_training(config)
 
@@ -163,9 +344,9 @@ def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None
     from pipeline.data.fit import fit_preprocessor
     from pipeline.data.sample import raw_example, read_split
     from pipeline.data.validate import check_schema
-    from pipeline.serving.scoring import log_scoring_model
-    from pipeline.tracking.runs import log_metrics, set_tracking, start_run
-    from pipeline.training.metrics import MultiTaskMetrics, TaskKind
+    from pipeline.tracking.model_store import log_model
+    from pipeline.tracking.runs import client_for, log_metrics, start_run
+    from pipeline.training.metrics import MultiTaskMetrics
 
     config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}")
     files = check_schema(config.data)
@@ -174,23 +355,16 @@ def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None
     network = build_model(config.model, config.data.feature_schema()).eval()
     if weights is not None:
         network.load_state_dict(weights)
-    client = set_tracking(tracking_uri)
+    client = client_for(tracking_uri)
     tags = {"adatt.git_commit": "0" * 40, "adatt.model": config.model.name}
     run_id = start_run(client, config, tracking_uri, tags=tags)
-    tasks = [(t.name, t.type) for t in config.data.tasks]
     example = raw_example(config.data, files).head(5)
-    model_uri = log_scoring_model(
-        run_id,
-        network,
-        config.model.model_dump(mode="json"),
-        config.data.feature_schema(),
-        tasks,
-        preprocessor,
-        example,
-    )
+    model_config = config.model.model_dump(mode="json")
+    model_uri = log_model(client, run_id, network, model_config, preprocessor, example)
     rows = read_split(config.data, files, "validation", config.data.columns()).to_pandas()
     batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
-    metrics = MultiTaskMetrics([TaskKind(*t) for t in tasks], torch.device("cpu"))
+    tasks = [t.model_copy(update={"group_column": None}) for t in config.data.tasks]
+    metrics = MultiTaskMetrics(tasks, torch.device("cpu"))
     with torch.no_grad():
         metrics.update(network(batch), batch["labels"], batch["mask"])
     log_metrics(client, run_id, {f"best/{k}": v for k, v in metrics.compute("val").items()})

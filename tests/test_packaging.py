@@ -45,7 +45,7 @@ def test_wheel_ships_the_default_configs(wheel: Path) -> None:
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
 
 
-def test_demo_runs_from_an_installed_wheel(wheel: Path, ray_local, tmp_path: Path) -> None:
+def test_demo_runs_from_an_installed_wheel(wheel: Path, ray_cluster, tmp_path: Path) -> None:
     import ray
 
     site = tmp_path / "site"
@@ -81,5 +81,5 @@ def test_demo_runs_from_an_installed_wheel(wheel: Path, ray_local, tmp_path: Pat
     assert run.info.status == "FINISHED"
     assert run.data.params["data.path"] == "data/logs"
     assert sorted(p.name for p in (workdir / "data" / "logs").glob("*.parquet"))[0] == (
-        "day-2024-01-01.parquet"
+        "2024-01-01.parquet"
     )

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.config import ConfigOpt, SetOpt
+from pipeline.options import ConfigOpt, SetOpt
 
 
 def tune(

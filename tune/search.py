@@ -13,7 +13,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,20 +21,14 @@ import ray.tune
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config
-from pipeline.data.files import InputFiles
+from pipeline.data.files import InputFiles, exists, join, read_text, write_text
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import ConfigError, InputError
-from pipeline.runtime import resolve_use_gpu, storage_uri
+from pipeline.release.registry import register_run
+from pipeline.session import Session, open_session, resolve_use_gpu, storage_uri
 from pipeline.tracking import tags
-from pipeline.tracking.runs import (
-    ensure_experiment,
-    log_params,
-    quiet_telemetry,
-    resolve_tracking_uri,
-    run_lifecycle,
-    set_tracking,
-)
+from pipeline.tracking.runs import ensure_experiment, log_params, run_lifecycle
 from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
 from pipeline.training.driver import RunContext, finish_run
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
@@ -157,10 +150,52 @@ def _open_parent(
     return experiment_id, run_id
 
 
+def _search_state(spec: SearchSpec, storage: str, resume: bool) -> dict[str, Any] | None:
+    """The saved state of the search to resume (None for a new one); InputError when
+    `resume` does not match what is under `storage` (local folder or object store)."""
+    experiment_path = join(storage, spec.name)
+    state_path = join(experiment_path, STATE_FILE)
+    found = ray.tune.Tuner.can_restore(experiment_path)
+    if resume and not (found and exists(state_path)):
+        raise InputError(f"--resume: no search {spec.name!r} under {storage} to resume")
+    if not resume and (found or exists(state_path)):
+        raise InputError(
+            f"a search named {spec.name!r} already exists under {storage}: continue it with "
+            "--resume, or start a new one with --set tune.name=<new name>"
+        )
+    if not resume:
+        return None
+    state = json.loads(read_text(state_path))
+    if state["fingerprint"] != spec.fingerprint():
+        raise ConfigError(
+            f"{spec.source}: the search space or base config changed since search "
+            f"{spec.name!r} started; resume it with the same spec, or pick a new tune.name"
+        )
+    return state
+
+
+def _new_search(
+    session: Session, spec: SearchSpec, experiment_path: str, preprocessor: Preprocessor
+) -> dict[str, Any]:
+    """Open the parent run and save the search's state beside Tune's experiment."""
+    experiment_id, parent = _open_parent(
+        session.client, spec, session.tracking_uri, experiment_path
+    )
+    state = {
+        "parent_run_id": parent,
+        "experiment_id": experiment_id,
+        "fingerprint": spec.fingerprint(),
+        "preprocessor": preprocessor.to_dict(),
+    }
+    write_text(join(experiment_path, STATE_FILE), json.dumps(state))
+    return state
+
+
 def run_search(
     spec: SearchSpec,
     resume: bool = False,
     register: str | None = None,
+    session: Session | None = None,
 ) -> SearchOutcome:
     """Run (or resume) a search and log its outcome to MLflow.
 
@@ -169,70 +204,55 @@ def run_search(
         resume: continue the interrupted search of the same name (`Tuner.restore`);
             finished trials are kept, unfinished ones continue from their last checkpoint.
         register: register the best trial's model under this name (alias `champion`).
+        session: the command's session (default: one for the base config's tracking).
 
     Raises:
         SearchInterrupted: the search was stopped (Ctrl+C) before every trial ended.
     """
-    quiet_telemetry()
     config = spec.base
-    uri = resolve_tracking_uri(config.tracking)
+    session = session or open_session("tune", config.tracking)
     storage = storage_uri(config.train.storage_path)
-    experiment_path = f"{storage}/{spec.name}"
+    experiment_path = join(storage, spec.name)
     # The same checks, in the same order, as `adatt train` (pipeline.training.checks).
-    files = check_before_ray(config, uri)
-    state_path = Path(experiment_path) / STATE_FILE
-    exists = ray.tune.Tuner.can_restore(experiment_path)
-    if resume and not (exists and state_path.is_file()):
-        raise InputError(f"--resume: no search {spec.name!r} under {storage} to resume")
-    if not resume and (exists or state_path.exists()):
-        raise InputError(
-            f"a search named {spec.name!r} already exists under {storage}: continue it with "
-            "--resume, or start a new one with --set tune.name=<new name>"
-        )
-
-    if resume:
-        state = json.loads(state_path.read_text())
-        if state["fingerprint"] != spec.fingerprint():
-            raise ConfigError(
-                f"{spec.source}: the search space or base config changed since search "
-                f"{spec.name!r} started; resume it with the same spec, or pick a new tune.name"
-            )
+    files = check_before_ray(config)
+    state = _search_state(spec, storage, resume)
+    if state is not None:
         preprocessor = Preprocessor.from_dict(state["preprocessor"])
     else:
         preprocessor = fit_preprocessor(config.data, files)
-    start_ray_and_check_cluster(uri, storage)
-    client = set_tracking(uri)
-    if resume:
-        experiment_id, parent = state["experiment_id"], state["parent_run_id"]
-    else:
-        experiment_id, parent = _open_parent(client, spec, uri, experiment_path)
-        Path(experiment_path).mkdir(parents=True, exist_ok=True)
-        state = {
-            "parent_run_id": parent,
-            "experiment_id": experiment_id,
-            "fingerprint": spec.fingerprint(),
-            "preprocessor": preprocessor.to_dict(),
-        }
-        state_path.write_text(json.dumps(state))
-
+    start_ray_and_check_cluster(session, storage)
+    state = state or _new_search(session, spec, experiment_path, preprocessor)
     inputs = SearchInputs(
         spec=spec,
         files=files,
         preprocessor=preprocessor.to_dict(),
-        tracking_uri=uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent,
+        tracking_uri=session.tracking_uri,
+        experiment_id=state["experiment_id"],
+        parent_run_id=state["parent_run_id"],
         train_storage=_train_storage(experiment_path),
     )
+    session.echo(f"search {spec.name!r} (parent run {inputs.parent_run_id}) under {storage}")
+    rows = _run_trials(session.client, spec, inputs, storage, resume)
+    return _finish(
+        session, spec, rows, preprocessor, files, inputs.parent_run_id, experiment_path, register
+    )
+
+
+def _run_trials(
+    client: MlflowClient, spec: SearchSpec, inputs: SearchInputs, storage: str, resume: bool
+) -> list[TrialRow]:
+    """Run the trials under the parent run; their rows once every trial has ended."""
     cluster = ray.cluster_resources()
     concurrency = trial_concurrency(
-        cluster, config, resolve_use_gpu(config.train, cluster), spec.settings.max_concurrent
+        cluster, spec.base, resolve_use_gpu(spec.base.train, cluster), spec.settings.max_concurrent
     )
+    experiment_path = join(storage, spec.name)
+    parent = inputs.parent_run_id
     with run_lifecycle(client, parent):
         try:
             results = _fit(spec, inputs, storage, concurrency, resume)
         finally:
-            _close_open_trials(client, experiment_id, parent)
+            _close_open_trials(client, inputs.experiment_id, parent)
             _release_stopped_trials()
         unfinished = _unfinished_trials(experiment_path)
         if unfinished or len(results) < _expected_trials(spec):
@@ -240,11 +260,9 @@ def run_search(
                 f"search {spec.name!r} interrupted with {unfinished or 'some'} trial(s) left; "
                 "continue it with --resume"
             )
-        rows = trial_rows(results, spec, client, experiment_id, parent)
+        rows = trial_rows(results, spec, client, inputs.experiment_id, parent)
         _mark_stopped(client, rows)
-        return _finish(
-            client, uri, spec, rows, preprocessor, files, parent, experiment_path, register
-        )
+        return rows
 
 
 def _fit(
@@ -281,7 +299,7 @@ def _fit(
 
 def _train_storage(experiment_path: str) -> str:
     """Where the trials' Ray Train runs keep their checkpoints (see the module docstring)."""
-    return f"{experiment_path}-train"
+    return f"{experiment_path.rstrip('/')}-train"
 
 
 def _unfinished_trials(experiment_path: str) -> int:
@@ -331,8 +349,7 @@ def _close_open_trials(client: MlflowClient, experiment_id: str, parent: str) ->
 
 
 def _finish(
-    client: MlflowClient,
-    uri: str,
+    session: Session,
     spec: SearchSpec,
     rows: list[TrialRow],
     preprocessor: Preprocessor,
@@ -349,19 +366,17 @@ def _finish(
     best_config = spec.trial_config(best.values)
     # The best trial's selected model goes to its own run (so `adatt register --run` takes
     # it); the parent run points at it.
-    storage = _train_storage(experiment_path)
-    run = RunContext(best.run_id, uri, trial_run_name(best.trial_id), storage)
+    client, uri = session.client, session.tracking_uri
+    run = RunContext(
+        best.run_id, uri, trial_run_name(best.trial_id), _train_storage(experiment_path)
+    )
     checkpoint = ray.train.Checkpoint(best.checkpoint_path)
     outcome = finish_run(client, run, best_config, checkpoint, best.metrics, preprocessor, files)
     log_search_outputs(client, parent, spec, rows, best, best_config)
     client.set_tag(parent, tags.BEST_RUN, best.run_id)
     if outcome.model_uri:
         client.set_tag(parent, tags.BEST_MODEL, outcome.model_uri)
-    registration = None
-    if register:
-        from pipeline.serving.registry import register_run
-
-        registration = register_run(client, best.run_id, register).message
+    registration = register_run(client, best.run_id, register).message if register else None
     return SearchOutcome(
         parent_run_id=parent,
         tracking_uri=uri,

@@ -40,7 +40,6 @@ from pipeline.config import (
     Config,
     Strict,
     apply_overrides,
-    check_metric_name,
     format_validation_error,
     get_path,
     parse_config,
@@ -49,6 +48,7 @@ from pipeline.config import (
     set_path,
 )
 from pipeline.errors import ConfigError
+from pipeline.metrics_vocab import check_validation_metric
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Fixed for a whole search: the preprocessing is fitted once and shared by every trial, the
@@ -260,7 +260,9 @@ class SearchSpec:
 
     # -- checks ----------------------------------------------------------------------------
     def _check(self) -> None:
-        check_metric_name(self.settings.metric, self.base.data, f"{self.source}: tune.metric")
+        check_validation_metric(
+            self.settings.metric, self.base.data.tasks, f"{self.source}: tune.metric"
+        )
         for path, dist in self.space.items():
             _check_field(path, self.source)
             if self.settings.searcher == "grid" and dist.values is None:

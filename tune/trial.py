@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import Preprocessor
 from pipeline.tracking import tags
-from pipeline.tracking.runs import run_lifecycle, start_run
+from pipeline.tracking.runs import client_for, run_lifecycle, start_run
 from pipeline.training.driver import RunContext, make_trainer
 from tune.space import SearchSpec
 
@@ -109,7 +109,7 @@ def run_trial(sample: dict[str, Any], inputs: SearchInputs) -> None:
     context = ray.tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     config = trial_training_config(inputs, sample, trial_name)
-    client = MlflowClient(inputs.tracking_uri)
+    client = client_for(inputs.tracking_uri)
     name = trial_run_name(trial_id)
     run_id = find_trial_run(client, inputs.experiment_id, inputs.parent_run_id, trial_id)
     if run_id is None:
@@ -189,7 +189,7 @@ class TrialRunCloser(ray.tune.Callback):
                 logger.warning("could not check for orphaned placement groups: %s", err)
 
     def _close(self, trial: Any, status: str) -> None:
-        client = MlflowClient(self.tracking_uri)
+        client = client_for(self.tracking_uri)
         run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)
         if run_id is None:
             return

@@ -1,8 +1,8 @@
 """The `adatt` command line: the composition root of the project.
 
 It is the one module that imports every package's commands (`pipeline.datasets.cli`,
-`pipeline.training.cli`, `pipeline.serving.cli`, `tune.cli`, `cluster.cli`) and wires them
-into one app; nothing imports it (import-linter's layers contract, pyproject.toml). Each
+`pipeline.training.cli`, `pipeline.serving.cli`, `pipeline.release.cli`, `tune.cli`,
+`cluster.cli`) and wires them into one app; nothing imports it (import-linter's layers contract, pyproject.toml). Each
 command's module imports its heavy dependencies (Ray, MLflow, torch) inside the command,
 so `adatt --help` stays fast.
 
@@ -20,6 +20,7 @@ import typer
 from cluster import cli as cluster_cli
 from pipeline.datasets import cli as datasets_cli
 from pipeline.errors import InputError
+from pipeline.release import cli as release_cli
 from pipeline.serving import cli as serving_cli
 from pipeline.training import cli as training_cli
 from tune import cli as tune_cli
@@ -47,19 +48,20 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
-    (app, "generate", datasets_cli.generate),
-    (data_app, "census", datasets_cli.census),
-    (app, "train", training_cli.train),
-    (app, "retrain", training_cli.retrain),
-    (app, "demo", training_cli.demo),
-    (app, "tune", tune_cli.tune),
-    (app, "register", serving_cli.register),
-    (app, "predict", serving_cli.predict),
-    (app, "evaluate", serving_cli.evaluate),
-    (app, "submit", cluster_cli.submit),
-    (app, "jobs", cluster_cli.jobs),
-    (app, "stop", cluster_cli.stop),
-]
-for group, name, command in COMMANDS:
-    group.command(name)(user_errors(command))
+# Each command is named after its function (Typer's default), `adatt data <name>` for the
+# dataset converters.
+for command in (
+    datasets_cli.generate,
+    training_cli.train,
+    training_cli.demo,
+    tune_cli.tune,
+    release_cli.register,
+    release_cli.evaluate,
+    release_cli.retrain,
+    serving_cli.predict,
+    cluster_cli.submit,
+    cluster_cli.jobs,
+    cluster_cli.stop,
+):
+    app.command()(user_errors(command))
+data_app.command()(user_errors(datasets_cli.census))

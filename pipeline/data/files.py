@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import SchemaError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+HIDDEN_PREFIXES = ("_", ".")
 _GLOB_CHARS = "*?["
 
 
@@ -42,9 +43,16 @@ def _display(uri_or_path: str, fs_path: str, fs: pafs.FileSystem) -> str:
     return f"{uri_or_path.split('://', 1)[0]}://{fs_path}"
 
 
-def _is_data_file(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return not name.startswith(("_", ".")) and name.lower().endswith(PARQUET_SUFFIXES)
+def _hidden(path: str, root: str) -> bool:
+    """Whether a name of `path` below `root` starts with `_` or `.`: writers' leftovers
+    (`_temporary/`, `_SUCCESS`, `.hive-staging*`) are never data, as in pyarrow's
+    `ignore_prefixes`."""
+    below = path[len(root.rstrip("/")) + 1 :].split("/")
+    return any(part.startswith(HIDDEN_PREFIXES) for part in below)
+
+
+def _is_data_file(path: str, root: str) -> bool:
+    return not _hidden(path, root) and path.lower().endswith(PARQUET_SUFFIXES)
 
 
 def resolve_files(path: str | list[str]) -> list[str]:
@@ -61,17 +69,18 @@ def resolve_files(path: str | list[str]) -> list[str]:
     for item in [path] if isinstance(path, str) else path:
         fs, fs_path = filesystem_for(item)
         if any(ch in fs_path for ch in _GLOB_CHARS):
+            base = fs_path[: min(fs_path.find(ch) for ch in _GLOB_CHARS if ch in fs_path)]
+            base = base.rsplit("/", 1)[0]
             if isinstance(fs, pafs.LocalFileSystem):
                 matches = sorted(p for p in glob.glob(fs_path, recursive=True) if os.path.isfile(p))
             else:
-                base = fs_path[: min(fs_path.find(ch) for ch in _GLOB_CHARS if ch in fs_path)]
-                base = base.rsplit("/", 1)[0]
                 infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
                 matches = sorted(
                     i.path
                     for i in infos
                     if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, fs_path)
                 )
+            matches = [m for m in matches if not _hidden(m, base)]
             if not matches:
                 raise SchemaError(f"{item}: no files match this pattern")
             found += [_display(item, m, fs) for m in matches]
@@ -82,7 +91,9 @@ def resolve_files(path: str | list[str]) -> list[str]:
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
             files = sorted(
-                i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
+                i.path
+                for i in infos
+                if i.type == pafs.FileType.File and _is_data_file(i.path, fs_path)
             )
             if not files:
                 raise SchemaError(f"{item}: folder holds no Parquet files (*.parquet)")
@@ -161,3 +172,78 @@ class InputFiles:
 
     def __len__(self) -> int:
         return len(self.footers)
+
+
+def join(base: str, *parts: str) -> str:
+    """`base` (a local path or a URI) with `parts` appended, `/`-separated.
+
+    Example:
+        >>> join("s3://bucket/runs", "search", "state.json"), join("/tmp/runs", "x")
+        ('s3://bucket/runs/search/state.json', '/tmp/runs/x')
+    """
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(path: str) -> bool:
+    """Whether a file or folder exists at a local path or URI."""
+    fs, fs_path = filesystem_for(path)
+    return fs.get_file_info(fs_path).type != pafs.FileType.NotFound
+
+
+def read_text(path: str) -> str:
+    """A small text file's content, from a local path or URI."""
+    fs, fs_path = filesystem_for(path)
+    with fs.open_input_stream(fs_path) as stream:
+        return stream.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small text file at a local path or URI (its folder is created)."""
+    fs, fs_path = filesystem_for(path)
+    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(fs_path) as stream:
+        stream.write(text.encode())
+
+
+SUCCESS_FILE = "_SUCCESS"
+STAGING_FOLDER = "_temporary"
+
+
+def staging_folder(output: str) -> str:
+    """A new folder under `output` to write into before `commit` (hidden from readers: its
+    name starts with `_`)."""
+    import uuid
+
+    return join(output, STAGING_FOLDER, uuid.uuid4().hex)
+
+
+def commit(staging: str, output: str, marker: dict) -> list[str]:
+    """Move every file written under `staging` to the same place under `output`, then write
+    `_SUCCESS` (JSON: `marker`, plus the committed files) last, and remove the staging
+    folder. A reader trusts an output only once `_SUCCESS` is there."""
+    import json
+
+    fs, source = filesystem_for(staging)
+    _, target = filesystem_for(output)
+    moved = []
+    for info in fs.get_file_info(pafs.FileSelector(source, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        relative = info.path[len(source.rstrip("/")) + 1 :]
+        destination = f"{target.rstrip('/')}/{relative}"
+        fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+        fs.move(info.path, destination)
+        moved.append(relative)
+    discard(staging)
+    write_text(join(output, SUCCESS_FILE), json.dumps({**marker, "files": sorted(moved)}, indent=1))
+    return moved
+
+
+def discard(staging: str) -> None:
+    """Remove a staging folder and, when it was the last one, the `_temporary` folder."""
+    fs, path = filesystem_for(staging)
+    for folder in (path, path.rsplit("/", 1)[0]):
+        info = fs.get_file_info(folder)
+        empty = not fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        if info.type == pafs.FileType.Directory and (folder == path or empty):
+            fs.delete_dir(folder)

@@ -18,8 +18,10 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 import ray.train
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import DataConfig
+from pipeline.data.collate import Layout, Packed, Prefetcher, rows_of
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.split import prune_files, split_mask, split_names
@@ -140,45 +142,66 @@ def build_datasets(
 SHUFFLE_CHUNK_BATCHES = 8
 
 
+class _PackCollate(NumpyBatchCollateFn):
+    """Ray Data's batch (numpy arrays) packed into one tensor per dtype (`Layout.pack`),
+    pinned for a GPU. Ray runs it in its prefetch threads."""
+
+    def __init__(self, layout: Layout, pin: bool) -> None:
+        super().__init__()
+        self.layout, self.pin = layout, pin
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Packed:
+        return self.layout.pack(batch, pin=self.pin)
+
+
+def batch_layout(preprocessor: Preprocessor) -> Layout:
+    """How `Preprocessor.transform`'s batches are packed (`pipeline.data.collate`)."""
+    return Layout.of(preprocessor.empty())
+
+
 def iter_batches(
     shard: Any,
+    layout: Layout,
     batch_size: int,
-    device: Any = "auto",
+    device: Any,
     shuffle: bool = False,
     seed: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Torch batches from a dataset shard (`ray.train.get_dataset_shard(name)`) or dataset.
-
-    Ray does the host-to-device copy; on CUDA it also pins host memory first.
+    """Torch batches on `device` from a dataset shard (`ray.train.get_dataset_shard(name)`)
+    or dataset: Ray Data packs each batch into one pinned host tensor per dtype
+    (`layout`), `Prefetcher` copies it to the GPU one batch ahead on a side stream, and the
+    named tensors come back as views (`Layout.unpack`).
 
     Args:
         shard: a `DataIterator` (train worker shard) or a `Dataset`.
+        layout: the batches' packing (`batch_layout`).
         batch_size: rows per batch (the last one may be smaller).
-        device: torch device, or "auto" for the train worker's device.
+        device: where the batches go (the train worker's device).
         shuffle: mix rows within chunks of `SHUFFLE_CHUNK_BATCHES` batches (train split).
         seed: seed of that mixing, for a reproducible order.
 
     Example:
-        >>> for batch in iter_batches(get_dataset_shard("train"), 1024, shuffle=True):
+        >>> for batch in iter_batches(shard, layout, 1024, "cuda:0", shuffle=True):
         ...     batch["labels"].shape  # doctest: +SKIP
         torch.Size([1024, 4])
     """
     import torch
 
-    cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    device = torch.device(device)
     chunks = shard.iter_torch_batches(
         batch_size=batch_size * SHUFFLE_CHUNK_BATCHES if shuffle else batch_size,
-        device=device,
-        pin_memory=cuda,
+        collate_fn=_PackCollate(layout, pin=device.type == "cuda"),
+        device="cpu",  # `Prefetcher` copies to the GPU, on its own stream
         prefetch_batches=2,
         drop_last=False,
     )
-    return _shuffled(chunks, batch_size, seed) if shuffle else chunks
+    on_device = Prefetcher(chunks, device)
+    if not shuffle:
+        return (layout.unpack(chunk) for chunk in on_device)
+    return (layout.unpack(b) for b in _shuffled(on_device, batch_size, seed))
 
 
-def _shuffled(
-    chunks: Iterator[dict[str, Any]], batch_size: int, seed: int | None
-) -> Iterator[dict[str, Any]]:
+def _shuffled(chunks: Iterator[Packed], batch_size: int, seed: int | None) -> Iterator[Packed]:
     """Batches of `batch_size` rows cut from each chunk after permuting its rows.
 
     Does what Ray's `local_shuffle_buffer_size` does (rows move among a few batches'
@@ -194,7 +217,7 @@ def _shuffled(
     else:
         generator.manual_seed(seed)
     for chunk in chunks:
-        rows = len(next(iter(chunk.values())))
+        rows = rows_of(chunk)
         order = torch.randperm(rows, generator=generator)
         mixed = {k: v[order.to(v.device)] for k, v in chunk.items()}
         for start in range(0, rows, batch_size):

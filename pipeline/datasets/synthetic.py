@@ -135,6 +135,72 @@ def _masked(values: np.ndarray, observed: np.ndarray) -> pa.Array:
     return pa.array(values, mask=~observed)
 
 
+@dataclass
+class _Draws:
+    """One chunk's drawn ids and features (the columns users see)."""
+
+    user: np.ndarray
+    item: np.ndarray
+    device: np.ndarray
+    hour: np.ndarray
+    position: np.ndarray
+    item_age: np.ndarray
+    tenure: np.ndarray
+    length: np.ndarray
+
+
+def _draw(world: World, rng: np.random.Generator, rows: int) -> _Draws:
+    """Draw `rows` impressions' ids and features (the first draws of a chunk, in order)."""
+    # Table lookups instead of Generator.choice(p=...), which rebuilds the CDF per call.
+    user = rng.integers(0, len(world.user_bias), rows)
+    item = world.item_table[rng.integers(0, TABLE_SIZE, rows)]
+    device = DEVICE_TABLE[rng.integers(0, TABLE_SIZE, rows)]
+    hour = world.hour_table[rng.integers(0, TABLE_SIZE, rows)]
+    position = rng.integers(0, 20, rows, dtype=np.int16)
+    item_age = np.exp(3.0 + 1.2 * rng.standard_normal(rows, np.float32))  # hours, log-normal
+    tenure = np.exp(world.user_tenure_mu[user] + 0.3 * rng.standard_normal(rows, np.float32))
+    length = np.exp(world.item_length_mu[item] + 0.2 * rng.standard_normal(rows, np.float32))
+    return _Draws(user, item, device, hour, position, item_age, tenure, length)
+
+
+def _logits(world: World, d: _Draws, rho: float, conflict: float) -> list[np.ndarray]:
+    """The oracle's click, like and share logits and watch time's log-mean."""
+    interest = world.interest(d.user, d.item, world.user_interest, world.item_interest)
+    own = world.interest(d.user, d.item, world.user_own, world.item_own)
+    like_interest = rho * interest + np.sqrt(1.0 - rho**2) * own
+    context = world.device_effect[d.device] + world.hour_effect[d.hour]  # [rows, 4]
+    quality, bait = world.item_quality[d.item], world.item_clickbait[d.item]
+    log_age = (np.log1p(d.item_age) - 3.0) / np.float32(1.2)
+    click = (
+        -1.0
+        + 0.9 * interest
+        + world.user_bias[d.user]
+        + world.item_bias[d.item]
+        + 0.8 * conflict * bait
+        + context[:, 0]
+        - 0.05 * (d.position.astype(np.float32) - 10)
+        - 0.25 * log_age
+    )
+    like = -0.9 + 1.0 * like_interest + 0.8 * quality - 0.5 * conflict * bait + context[:, 1]
+    share = (
+        -3.6
+        + 0.7 * like_interest
+        + world.user_share[d.user]
+        + 0.5 * quality
+        + 0.3 * (np.log(d.tenure) - 4.0)
+        + context[:, 2]
+    )
+    watch = (
+        0.3 * interest
+        + 0.3 * quality
+        - 0.6 * conflict * bait
+        + 0.5 * np.log(d.length)
+        + context[:, 3]
+        - 0.4
+    )
+    return [click, like, share, watch]
+
+
 def _chunk(
     world: World,
     rng: np.random.Generator,
@@ -145,76 +211,29 @@ def _chunk(
     conflict: float,
 ) -> pa.Table:
     """Draw `rows` impressions of one day."""
-
-    def normal() -> np.ndarray:
-        return rng.standard_normal(rows, np.float32)
-
-    # Table lookups instead of Generator.choice(p=...), which rebuilds the CDF per call.
-    user = rng.integers(0, len(world.user_bias), rows)
-    item = world.item_table[rng.integers(0, TABLE_SIZE, rows)]
-    device = DEVICE_TABLE[rng.integers(0, TABLE_SIZE, rows)]
-    hour = world.hour_table[rng.integers(0, TABLE_SIZE, rows)]
-    position = rng.integers(0, 20, rows, dtype=np.int16)
-    item_age = np.exp(3.0 + 1.2 * normal())  # hours since upload, log-normal
-    tenure = np.exp(world.user_tenure_mu[user] + 0.3 * normal())
-    length = np.exp(world.item_length_mu[item] + 0.2 * normal())
-
-    interest = world.interest(user, item, world.user_interest, world.item_interest)
-    own = world.interest(user, item, world.user_own, world.item_own)
-    like_interest = rho * interest + np.sqrt(1.0 - rho**2) * own
-    context = world.device_effect[device] + world.hour_effect[hour]  # [rows, 4]
-    quality, bait = world.item_quality[item], world.item_clickbait[item]
-    log_age = (np.log1p(item_age) - 3.0) / np.float32(1.2)
-
-    click_logit = (
-        -1.0
-        + 0.9 * interest
-        + world.user_bias[user]
-        + world.item_bias[item]
-        + 0.8 * conflict * bait
-        + context[:, 0]
-        - 0.05 * (position.astype(np.float32) - 10)
-        - 0.25 * log_age
-    )
-    like_logit = -0.9 + 1.0 * like_interest + 0.8 * quality - 0.5 * conflict * bait + context[:, 1]
-    share_logit = (
-        -3.6
-        + 0.7 * like_interest
-        + world.user_share[user]
-        + 0.5 * quality
-        + 0.3 * (np.log(tenure) - 4.0)
-        + context[:, 2]
-    )
-    watch_log_mean = (
-        0.3 * interest
-        + 0.3 * quality
-        - 0.6 * conflict * bait
-        + 0.5 * np.log(length)
-        + context[:, 3]
-        - 0.4
-    )
+    d = _draw(world, rng, rows)
+    click_logit, like_logit, share_logit, watch_log_mean = _logits(world, d, rho, conflict)
     p_click, p_like, p_share = _sigmoid(click_logit), _sigmoid(like_logit), _sigmoid(share_logit)
     e_watch = np.exp(watch_log_mean)
-    watch = e_watch * np.exp(np.float32(-(WATCH_SIGMA**2) / 2) + WATCH_SIGMA * normal())
-
-    u = rng.random((3, rows), np.float32)
-    click = u[0] < p_click
-    like = u[1] < p_like
-    share = u[2] < p_share
+    noise = rng.standard_normal(rows, np.float32)
+    watch = e_watch * np.exp(np.float32(-(WATCH_SIGMA**2) / 2) + WATCH_SIGMA * noise)
+    click, like, share = rng.random((3, rows), np.float32) < np.stack([p_click, p_like, p_share])
     return pa.table(
         {
             "event_id": np.arange(first_id, first_id + rows, dtype=np.int64),
             "day": pa.repeat(pa.scalar(day, pa.string()), rows),
-            "user_id": user.astype(np.int64),
-            "user_segment": world.user_segment[user].astype(np.int8),
-            "item_id": item.astype(np.int64),
-            "item_category": world.item_category[item].astype(np.int32),
-            "device": pa.DictionaryArray.from_arrays(device, DEVICES.tolist()).dictionary_decode(),
-            "hour": hour.astype(np.int16),
-            "position": position,
-            "item_age_hours": item_age,
-            "user_tenure_days": tenure.astype(np.float32),
-            "video_length_min": length.astype(np.float32),
+            "user_id": d.user.astype(np.int64),
+            "user_segment": world.user_segment[d.user].astype(np.int8),
+            "item_id": d.item.astype(np.int64),
+            "item_category": world.item_category[d.item].astype(np.int32),
+            "device": pa.DictionaryArray.from_arrays(
+                d.device, DEVICES.tolist()
+            ).dictionary_decode(),
+            "hour": d.hour.astype(np.int16),
+            "position": d.position,
+            "item_age_hours": d.item_age,
+            "user_tenure_days": d.tenure.astype(np.float32),
+            "video_length_min": d.length.astype(np.float32),
             "click": click.astype(np.int8),
             "like": _masked(like.astype(np.int8), click),
             "share": _masked(share.astype(np.int8), click),
@@ -265,7 +284,7 @@ def generate_logs(
     """Write `rows` synthetic impressions as one Parquet file per day under `out_dir`.
 
     Args:
-        out_dir: output folder; files are `day-YYYY-MM-DD.parquet`, each with a `day` column.
+        out_dir: output folder; one file a day, `YYYY-MM-DD.parquet`, with a `day` column.
         rows: total rows, spread evenly over the days.
         seed: the same seed gives the same world (users, items, interests) and, for the same
             calendar day, the same rows.
@@ -288,24 +307,64 @@ def generate_logs(
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = make_world(seed, users, items)
-    first_day = dt.date.fromisoformat(start_day)
+    plan = _DayPlan(make_world(seed, users, items), seed, relatedness, conflict)
     # Rows depend on the calendar day, not on the file's position: logs generated one day
     # at a time (a daily retraining) are new rows of the same world, and the default start
     # keeps the rows of every earlier version.
+    jobs = _day_jobs(out, dt.date.fromisoformat(start_day), rows, days)
+    results = []
+    workers = max(1, min(threads or os.cpu_count() or 1, days))
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        progress(rows, "generating", "row", scale=True) as bar,
+    ):
+        for job, result in zip(jobs, pool.map(lambda job: plan.write(*job), jobs), strict=True):
+            results.append(result)
+            bar.update(job[3])
+    rates = _rates({k: sum(s[k] for _, s in results) for k in results[0][1]}, rows)
+    return GenerateSummary(out, rows, [p for p, _ in results], time.perf_counter() - started, rates)
+
+
+def _day_jobs(out: Path, first_day: dt.date, rows: int, days: int) -> list[tuple]:
+    """(folder, day, day number since 2024-01-01, rows, first event id) of each file."""
     offset = (first_day - dt.date(2024, 1, 1)).days
     per_day = [rows // days + (1 if d < rows % days else 0) for d in range(days)]
     starts = np.concatenate([[0], np.cumsum(per_day)[:-1]])
+    return [
+        (
+            out,
+            (first_day + dt.timedelta(days=d)).isoformat(),
+            offset + d,
+            per_day[d],
+            int(starts[d]),
+        )
+        for d in range(days)
+        if per_day[d] > 0
+    ]
 
-    def write_day(d: int) -> tuple[Path, dict[str, float]]:
-        day = (first_day + dt.timedelta(days=d)).isoformat()
-        path = out / f"day-{day}.parquet"
+
+@dataclass(frozen=True)
+class _DayPlan:
+    """What every day's file is drawn from."""
+
+    world: World
+    seed: int
+    relatedness: float
+    conflict: float
+
+    def write(
+        self, out: Path, day: str, day_number: int, rows: int, first_id: int
+    ) -> tuple[Path, dict[str, float]]:
+        """Write one day's file in chunks; its path and label sums."""
+        path = out / f"{day}.parquet"
         sums = {"click": 0.0, "like": 0.0, "share": 0.0, "watch_time": 0.0}
         writer = None
-        for c, chunk_start in enumerate(range(0, per_day[d], CHUNK_ROWS)):
-            n = min(CHUNK_ROWS, per_day[d] - chunk_start)
-            rng = np.random.default_rng([seed, 1, (offset + d) % 2**32, c])
-            table = _chunk(world, rng, n, day, int(starts[d]) + chunk_start, relatedness, conflict)
+        for c, chunk_start in enumerate(range(0, rows, CHUNK_ROWS)):
+            n = min(CHUNK_ROWS, rows - chunk_start)
+            rng = np.random.default_rng([self.seed, 1, day_number % 2**32, c])
+            table = _chunk(
+                self.world, rng, n, day, first_id + chunk_start, self.relatedness, self.conflict
+            )
             for k in sums:
                 sums[k] += float(pc.sum(table[k]).as_py() or 0.0)
             if writer is None:
@@ -315,22 +374,12 @@ def generate_logs(
             writer.close()
         return path, sums
 
-    workers = max(1, min(threads or os.cpu_count() or 1, days))
-    written = [d for d in range(days) if per_day[d] > 0]
-    results = []
-    with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        progress(rows, "generating", "row", scale=True) as bar,
-    ):
-        for day, result in zip(written, pool.map(write_day, written), strict=True):
-            results.append(result)
-            bar.update(per_day[day])
-    totals = {k: sum(s[k] for _, s in results) for k in results[0][1]}
+
+def _rates(totals: dict[str, float], rows: int) -> dict[str, float]:
     clicks = max(totals["click"], 1.0)
-    rates = {
+    return {
         "click": totals["click"] / rows,
         "like_given_click": totals["like"] / clicks,
         "share": totals["share"] / rows,
         "mean_watch_time": totals["watch_time"] / clicks,
     }
-    return GenerateSummary(out, rows, [p for p, _ in results], time.perf_counter() - started, rates)

@@ -1,1 +1,1 @@
-"""The logged scoring model, the registry, and batch scoring of raw logs."""
+"""Serving: a logged model loaded to score raw logs (the MLflow loader, batch scoring)."""

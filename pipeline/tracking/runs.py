@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -141,10 +140,9 @@ def log_metrics(
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
-def set_tracking(uri: str) -> MlflowClient:
-    """Point this process's MLflow at `uri` and return a client of its runs and registry.
+def client_for(uri: str) -> MlflowClient:
+    """The client of the runs and the registry at `uri`.
 
     The registry is named explicitly: a client's registry otherwise follows the process's
     tracking URI at the time it is made, which may be another store."""
-    mlflow.set_tracking_uri(uri)
     return MlflowClient(uri, registry_uri=uri)

@@ -11,7 +11,7 @@ is never logged.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -62,3 +62,31 @@ def check_no_credentials(config: Config) -> None:
                 f"{name}: the URI holds credentials, which would be logged with the run's "
                 f"params; remove them and {_HINTS[name]}"
             )
+
+
+def redact(uri: str) -> str:
+    """`uri` with any user, password and secret query value replaced by `***`, for printing
+    and logging (a URI given by the environment may carry them).
+
+    Example:
+        >>> redact("https://alice:s3cret@mlflow.example.com/?token=abc&x=1")
+        'https://***:***@mlflow.example.com/?token=***&x=1'
+    """
+    if "://" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+    except ValueError:
+        return uri
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        user = "***" if parts.username else ""
+        password = ":***" if parts.password is not None else ""
+        port = f":{parts.port}" if parts.port else ""
+        netloc = f"{user}{password}@{host}{port}"
+    query = "&".join(
+        f"{k}={'***' if _SECRET_QUERY.search(k) else v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

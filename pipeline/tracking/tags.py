@@ -8,6 +8,7 @@ GIT_COMMIT = "adatt.git_commit"
 MODEL = "adatt.model"  # the model family, e.g. adatt, mmoe
 STORAGE = "adatt.storage_path"  # Ray Train storage of the run's checkpoints
 RAY_RUN = "adatt.ray_run_name"  # Ray Train run name under STORAGE
+RAY_SEGMENT = "adatt.ray_segment"  # a resumed run's current Ray Train run (RAY_RUN-r<n>)
 
 # Lineage of a warm-started run (`adatt train --warm-start`).
 WARM_START = "adatt.warm_start"  # the source as given, e.g. models:/adatt@champion
@@ -40,3 +41,4 @@ PROMOTION_GAIN_HIGH = "promotion.gain_high"
 PROMOTION_MIN_GAIN = "promotion.min_gain"
 PROMOTION_EVALUATION = "promotion.evaluation_run"  # the `adatt evaluate` run
 PROMOTION_DECISION = "promotion.decision"  # promoted, kept, no holder
+PROMOTION_FENCE = "promotion.fence"  # the lease's fencing number when the version was decided

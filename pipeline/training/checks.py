@@ -1,7 +1,8 @@
 """The checks before a training (or a search) writes anything, in one order for both:
 
-1. `check_before_ray`: the tracking store (reachable, with a timeout), credentials in URIs,
-   the fault-injection hook, and the files' footers (`check_schema`). No Ray, no writes.
+0. `pipeline.session.open_session`: the tracking store reachable (with a timeout).
+1. `check_before_ray`: credentials in URIs, the fault-injection hook, and the files'
+   footers (`check_schema`). No Ray, no writes.
 2. `pipeline.data.fit.fit_preprocessor`: one pass over the rows (NaN/inf, label values).
 3. `start_ray_and_check_cluster`: start or join Ray, then the cluster rules (shared
    storage on several nodes, a tracking server for a remote job).
@@ -17,22 +18,20 @@ from pipeline.cluster_rules import check_cluster_rules, is_remote_submission
 from pipeline.config import Config
 from pipeline.data.files import InputFiles
 from pipeline.data.validate import check_schema
-from pipeline.runtime import init_ray
-from pipeline.tracking.runs import check_tracking_reachable
+from pipeline.session import Session
 from pipeline.tracking.security import check_no_credentials
 from pipeline.training.faults import fault_from_env
 
 
-def check_before_ray(config: Config, uri: str) -> InputFiles:
+def check_before_ray(config: Config) -> InputFiles:
     """The checks that need neither Ray nor a write; returns the checked input files."""
-    check_tracking_reachable(uri)
     check_no_credentials(config)
     fault_from_env()  # a malformed ADATT_FAULT fails here, not in a worker
     return check_schema(config.data)
 
 
-def start_ray_and_check_cluster(uri: str, storage: str) -> None:
+def start_ray_and_check_cluster(session: Session, storage: str) -> None:
     """Start (or join) Ray and check the cluster rules: shared storage, a tracking server."""
-    init_ray()
+    session.start_ray()
     alive = [n for n in ray.nodes() if n["Alive"]]
-    check_cluster_rules(storage, uri, len(alive), is_remote_submission())
+    check_cluster_rules(storage, session.tracking_uri, len(alive), is_remote_submission())

@@ -1,4 +1,4 @@
-"""`adatt train`, `adatt retrain` and `adatt demo`."""
+"""`adatt train` and `adatt demo`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.config import ConfigOpt, SetOpt
+from pipeline.options import ConfigOpt, SetOpt
+from pipeline.tracking.security import redact
 
 
 def summary_lines(
@@ -36,7 +37,7 @@ def summary_lines(
     if tracking_uri.startswith("sqlite:///"):
         lines.append(f"Open the UI: mlflow ui --backend-store-uri {tracking_uri}")
     else:
-        lines.append(f"Open the UI: {tracking_uri}/#/experiments (run {run_id})")
+        lines.append(f"Open the UI: {redact(tracking_uri)}/#/experiments (run {run_id})")
     return lines
 
 
@@ -69,8 +70,8 @@ def train(
 ) -> None:
     """Train a model: Parquet logs -> Ray Data -> Ray Train -> MLflow run."""
     from pipeline.config import load_config
+    from pipeline.session import Terminated
     from pipeline.training.driver import run_training
-    from pipeline.training.signals import Terminated
 
     cfg = load_config(config, set_ or [])
     try:
@@ -98,49 +99,3 @@ def demo(
     cfg = load_config(configs.path("synthetic.yaml"), [f"data.path={out}", *(set_ or [])])
     outcome = run_training(cfg)
     _print_outcome(outcome, cfg)
-
-
-def retrain(
-    config: ConfigOpt,
-    model: Annotated[
-        str,
-        typer.Option(help="The champion to start from and the alias to move: models:/NAME@ALIAS."),
-    ],
-    day: Annotated[str, typer.Option(help="The day of logs to train on, YYYY-MM-DD.")],
-    set_: SetOpt = None,
-    metric: Annotated[
-        str, typer.Option(help="Promotion metric on the day's holdout (adatt evaluate's keys).")
-    ] = "mean_gauc",
-    min_gain: Annotated[
-        float, typer.Option(help="Margin the gain's 95 % interval must clear to promote.")
-    ] = 0.0,
-    holdout: Annotated[
-        float, typer.Option(min=0.01, max=0.5, help="Fraction of the day's users held out.")
-    ] = 0.2,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates.")] = 200,
-    refit_stats: Annotated[
-        bool, typer.Option(help="Refit the dense statistics on the day (default: keep).")
-    ] = False,
-) -> None:
-    """One day of the loop: warm start from the champion, evaluate on the day's holdout,
-    register, promote on a significant gain. Exit 0 done, 2 bad input (nothing written)."""
-    from pipeline.config import load_config
-    from pipeline.training.retrain import retrain as run_retrain
-    from pipeline.training.signals import Terminated
-
-    cfg = load_config(config, set_ or [])
-    try:
-        outcome = run_retrain(
-            cfg,
-            model,
-            day,
-            metric=metric,
-            min_gain=min_gain,
-            holdout=holdout,
-            bootstrap=bootstrap,
-            refit_stats=refit_stats,
-        )
-    except KeyboardInterrupt as err:
-        raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
-    typer.echo(outcome.registration.message)
-    typer.echo(outcome.line())

@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,25 +22,16 @@ from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import InputError
-from pipeline.runtime import resolve_use_gpu, storage_uri
+from pipeline.session import Session, interruptible, open_session, resolve_use_gpu, storage_uri
 from pipeline.tracking import tags
-from pipeline.tracking.runs import (
-    check_tracking_reachable,
-    log_metrics,
-    quiet_telemetry,
-    resolve_tracking_uri,
-    run_lifecycle,
-    set_tracking,
-    start_run,
-)
+from pipeline.tracking.runs import log_metrics, run_lifecycle, start_run
 from pipeline.training.callbacks import EpochLogger
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
 from pipeline.training.faults import FAULT_ENV
 from pipeline.training.loop import train_loop
 from pipeline.training.outputs import log_outputs, oracle_metrics
-from pipeline.training.resume import resolve_resume
-from pipeline.training.signals import terminate_as_interrupt
+from pipeline.training.resume import Resumed, resolve_resume
 from pipeline.training.warm_start import WarmStart, resolve_warm_start
 
 
@@ -132,6 +122,7 @@ def make_trainer(
             num_workers=config.train.num_workers,
             use_gpu=resolve_use_gpu(config.train, ray.cluster_resources()),
             resources_per_worker={"CPU": config.train.cpus_per_worker},
+            placement_strategy=config.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run.name,
@@ -176,11 +167,68 @@ def finish_run(
     )
 
 
+@dataclass
+class _Inputs:
+    """What a training starts from, found before Ray starts: the (stored) config, the
+    checked files, the preprocessing, and the run it continues or the model it starts from."""
+
+    config: Config
+    files: InputFiles
+    preprocessor: Preprocessor
+    storage: str
+    resumed: Resumed | None = None
+    parent: WarmStart | None = None
+
+
+def prepare_inputs(
+    config: Config, session: Session, resume: str | None, warm_start: str | None, refit: bool
+) -> _Inputs:
+    """Every check before Ray starts, in the documented order (`pipeline.training.checks`),
+    and the preprocessing: the resumed run's, the model's (warm start), or fitted."""
+    storage, resumed = storage_uri(config.train.storage_path), None
+    if resume:
+        resumed = resolve_resume(resume, session.client)
+        # The stored config, with this command's `train.epochs`.
+        stored = parse_config(resumed.state.config, source="checkpoint config")
+        epochs = {"epochs": config.train.epochs}
+        config = stored.model_copy(update={"train": stored.train.model_copy(update=epochs)})
+        run_tags = session.client.get_run(resumed.run_id).data.tags
+        storage = run_tags.get(tags.STORAGE, storage)
+    files = check_before_ray(config)
+    parent = resolve_warm_start(warm_start, session.client, config) if warm_start else None
+    if resumed is not None:
+        preprocessor = Preprocessor.from_dict(resumed.state.preprocessor)
+    else:
+        # The row pass checks the day's data even when the statistics stay the model's.
+        preprocessor = fit_preprocessor(config.data, files)
+        if parent is not None:
+            preprocessor = parent.preprocessor(config, preprocessor, refit)
+    return _Inputs(config, files, preprocessor, storage, resumed, parent)
+
+
+def open_run(session: Session, inputs: _Inputs) -> RunContext:
+    """The MLflow run the training logs to: the resumed one, or a new one with its tags."""
+    if inputs.resumed is not None:
+        run_id, name = inputs.resumed.run_id, inputs.resumed.ray_name
+        session.client.set_tag(run_id, tags.RAY_SEGMENT, name)
+        return RunContext(run_id, session.tracking_uri, name, inputs.storage)
+    config = inputs.config
+    run_tags = {tags.GIT_COMMIT: git_commit(), tags.MODEL: config.model.name}
+    if inputs.parent is not None:
+        run_tags.update(inputs.parent.lineage_tags(inputs.files, config))
+    run_id = start_run(session.client, config, session.tracking_uri, tags=run_tags)
+    name = f"adatt-{run_id}"
+    session.client.set_tag(run_id, tags.STORAGE, inputs.storage)
+    session.client.set_tag(run_id, tags.RAY_RUN, name)
+    return RunContext(run_id, session.tracking_uri, name, inputs.storage)
+
+
 def run_training(
     config: Config,
     resume: str | None = None,
     warm_start: str | None = None,
     refit_stats: bool = False,
+    session: Session | None = None,
 ) -> TrainingOutcome:
     """Train `config` (or resume a run) and return the run id and final metrics.
 
@@ -191,65 +239,44 @@ def run_training(
         warm_start: a model to start a new run from (`pipeline.training.warm_start`): its
             weights, and its dense statistics unless `refit_stats`.
         refit_stats: with `warm_start`, fit the dense statistics on this run's data.
+        session: the command's session (default: one for `config.tracking`).
     """
     if resume and warm_start:
         raise InputError("--resume continues a run, --warm-start starts a new one: pick one")
     if refit_stats and not warm_start:
         raise InputError("--refit-stats applies to --warm-start (a cold start always fits)")
-    quiet_telemetry()
-    uri = resolve_tracking_uri(config.tracking)
-    storage = storage_uri(config.train.storage_path)
-    state = None
-    parent = None
-    if resume:
-        check_tracking_reachable(uri)
-        client = set_tracking(uri)
-        run_id, state, name = resolve_resume(resume, client)
-        stored = parse_config(state.config, source="checkpoint config")
-        config = stored.model_copy(
-            update={"train": stored.train.model_copy(update={"epochs": config.train.epochs})}
-        )
-        storage = client.get_run(run_id).data.tags.get(tags.STORAGE, storage)
-    files = check_before_ray(config, uri)
-    if warm_start:
-        parent = resolve_warm_start(warm_start, set_tracking(uri), config)
-    if state is not None:
-        preprocessor = Preprocessor.from_dict(state.preprocessor)
-    else:
-        # The row pass checks the day's data even when the statistics stay the model's.
-        preprocessor = fit_preprocessor(config.data, files)
-        if parent is not None:
-            preprocessor = parent.preprocessor(config, preprocessor, refit_stats)
-    start_ray_and_check_cluster(uri, storage)
-    if state is None:
-        client = set_tracking(uri)
-        run_tags = {tags.GIT_COMMIT: git_commit(), tags.MODEL: config.model.name}
-        if parent is not None:
-            run_tags.update(parent.lineage_tags(files, config))
-        run_id = start_run(client, config, uri, tags=run_tags)
-        name = f"adatt-{run_id}"
-        client.set_tag(run_id, tags.STORAGE, storage)
-        client.set_tag(run_id, tags.RAY_RUN, name)
-    run = RunContext(run_id, uri, name, storage)
-
+    session = session or open_session("train", config.tracking)
+    inputs = prepare_inputs(config, session, resume, warm_start, refit_stats)
+    start_ray_and_check_cluster(session, inputs.storage)
+    run = open_run(session, inputs)
+    session.echo(
+        f"run {run.run_id}: {inputs.config.model.name} on {inputs.files.rows:,} rows of "
+        f"{len(inputs.files)} file(s), {inputs.config.train.num_workers} worker(s)"
+    )
     try:
-        with terminate_as_interrupt(), run_lifecycle(client, run_id):
+        with interruptible(), run_lifecycle(session.client, run.run_id):
             trainer = make_trainer(
-                config,
-                preprocessor,
-                files,
+                inputs.config,
+                inputs.preprocessor,
+                inputs.files,
                 run,
-                resume_from=resume if resume and Path(resume).exists() else None,
-                warm_start=parent,
+                resume_from=inputs.resumed.checkpoint if inputs.resumed else None,
+                warm_start=inputs.parent,
             )
             result = trainer.fit()
             return finish_run(
-                client, run, config, result.checkpoint, result.metrics, preprocessor, files
+                session.client,
+                run,
+                inputs.config,
+                result.checkpoint,
+                result.metrics,
+                inputs.preprocessor,
+                inputs.files,
             )
     except KeyboardInterrupt:
         print(
-            f"interrupted: MLflow run {run_id} marked KILLED; continue it from its last "
-            f"checkpoint with: adatt train --config <config> --resume {run_id}",
+            f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
+            f"checkpoint with: adatt train --config <config> --resume {run.run_id}",
             file=sys.stderr,
             flush=True,
         )

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import build_model
+from pipeline.config import Config
+
 
 class MultiTaskLoss(nn.Module):
     """Weighted sum of per-task masked losses.
@@ -89,3 +92,14 @@ class TrainingModel(nn.Module):
         outputs = self.model(batch)
         total, per_task = self.loss(outputs, batch["labels"], batch["mask"], batch.get("weight"))
         return total, per_task, outputs
+
+
+def build_training_model(config: Config) -> TrainingModel:
+    """The network plus its multi-task loss, as configured."""
+    model = build_model(config.model, config.data.feature_schema())
+    loss = MultiTaskLoss(
+        [t.type for t in config.data.tasks],
+        [t.weight for t in config.data.tasks],
+        config.train.loss_weighting,
+    )
+    return TrainingModel(model, loss)

@@ -20,7 +20,6 @@ weighted AUCs. A worker holds about 1/N of the split's (key, score, label) tripl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,16 +27,9 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 from torchmetrics.classification import BinaryAUROC
 
+from pipeline.config import TaskSpec
+from pipeline.metrics_vocab import MEAN_METRICS, metric_name
 from pipeline.ranking import binary_entropy, grouped_auc_sums
-
-
-@dataclass(frozen=True)
-class TaskKind:
-    """A task's name, whether it is `binary` or `regression`, and its GAUC group column."""
-
-    name: str
-    type: str
-    group: str | None = None
 
 
 class _BinaryState:
@@ -100,17 +92,18 @@ class MultiTaskMetrics:
     """Accumulates predictions for every task and computes the metrics.
 
     Args:
-        tasks: the tasks, in the order of the model's outputs.
+        tasks: the tasks, in the order of the model's outputs; a binary task with a
+            `group_column` also gets GAUC.
         device: where the metric state lives (the model's device).
 
     Example:
-        >>> m = MultiTaskMetrics([TaskKind("click", "binary")], torch.device("cpu"))
+        >>> m = MultiTaskMetrics([TaskSpec(name="click")], torch.device("cpu"))
         >>> m.update(torch.tensor([[2.0], [-2.0]]), torch.tensor([[1.0], [0.0]]), torch.ones(2, 1))
         >>> m.compute("val")["val/click/auc"]
         1.0
     """
 
-    def __init__(self, tasks: Sequence[TaskKind], device: torch.device) -> None:
+    def __init__(self, tasks: Sequence[TaskSpec], device: torch.device) -> None:
         self.tasks = list(tasks)
         self.device = device
         self.updated = False
@@ -118,7 +111,11 @@ class MultiTaskMetrics:
             _BinaryState(device) if t.type == "binary" else _RegressionState(device)
             for t in self.tasks
         ]
-        self.groups = {i: _GroupState() for i, t in enumerate(self.tasks) if t.group}
+        self.groups = {
+            i: _GroupState()
+            for i, t in enumerate(self.tasks)
+            if t.type == "binary" and t.group_column
+        }
 
     @torch.no_grad()
     def update(
@@ -137,7 +134,7 @@ class MultiTaskMetrics:
             keep = mask[:, i] > 0
             out, y = outputs[keep, i], labels[keep, i]
             if i in self.groups:
-                column = self.tasks[i].group
+                column = self.tasks[i].group_column
                 keys = groups[column][keep] if groups else out.new_zeros(0, dtype=torch.long)
                 self.groups[i].update(keys, torch.sigmoid(out), y)
             if isinstance(state, _BinaryState):
@@ -154,8 +151,8 @@ class MultiTaskMetrics:
     def compute(self, prefix: str) -> dict[str, float]:
         """Metrics over everything seen by all workers, keyed `<prefix>/<task>/<metric>`.
 
-        Also `<prefix>/mean_auc` and `<prefix>/mean_ne` over the binary tasks, the values
-        early stopping and model selection use.
+        Also `<prefix>/mean_auc`, `<prefix>/mean_ne` (and `mean_gauc`) over the binary
+        tasks, the values early stopping and model selection use.
         """
         if not self.updated:
             # A worker whose shard of this split is empty must still take part in every
@@ -163,39 +160,35 @@ class MultiTaskMetrics:
             empty = torch.zeros(0, len(self.tasks), device=self.device)
             self.update(empty, empty, empty)
         out: dict[str, float] = {}
-        aucs, nes, gaucs = [], [], []
         for i, group in self.groups.items():  # every worker, in the same order
             gauc, count = group.compute(self.device)
-            key = f"{prefix}/{self.tasks[i].name}"
-            out[f"{key}/gauc_groups"] = count
+            out[metric_name(prefix, self.tasks[i].name, "gauc_groups")] = count
             if count:
-                out[f"{key}/gauc"] = gauc
-                gaucs.append(gauc)
+                out[metric_name(prefix, self.tasks[i].name, "gauc")] = gauc
         for task, state in zip(self.tasks, self.state, strict=True):
-            sums = {k: float(v.compute()) for k, v in state.sums.items()}
-            count = sums["count"]
-            key = f"{prefix}/{task.name}"
-            out[f"{key}/count"] = count
-            if count == 0:
-                continue
-            if isinstance(state, _BinaryState):
-                logloss = sums["logloss"] / count
-                rate = sums["label"] / count
-                entropy = binary_entropy(rate)
-                auc = float(state.auroc.compute())
-                out[f"{key}/auc"] = auc
-                out[f"{key}/logloss"] = logloss
-                out[f"{key}/ne"] = logloss / entropy if entropy > 0 else float("nan")
-                out[f"{key}/calibration"] = (
-                    (sums["pred"] / count) / rate if rate > 0 else float("nan")
-                )
-                aucs.append(auc)
-                nes.append(out[f"{key}/ne"])
-            else:
-                out[f"{key}/mse"] = sums["sq_err"] / count
-        if aucs:
-            out[f"{prefix}/mean_auc"] = sum(aucs) / len(aucs)
-            out[f"{prefix}/mean_ne"] = sum(nes) / len(nes)
-        if gaucs:
-            out[f"{prefix}/mean_gauc"] = sum(gaucs) / len(gaucs)
+            values = _task_metrics(state)
+            out.update({metric_name(prefix, task.name, k): v for k, v in values.items()})
+        for kind in MEAN_METRICS:
+            found = [out[k] for t in self.tasks if (k := metric_name(prefix, t.name, kind)) in out]
+            if found:
+                out[metric_name(prefix, None, kind)] = sum(found) / len(found)
         return out
+
+
+def _task_metrics(state: _BinaryState | _RegressionState) -> dict[str, float]:
+    """One task's metrics from its (gathered) state."""
+    sums = {k: float(v.compute()) for k, v in state.sums.items()}
+    count = sums["count"]
+    if count == 0:
+        return {"count": count}
+    if isinstance(state, _RegressionState):
+        return {"count": count, "mse": sums["sq_err"] / count}
+    logloss, rate = sums["logloss"] / count, sums["label"] / count
+    entropy = binary_entropy(rate)
+    return {
+        "count": count,
+        "auc": float(state.auroc.compute()),
+        "logloss": logloss,
+        "ne": logloss / entropy if entropy > 0 else float("nan"),
+        "calibration": (sums["pred"] / count) / rate if rate > 0 else float("nan"),
+    }

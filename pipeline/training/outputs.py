@@ -21,7 +21,7 @@ from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.sample import raw_example, read_split
 from pipeline.data.split import split_names
-from pipeline.serving.scoring import log_scoring_model
+from pipeline.tracking.model_store import log_model
 from pipeline.training.checkpoint import TrainingState
 
 
@@ -110,13 +110,6 @@ def log_outputs(
     log_fusion_plots(client, run_id, network, preprocessor, example)
     if not config.tracking.log_model:
         return None
-    task_types = [(t.name, t.type) for t in config.data.tasks]
-    return log_scoring_model(
-        run_id,
-        network,
-        model_config.model_dump(mode="json"),
-        schema,
-        task_types,
-        preprocessor,
-        example.head(5),
+    return log_model(
+        client, run_id, network, model_config.model_dump(mode="json"), preprocessor, example.head(5)
     )

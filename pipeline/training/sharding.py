@@ -33,7 +33,13 @@ from torch import nn
 from models import build_model
 from models.torchrec_input import dense_names
 from pipeline.config import Config, TrainConfig
+from pipeline.data.collate import pad
+from pipeline.data.ingest import batch_layout, iter_batches
+from pipeline.data.preprocess import Preprocessor
+from pipeline.training.checkpoint import TrainingState, save_checkpoint
 from pipeline.training.losses import TrainingModel
+from pipeline.training.optim import base_rates, make_optimizer
+from pipeline.training.reporting import nbytes, report
 
 SHARDED_FOLDER = "sharded"  # the DCP checkpoint inside a Ray Train checkpoint folder
 TABLES = "model.inputs.tables"  # the tables' prefix in the training module's state dict
@@ -131,8 +137,7 @@ class ShardedOptimizer:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         dense = [p for _, p in in_backward_optimizer_filter(module.named_parameters())]
-        cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-        self.dense = cls(dense, lr=train.lr, weight_decay=train.weight_decay)
+        self.dense = make_optimizer(dense, train)
         self.tables = module.fused_optimizer
 
     @property
@@ -183,18 +188,7 @@ def lockstep(
             return
         batch = batch if batch is not None else empty
         rows = next(iter(batch.values())).shape[0]
-        yield {**_padded(batch, batch_size), "rows": torch.tensor(rows)}
-
-
-def _padded(batch: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
-    rows = next(iter(batch.values())).shape[0]
-    if rows == batch_size:
-        return batch
-    out = {}
-    for key, value in batch.items():
-        pad = value.new_zeros((batch_size - rows, *value.shape[1:]))
-        out[key] = torch.cat([value, pad])
-    return out  # padded rows: ids 0, labels 0, mask 0, weight 0
+        yield {**pad(batch, batch_size), "rows": torch.tensor(rows)}
 
 
 def snapshot(module: nn.Module) -> dict[str, Any]:
@@ -298,7 +292,7 @@ def _saved_model_keys(folder: str | Path) -> list[str]:
 
 
 class Sharded:
-    """The loop's view of a training module with sharded tables (see `loop.Replicated`).
+    """The worker strategy with sharded tables (`replicas.Replicas`; see `replicas.Replicated`).
 
     Checkpoints: every worker writes its shards (model, best model when it is not the
     current one, table optimizer) into its own folder, which Ray Train merges into one
@@ -308,7 +302,7 @@ class Sharded:
         training_model: built with `model.embeddings: torchrec`.
         train: the `train:` config section.
         device: this worker's device.
-        empty: a batch of no rows (`Preprocessor.empty`), for `lockstep`.
+        preprocessor: the run's preprocessing (the batches' layout, an empty batch).
         state: the state to continue from, or None.
         folder: the checkpoint folder `state` came from.
         table_optimizer: see `shard`.
@@ -320,16 +314,18 @@ class Sharded:
         training_model: TrainingModel,
         train: TrainConfig,
         device: torch.device,
-        empty: dict[str, Any],
-        state: Any = None,
+        preprocessor: Preprocessor,
+        state: TrainingState | None = None,
         folder: str | None = None,
         table_optimizer: type | None = None,
         initial: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.module, self.optimizer = shard(training_model, train, device, table_optimizer)
-        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.base_lrs = base_rates(self.optimizer)
         self.network = self.module.module.model
         self.device = device
+        self.layout = batch_layout(preprocessor)
+        empty = preprocessor.empty()
         self.empty = {k: torch.from_numpy(v).to(device) for k, v in empty.items()}
         self.best: dict[str, Any] | None = None
         self._best_is_current = False
@@ -348,15 +344,11 @@ class Sharded:
             load_full_weights(self.module, {f"model.{k}": v for k, v in initial.items()})
 
     def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
-        from pipeline.data.ingest import iter_batches
-
-        batches = iter_batches(shard, batch_size, device, shuffle=True, seed=seed)
+        batches = iter_batches(shard, self.layout, batch_size, device, shuffle=True, seed=seed)
         return lockstep(batches, batch_size, self.empty, device)
 
     def eval_batches(self, shard: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
-        from pipeline.data.ingest import iter_batches
-
-        batches = iter_batches(shard, batch_size, device, shuffle=False)
+        batches = iter_batches(shard, self.layout, batch_size, device)
         return lockstep(batches, batch_size, self.empty, device)
 
     def table_bytes(self) -> int:
@@ -366,9 +358,7 @@ class Sharded:
 
         def local(values: Any) -> int:
             if isinstance(values, ShardedTensor):
-                return sum(
-                    s.tensor.numel() * s.tensor.element_size() for s in values.local_shards()
-                )
+                return sum(nbytes(s.tensor) for s in values.local_shards())
             if isinstance(values, dict):
                 return sum(local(v) for v in values.values())
             return 0
@@ -386,10 +376,7 @@ class Sharded:
             load_snapshot(self.module, self.best)
         self.best, self._best_is_current = None, True
 
-    def report(self, state: Any, metrics: dict[str, float]) -> None:
-        from pipeline.training.checkpoint import save_checkpoint
-        from pipeline.training.loop import report
-
+    def report(self, state: TrainingState, metrics: dict[str, float]) -> None:
         state.optimizer = self.optimizer.state_dict()
         with tempfile.TemporaryDirectory() as folder:
             save_sharded(self.module, None if self._best_is_current else self.best, folder)

@@ -9,24 +9,19 @@ one-line error naming the field that changed.
 
 from __future__ import annotations
 
-import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.exceptions import MlflowException
 
 from pipeline.config import Config, DataConfig
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import DenseStats, Preprocessor
 from pipeline.errors import InputError
-from pipeline.serving.registry import schema_fields
-from pipeline.serving.scoring import MODEL_NAME, read_model_file, read_spec
 from pipeline.tracking import tags
-
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+from pipeline.tracking.model_format import schema_fields
+from pipeline.tracking.model_store import read_model, resolve_model
 
 
 @dataclass
@@ -65,33 +60,6 @@ class WarmStart:
     def preprocessor(self, config: Config, fitted: Preprocessor, refit: bool) -> Preprocessor:
         """The run's preprocessing: the model's dense statistics, or `fitted`'s with `refit`."""
         return fitted if refit else Preprocessor(config.data, self.dense_stats)
-
-
-def _pinned(source: str, client: Any) -> tuple[str, str | None, str | None]:
-    """(model URI, parent run, NAME/VERSION) of a source; InputError naming it otherwise."""
-    flag = f"--warm-start {source}"
-    try:
-        if _RUN_ID.match(source):
-            client.get_run(source)
-            return f"runs:/{source}/{MODEL_NAME}", source, None
-        if source.startswith("runs:/"):
-            run_id = source.removeprefix("runs:/").split("/", 1)[0]
-            client.get_run(run_id)
-            return source, run_id, None
-        if source.startswith("models:/"):
-            name, _, ref = source.removeprefix("models:/").rpartition("@")
-            if name:
-                version = client.get_model_version_by_alias(name, ref)
-            else:
-                name, _, number = source.removeprefix("models:/").rpartition("/")
-                version = client.get_model_version(name, number)
-            pinned = f"{version.name}/{version.version}"
-            return f"models:/{pinned}", version.run_id, pinned
-    except MlflowException as err:
-        raise InputError(f"{flag}: not found ({err.message.splitlines()[0]})") from None
-    raise InputError(
-        f"{flag}: expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a run id"
-    )
 
 
 def _first_difference(path: str, model: Any, config: Any) -> str | None:
@@ -150,17 +118,13 @@ def check_weights_fit(weights: dict[str, torch.Tensor], spec: dict, config: Conf
 
 def resolve_warm_start(source: str, client: Any, config: Config) -> WarmStart:
     """Find the model, check it against `config`, and read its weights (driver side)."""
-    model_uri, parent_run, parent_version = _pinned(source.strip(), client)
-    try:
-        spec = read_spec(model_uri, client.tracking_uri)
-        weights_file = read_model_file(model_uri, "artifacts/weights.pt", client.tracking_uri)
-        weights = torch.load(io.BytesIO(weights_file), map_location="cpu", weights_only=True)
-    except (MlflowException, OSError) as err:
-        raise InputError(f"--warm-start {source}: not an adatt model ({err})") from None
-    check_schema_matches(spec, config, source)
-    check_weights_fit(weights, spec, config, source)
-    stats = Preprocessor.from_dict(spec["preprocessor"]).dense_stats
-    return WarmStart(source, model_uri, parent_run, parent_version, weights, stats)
+    ref = resolve_model(source, client, flag="--warm-start")
+    model = read_model(ref, client)
+    check_schema_matches(model.spec, config, source)
+    check_weights_fit(model.weights, model.spec, config, source)
+    stats = model.preprocessor().dense_stats
+    version = f"{ref.name}/{ref.version}" if ref.version else None
+    return WarmStart(source, ref.uri, ref.run_id, version, model.weights, stats)
 
 
 def data_window(files: InputFiles, data: DataConfig) -> str:

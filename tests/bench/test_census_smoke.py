@@ -95,7 +95,7 @@ def test_missing_raw_files_skip_cleanly(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.slow
-def test_quick_run_writes_the_table(tmp_path: Path, ray_local: None) -> None:
+def test_quick_run_writes_the_table(tmp_path: Path, ray_cluster: None) -> None:
     raw = write_raw(tmp_path / "raw")
     out = tmp_path / "results" / "census.md"
     args = ["--quick", "--raw", str(raw), "--workdir", str(tmp_path / "work"), "--out", str(out)]

@@ -1,8 +1,10 @@
-"""A real Ray head (with token auth) and a real MLflow server on 127.0.0.1, for cluster tests.
+"""A real Ray head with token auth (`ray start --head`) on 127.0.0.1, for the submission
+tests; the MLflow server is the session's (`tests/conftest.py`).
 
-Both are started as child processes of the test session in their own temp directory and
-are always torn down by process id, never with `ray stop`: `ray stop` kills every Ray
-process on the machine, including other users' clusters.
+It is started as a child process of the test session in its own temp directory, named by
+its address (`RAY_ADDRESS` in its environment: the session's two-node cluster runs beside
+it), and torn down by process id, never with `ray stop`: `ray stop` kills every Ray process
+on the machine, including other users' clusters.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def ray_head() -> Iterator[RayHead]:
     env = _base_env()
     # Our own token file and explicit mode: never depend on (or touch) ~/.ray/auth_token.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    # Its processes name this cluster: the session's two-node cluster runs beside it.
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     log = temp_dir / "ray-start.log"
     cmd = [
         _tool("ray"),
@@ -147,37 +151,3 @@ def ray_head() -> Iterator[RayHead]:
     finally:
         stop_process_tree(proc, marker=str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class MlflowServer:
-    uri: str
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """`mlflow server` on a free loopback port with a SQLite store in a temp dir."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = root / "server.log"
-    cmd = [
-        _tool("mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--default-artifact-root",
-        str(root / "artifacts"),
-    ]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=_base_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, log, timeout_s=90)
-        yield MlflowServer(f"http://127.0.0.1:{port}")
-    finally:
-        stop_process_tree(proc)

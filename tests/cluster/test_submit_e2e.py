@@ -102,12 +102,12 @@ def test_job_env_reaches_mlflow_server(ray_head, mlflow_server):
         "python",
         "-c",
         script,
-        env=ray_head.client_env(MLFLOW_TRACKING_URI=mlflow_server.uri),
+        env=ray_head.client_env(MLFLOW_TRACKING_URI=mlflow_server),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     from mlflow import MlflowClient
 
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("submit-smoke")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.data.metrics["answer"] for r in runs] == [42.0]
@@ -203,7 +203,7 @@ def test_submit_adatt_train_logs_to_mlflow_and_checkpoints(ray_head, mlflow_serv
         "--set",
         f"data.path={logs}",
         "--set",
-        f"tracking.tracking_uri={mlflow_server.uri}",
+        f"tracking.tracking_uri={mlflow_server}",
         "--set",
         "tracking.experiment=submit-train",
         "--set",
@@ -224,7 +224,7 @@ def test_submit_adatt_train_logs_to_mlflow_and_checkpoints(ray_head, mlflow_serv
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("submit-train")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1

@@ -73,7 +73,7 @@ def test_gauc_metrics_need_a_group_column() -> None:
     )
     raw["train"] = {"early_stopping": {"metric": "val/mean_gauc"}}
     data = parse_config(raw).data
-    assert [data.group_column_of(t) for t in data.tasks] == ["user_id", "viewer", "user_id"]
+    assert [t.group_column for t in data.tasks] == ["user_id", "viewer", "user_id"]
     assert data.group_columns == ["user_id", "viewer"]
     assert data.columns() == ["user_id", "price", "click", "like", "t", "viewer"]
     raw["train"] = {"early_stopping": {"metric": "val/like/gauc"}}

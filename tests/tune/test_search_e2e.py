@@ -74,7 +74,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def searched(ray_local, tiny_logs, tmp_path_factory):
+def searched(ray_cluster, tiny_logs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tune")
     spec = tiny_spec(tiny_logs, workdir, "grid")
     start = time.perf_counter()
@@ -143,11 +143,11 @@ def test_best_trial_is_the_best_metric_and_its_model_reloads(searched, tiny_logs
     assert float(parent.data.params["best.train.lr"]) == outcome.best.values["train.lr"]
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"best_config.yaml", "search.png", "summary.txt"} <= artifacts
+    mlflow.set_tracking_uri(outcome.tracking_uri)  # the fluent API below reads it
     best_config = yaml.safe_load(
         mlflow.artifacts.load_text(f"runs:/{outcome.parent_run_id}/best_config.yaml")
     )
     assert best_config["train"]["lr"] == outcome.best.values["train.lr"]
-    mlflow.set_tracking_uri(outcome.tracking_uri)
     model = mlflow.pyfunc.load_model(parent.data.tags[tags.BEST_MODEL])
     import pyarrow.parquet as pq
 
@@ -174,7 +174,7 @@ def _interrupt_after_finished_trials(tracking_uri: str, count: int, done: thread
 
 
 def test_interrupted_search_resumes_without_repeating_finished_trials(
-    ray_local, tiny_logs, tmp_path
+    ray_cluster, tiny_logs, tmp_path
 ) -> None:
     spec = tiny_spec(tiny_logs, tmp_path, "resume", rates=[0.01, 0.003], scheduler="none")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -223,7 +223,7 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
 
 
-def test_trials_train_with_sharded_tables(ray_local, tiny_logs, tmp_path) -> None:
+def test_trials_train_with_sharded_tables(ray_cluster, tiny_logs, tmp_path) -> None:
     """A trial is an `adatt train` run: with `model.embeddings: torchrec` its tables are
     sharded row-wise over its two workers, and the best trial logs a dense scoring model."""
     spec = tiny_spec(

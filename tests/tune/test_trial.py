@@ -26,7 +26,7 @@ def _state(group_id: str) -> str:
 
 
 @pytest.mark.timeout(120)
-def test_only_groups_of_dead_actors_are_removed(ray_local) -> None:
+def test_only_groups_of_dead_actors_are_removed(ray_cluster) -> None:
     driver_group = placement_group([{"CPU": 0.1}])
     ray.get(driver_group.ready())
     maker = GroupMaker.remote()

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import DataConfig, load_config
 from pipeline.data.files import InputFiles
 from pipeline.data.fit import fit_preprocessor
-from pipeline.data.ingest import build_datasets, configure_ray_data, iter_batches
+from pipeline.data.ingest import batch_layout, build_datasets, configure_ray_data, iter_batches
 from pipeline.data.split import split_mask
 from pipeline.data.validate import check_schema
 from pipeline.datasets.synthetic import generate_logs
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_local):
+def by_value(ray_cluster):
     """The session's local Ray (2 CPUs). Workers get this module's train loop by value:
     the test module is not importable by name in a worker."""
     import sys
@@ -57,13 +57,16 @@ def test_projection_leaves_out_oracle_and_passthrough(logs) -> None:
     assert not {"p_click", "e_watch_time", "event_id"} & set(columns)
 
 
-def test_datasets_stream_typed_batches(ray_cluster, logs) -> None:
+def test_datasets_stream_typed_batches(by_value, logs) -> None:
     cfg, files, df = logs
-    datasets = build_datasets(cfg, fit_preprocessor(cfg, files), files)
+    preprocessor = fit_preprocessor(cfg, files)
+    datasets = build_datasets(cfg, preprocessor, files)
     assert sorted(datasets) == ["test", "train", "validation"]
+    layout = batch_layout(preprocessor)
     for name, ds in datasets.items():
         rows, label_sums = 0, 0.0
-        for batch in iter_batches(ds, 256, device="cpu", shuffle=name == "train", seed=0):
+        batches = iter_batches(ds, layout, 256, "cpu", shuffle=name == "train", seed=0)
+        for batch in batches:
             assert batch["categorical"].dtype == torch.int64
             assert batch["categorical"].shape[1] == len(cfg.categorical)
             assert batch["dense"].dtype == torch.float32
@@ -77,24 +80,27 @@ def test_datasets_stream_typed_batches(ray_cluster, logs) -> None:
         np.testing.assert_allclose(label_sums, expected_sums, rtol=1e-5)
 
 
-def test_read_and_preprocess_run_as_one_fused_task(ray_cluster, logs) -> None:
+def test_read_and_preprocess_run_as_one_fused_task(by_value, logs) -> None:
     """Reading and preprocessing fuse into one Ray task (no extra object-store hop)."""
     cfg, files, _ = logs
-    ds = build_datasets(cfg, fit_preprocessor(cfg, files), files)["validation"]
-    for _ in iter_batches(ds, 512, device="cpu"):
+    preprocessor = fit_preprocessor(cfg, files)
+    ds = build_datasets(cfg, preprocessor, files)["validation"]
+    for _ in iter_batches(ds, batch_layout(preprocessor), 512, "cpu"):
         pass
     assert "ReadParquet->MapBatches(_prepare)" in ds.stats()
 
 
-def test_shuffled_batches_permute_rows_within_chunks(ray_cluster, logs) -> None:
+def test_shuffled_batches_permute_rows_within_chunks(by_value, logs) -> None:
     """Shuffling keeps every row once, the batch count of plain iteration, and its seed."""
     cfg, files, _ = logs
-    ds = build_datasets(cfg, fit_preprocessor(cfg, files), files, shuffle_files=False)["train"]
+    preprocessor = fit_preprocessor(cfg, files)
+    ds = build_datasets(cfg, preprocessor, files, shuffle_files=False)["train"]
     ds.context.execution_options.preserve_order = True  # the same chunks every time
 
     def row_ids(shuffle: bool, seed: int | None) -> tuple[list[int], list[float]]:
         sizes, keys = [], []
-        for batch in iter_batches(ds, 100, device="cpu", shuffle=shuffle, seed=seed):
+        batches = iter_batches(ds, batch_layout(preprocessor), 100, "cpu", shuffle, seed)
+        for batch in batches:
             sizes.append(len(batch["weight"]))
             # A row's identity: its categorical ids, dense values and labels summed.
             key = batch["categorical"].double().sum(1) * 1e3 + batch["dense"].double().sum(1)
@@ -117,7 +123,8 @@ def _train_loop(config: dict) -> None:
         shard = ray.train.get_dataset_shard(name)
         rows, sums = 0, np.zeros(config["tasks"])
         for _ in range(config["epochs"]):
-            for batch in iter_batches(shard, 128, device="cpu", shuffle=name == "train"):
+            batches = iter_batches(shard, config["layout"], 128, "cpu", shuffle=name == "train")
+            for batch in batches:
                 rows += len(batch["labels"])
                 sums += batch["labels"].sum(0).double().numpy()
         counts[f"{name}_rows"] = rows
@@ -129,16 +136,23 @@ def _train_loop(config: dict) -> None:
     Path(config["out"], f"rank{rank}.json").write_text(pd.Series(counts).to_json())
 
 
-def test_torch_trainer_two_workers_on_two_cpus(ray_cluster, logs, tmp_path: Path) -> None:
+def test_torch_trainer_two_workers_on_two_cpus(by_value, logs, tmp_path: Path) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg, files, df = logs
-    datasets = build_datasets(cfg, fit_preprocessor(cfg, files), files)
+    preprocessor = fit_preprocessor(cfg, files)
+    datasets = build_datasets(cfg, preprocessor, files)
     datasets.pop("test")
+    layout = batch_layout(preprocessor)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"tasks": len(cfg.tasks), "epochs": 2, "out": str(tmp_path)},
+        train_loop_config={
+            "tasks": len(cfg.tasks),
+            "epochs": 2,
+            "out": str(tmp_path),
+            "layout": layout,
+        },
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         datasets=datasets,
         dataset_config=configure_ray_data(num_workers=2, cpus_per_worker=0.5),

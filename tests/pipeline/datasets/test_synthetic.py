@@ -30,7 +30,7 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
 def test_files_per_day_and_row_count(logs: tuple[Path, pd.DataFrame]) -> None:
     out, df = logs
     files = sorted(p.name for p in out.glob("*.parquet"))
-    assert len(files) == 14 and files[0] == "day-2024-01-01.parquet"
+    assert len(files) == 14 and files[0] == "2024-01-01.parquet"
     assert len(df) == ROWS and df["event_id"].is_unique
     assert df["day"].nunique() == 14
 

@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.serving.registry import register_run
+from pipeline.release.registry import register_run
 from tests.conftest import REPO_ROOT, free_port, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -147,7 +147,7 @@ def test_output_must_be_new_and_model_must_exist(champion, mlflow_server, tiny_l
             str(tmp_path / "x"),
         ),
     )
-    assert missing.exit_code == 2 and f"--model models:/{NAME}@nope: cannot read" in missing.stderr
+    assert missing.exit_code == 2 and f"--model models:/{NAME}@nope: not found" in missing.stderr
     assert not (tmp_path / "x").exists()
 
 

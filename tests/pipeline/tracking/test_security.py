@@ -111,8 +111,8 @@ def test_config_with_credentials_is_refused_naming_the_field(section, value, fie
 
 DASHBOARD_PROBE = """
 import json, psutil, ray
-from pipeline.runtime import init_ray
-init_ray()
+from pipeline.session import start_ray
+start_ray()
 try:
     url = ray._private.worker.global_worker.node.address_info["webui_url"]
     port = int(url.rsplit(":", 1)[1])

@@ -1,6 +1,6 @@
 """Bad input to `adatt train`: one line naming the file, column or config field, exit code 2,
 before Ray starts, and nothing written (MLflow store byte-identical, no checkpoint folder,
-input files untouched). No Ray here: `init_ray` is replaced by a tripwire."""
+input files untouched). No Ray here: `start_ray` is replaced by a tripwire."""
 
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from pipeline import session
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.data.fit import fit_preprocessor
 from pipeline.datasets.synthetic import generate_logs
-from pipeline.training import checks
 from pipeline.training.checks import check_before_ray
 from tests.conftest import REPO_ROOT, free_port
 
 CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
-TRAIN_DAY = "day-2024-01-05.parquet"
-VALIDATION_DAY = "day-2024-01-13.parquet"
+TRAIN_DAY = "2024-01-05.parquet"
+VALIDATION_DAY = "2024-01-13.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,10 @@ def store_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
 
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    def tripwire() -> None:
+    def tripwire(*args: object) -> None:
         raise AssertionError("Ray was started before the input checks finished")
 
-    monkeypatch.setattr(checks, "init_ray", tripwire)
+    monkeypatch.setattr(session, "start_ray", tripwire)
 
 
 def _digest(paths: list[Path]) -> dict[str, str]:
@@ -215,7 +215,7 @@ CASES = {
     "schema drift between files": (
         _drift,
         [],
-        ["{f}: schema drift: column 'hour' is string here but int16 in", "day-2024-01-01"],
+        ["{f}: schema drift: column 'hour' is string here but int16 in", "2024-01-01"],
     ),
     "label column entirely null": (
         _share_all_null(True),
@@ -412,7 +412,7 @@ def test_impute_lets_nan_through_when_the_config_says_so(good_logs: Path, tmp_pa
     config = load_config(
         path, [f"data.path={logs}", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]
     )
-    files = check_before_ray(config, f"sqlite:///{tmp_path}/m.db")
+    files = check_before_ray(config)
     stats = fit_preprocessor(config.data, files).dense_stats["item_age_hours"]
     train_files = [f for f in sorted(good_logs.glob("*.parquet")) if f.name < VALIDATION_DAY]
     columns = [pq.read_table(f)["item_age_hours"].to_numpy().copy() for f in train_files]

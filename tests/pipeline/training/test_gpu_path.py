@@ -13,9 +13,10 @@ import torch
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.sample import read_split
 from pipeline.data.validate import check_schema
-from pipeline.runtime import resolve_use_gpu
-from pipeline.training.loop import build_training_model, train_autocast
-from pipeline.training.metrics import MultiTaskMetrics, TaskKind
+from pipeline.session import resolve_use_gpu
+from pipeline.training.losses import build_training_model
+from pipeline.training.metrics import MultiTaskMetrics
+from pipeline.training.step import autocast
 from tests.conftest import tiny_config
 
 
@@ -39,12 +40,12 @@ def test_use_gpu_auto_follows_the_cluster(
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_training_steps_autocast_to_bf16_on_gpu_only(tiny_logs: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_logs, tmp_path)
-    on_gpu = train_autocast(torch.device("cuda", 0), config.train)
+    on_gpu = autocast(torch.device("cuda", 0), config.train.bf16)
     assert isinstance(on_gpu, torch.autocast)
     assert (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.bfloat16)
-    assert isinstance(train_autocast(torch.device("cpu"), config.train), nullcontext)
+    assert isinstance(autocast(torch.device("cpu"), config.train.bf16), nullcontext)
     no_bf16 = tiny_config(tiny_logs, tmp_path, "train.bf16=false")
-    assert isinstance(train_autocast(torch.device("cuda", 0), no_bf16.train), nullcontext)
+    assert isinstance(autocast(torch.device("cuda", 0), no_bf16.train.bf16), nullcontext)
 
 
 def test_model_and_loss_train_under_bf16_autocast(tiny_logs: Path, tmp_path: Path) -> None:
@@ -72,7 +73,9 @@ def test_model_and_loss_train_under_bf16_autocast(tiny_logs: Path, tmp_path: Pat
     assert all(g.dtype == torch.float32 for g in grads.values())  # master weights stay fp32
 
     # Metrics take bf16 outputs too (they compute in float32).
-    metrics = MultiTaskMetrics([TaskKind(t.name, t.type) for t in config.data.tasks], "cpu")
+    metrics = MultiTaskMetrics(
+        [t.model_copy(update={"group_column": None}) for t in config.data.tasks], "cpu"
+    )
     metrics.update(outputs.detach(), batch["labels"], batch["mask"])
     values = metrics.compute("val")
     assert 0.0 <= values["val/click/auc"] <= 1.0

@@ -12,11 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
 
+from pipeline.config import TaskSpec
 from pipeline.ranking import binary_entropy, grouped_auc_sums
-from pipeline.training.metrics import MultiTaskMetrics, TaskKind
+from pipeline.training.metrics import MultiTaskMetrics
 from tests.conftest import free_port
 
-TASKS = [TaskKind("click", "binary"), TaskKind("like", "binary"), TaskKind("watch", "regression")]
+TASKS = [TaskSpec(name="click"), TaskSpec(name="like"), TaskSpec(name="watch", type="regression")]
 
 
 def _data(seed: int, n: int = 3000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,9 +128,9 @@ def test_metrics_are_exact_across_two_workers(cut: int) -> None:
 
 # GAUC: click and like grouped by user (like on its own column), watch time has none.
 GROUPED = [
-    TaskKind("click", "binary", "user"),
-    TaskKind("like", "binary", "viewer"),
-    TaskKind("watch", "regression"),
+    TaskSpec(name="click", group_column="user"),
+    TaskSpec(name="like", group_column="viewer"),
+    TaskSpec(name="watch", type="regression"),
 ]
 
 

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
-from pipeline.training.loop import build_training_model, lr_factor, make_optimizer, set_epoch_lr
+from pipeline.training.losses import build_training_model
+from pipeline.training.optim import embedding_tables, lr_factor, make_optimizer, set_epoch_lr
 
 
 def _config(**train) -> Config:
@@ -22,7 +23,7 @@ def _step(config: Config) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     module = build_training_model(config)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    optimizer = make_optimizer(module, config.train)
+    optimizer = make_optimizer(module.parameters(), config.train, embedding_tables(module))
     for p in module.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
@@ -41,7 +42,8 @@ def test_embedding_tables_get_their_own_learning_rate() -> None:
 
 def test_without_embedding_lr_every_parameter_uses_lr() -> None:
     config = _config(lr=0.002, embedding_lr="null")
-    optimizer = make_optimizer(build_training_model(config), config.train)
+    module = build_training_model(config)
+    optimizer = make_optimizer(module.parameters(), config.train, embedding_tables(module))
     assert [g["lr"] for g in optimizer.param_groups] == [0.002]
 
 
@@ -67,7 +69,7 @@ def test_cosine_schedule_takes_the_cosine_at_each_epochs_midpoint() -> None:
 def test_cosine_schedule_scales_both_groups_from_the_config_rates() -> None:
     config = _config(lr=0.001, embedding_lr=0.01, lr_schedule="cosine", epochs=4)
     module = build_training_model(config)
-    optimizer = make_optimizer(module, config.train)
+    optimizer = make_optimizer(module.parameters(), config.train, embedding_tables(module))
     base = [g["lr"] for g in optimizer.param_groups]
     assert set_epoch_lr(optimizer, base, config.train, 2) == pytest.approx(0.001 * 0.6913, 1e-3)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
@@ -75,7 +77,7 @@ def test_cosine_schedule_scales_both_groups_from_the_config_rates() -> None:
     )
     # A resumed run restores epoch 2's scaled rates with the optimiser state; epoch 3 still
     # starts from the config's rates, so the decay does not compound.
-    restored = make_optimizer(module, config.train)
+    restored = make_optimizer(module.parameters(), config.train, embedding_tables(module))
     base = [g["lr"] for g in restored.param_groups]
     restored.load_state_dict(optimizer.state_dict())
     set_epoch_lr(restored, base, config.train, 3)

@@ -83,7 +83,7 @@ def client(workdir: Path) -> MlflowClient:
 
 
 @pytest.fixture(scope="module")
-def one_worker_runs(ray_local, tiny_logs, workdir) -> tuple[str, str]:
+def one_worker_runs(ray_cluster, tiny_logs, workdir) -> tuple[str, str]:
     """Two identical one-worker trainings; the second with fake secrets in the environment."""
     first = run_training(tiny_config(tiny_logs, workdir, *ONE_WORKER)).run_id
     with pytest.MonkeyPatch.context() as env:
@@ -94,7 +94,7 @@ def one_worker_runs(ray_local, tiny_logs, workdir) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_local, tiny_logs, workdir) -> str:
+def two_worker_run(ray_cluster, tiny_logs, workdir) -> str:
     return run_training(tiny_config(tiny_logs, workdir, *TWO_WORKERS)).run_id
 
 

@@ -23,7 +23,8 @@ from sklearn.metrics import roc_auc_score
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.sample import read_split
 from pipeline.data.validate import check_schema
-from pipeline.serving.scoring import read_spec
+from pipeline.tracking.model_store import read_model, resolve_model
+from pipeline.tracking.runs import client_for
 from pipeline.training.driver import run_training
 from tests.conftest import tiny_config
 
@@ -33,7 +34,7 @@ SHARDED = ["model.embeddings=torchrec", "train.sharding=row_wise"]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_local):
+def by_value(ray_cluster):
     """The session's Ray; workers get this module's loop by value (not importable there)."""
     from ray import cloudpickle
 
@@ -48,7 +49,8 @@ def _equivalence_loop(loop_config: dict) -> None:
 
     from models.torchrec_input import dense_names
     from pipeline.config import parse_config
-    from pipeline.training.loop import build_training_model
+    from pipeline.data.preprocess import Preprocessor
+    from pipeline.training.losses import build_training_model
     from pipeline.training.sharding import Sharded, load_full_weights
 
     config = parse_config(loop_config["config"])
@@ -69,7 +71,7 @@ def _equivalence_loop(loop_config: dict) -> None:
         build_training_model(config),
         config.train,
         torch.device("cpu"),
-        loop_config["empty"],
+        Preprocessor.from_dict(loop_config["preprocessor"]),
         table_optimizer=torch.optim.SGD,
     )
     module = replicas.module
@@ -122,7 +124,7 @@ def _local_rows(module) -> dict[str, tuple[int, torch.Tensor]]:
 
 
 def test_sharded_loss_and_gradients_equal_the_dense_models(
-    ray_cluster, tiny_logs, tmp_path: Path
+    by_value, tiny_logs, tmp_path: Path
 ) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -138,7 +140,7 @@ def test_sharded_loss_and_gradients_equal_the_dense_models(
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "batches": batches,
-            "empty": preprocessor.empty(),
+            "preprocessor": preprocessor.to_dict(),
             "out": str(tmp_path),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
@@ -208,5 +210,7 @@ def test_row_wise_table_trains_checkpoints_restarts_and_scores_as_trained(
         seen = rows[task].notna().to_numpy()
         auc = roc_auc_score(rows[task][seen], scores[task][seen])
         assert auc == pytest.approx(outcome.metrics[f"best/val/{task}/auc"], abs=1e-5), task
-    assert read_spec(outcome.model_uri)["model"]["embeddings"] == "dense"
+    store = client_for(outcome.tracking_uri)
+    spec = read_model(resolve_model(outcome.model_uri, store), store, weights=False).spec
+    assert spec["model"]["embeddings"] == "dense"
     assert np.isfinite(scores.to_numpy()).all()

@@ -18,19 +18,19 @@ from models import build_model
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.sample import read_split
-from pipeline.serving.scoring import score_frame
 from pipeline.tracking import tags
+from pipeline.tracking.model_format import score_frame
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.driver import run_training
-from pipeline.training.loop import lr_factor
-from pipeline.training.resume import latest_checkpoint
+from pipeline.training.optim import lr_factor
+from pipeline.training.resume import checkpoint_folders
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tiny_logs, tmp_path_factory):
+def trained(ray_cluster, tiny_logs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("train")
     config = tiny_config(tiny_logs, workdir)
     return config, run_training(config), workdir
@@ -68,9 +68,7 @@ def test_logged_model_matches_trained_model(trained, tiny_logs) -> None:
     loaded = mlflow.pyfunc.load_model(outcome.model_uri)
     features = rows[config.data.feature_columns]
     logged = loaded.predict(features)
-    direct = score_frame(
-        network, preprocessor, [(t.name, t.type) for t in config.data.tasks], features
-    )
+    direct = score_frame(network, preprocessor, config.data.tasks, features)
     np.testing.assert_allclose(logged.to_numpy(), direct.to_numpy(), atol=1e-6)
     # The test AUC the run reports is the AUC of these scores over all workers' rows.
     click = rows["click"].notna()
@@ -107,7 +105,7 @@ def _console(capfd: pytest.CaptureFixture[str], until: str, wait_s: float = 15.0
 
 
 def test_failed_run_is_marked_failed_and_resume_continues(
-    ray_local, tiny_logs, tmp_path, capfd
+    ray_cluster, tiny_logs, tmp_path, capfd
 ) -> None:
     config = tiny_config(tiny_logs, tmp_path, "train.epochs=3", "train.lr_schedule=cosine")
     os.environ["ADATT_FAULT"] = "raise@2"
@@ -150,6 +148,6 @@ def _adam_step(optimizer_state: dict) -> int:
 
 def _optimizer_steps(run_folder: Path) -> int:
     """Adam steps in one epoch, from the epoch-1 history entry's row count."""
-    state = load_checkpoint(latest_checkpoint(run_folder))
+    state = load_checkpoint(checkpoint_folders(str(run_folder.parent), run_folder.name)[0])
     first = state.history[0]
     return int(first["train/steps_per_worker"])

@@ -13,9 +13,9 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.data.preprocess import DenseStats, Preprocessor
 from pipeline.errors import InputError
-from pipeline.serving.registry import register_run
-from pipeline.serving.scoring import read_spec
+from pipeline.release.registry import register_run
 from pipeline.tracking import tags
+from pipeline.tracking.model_store import read_model, resolve_model
 from pipeline.training.driver import run_training
 from pipeline.training.warm_start import (
     WarmStart,
@@ -133,11 +133,11 @@ def test_warm_start_on_the_next_day_beats_a_cold_start(
     assert run_tags[tags.PARENT_MODEL] == "models:/warm-test/1"
     assert run_tags[tags.PARENT_VERSION] == "warm-test/1"
     assert run_tags[tags.PARENT_RUN] == parent.run_id
-    assert run_tags[tags.DATA_WINDOW] == f"files day-{NEXT_DAY}.parquet (1)"
+    assert run_tags[tags.DATA_WINDOW] == f"files {NEXT_DAY}.parquet (1)"
     assert tags.WARM_START not in client.get_run(cold.run_id).data.tags
     # The dense statistics are the parent's (no --refit-stats), the cold run's its own.
     stats = {
-        uri: read_spec(uri, mlflow_server)["preprocessor"]["dense_stats"]
+        uri: read_model(resolve_model(uri, client), client).spec["preprocessor"]["dense_stats"]
         for uri in (parent.model_uri, warm.model_uri, cold.model_uri)
     }
     assert stats[warm.model_uri] == stats[parent.model_uri] != stats[cold.model_uri]

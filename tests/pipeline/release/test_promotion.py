@@ -8,7 +8,6 @@ their measured NE rather than assuming the order.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -17,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from pipeline.serving.evaluate import evaluate
-from pipeline.serving.registry import Evidence, register_run
-from pipeline.serving.scoring import read_model_file
+from pipeline.release.evaluate import evaluate
+from pipeline.release.registry import Evidence, register_run
 from pipeline.tracking import tags
+from pipeline.tracking.model_store import read_model, resolve_model
 from tests.conftest import REPO_ROOT, log_untrained_run, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -28,8 +27,8 @@ METRIC = "val/mean_ne"
 
 
 def _weights(model_uri: str, tracking_uri: str) -> dict[str, torch.Tensor]:
-    data = read_model_file(model_uri, "artifacts/weights.pt", tracking_uri)
-    return torch.load(io.BytesIO(data), weights_only=True)
+    client = registry_client(tracking_uri)
+    return read_model(resolve_model(model_uri, client), client).weights
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,8 @@ def ranked(served_training, untrained_run, mlflow_server, tiny_logs, tmp_path_fa
     halfway = {k: (v + end[k]) / 2 if v.is_floating_point() else v for k, v in start.items()}
     middle = log_untrained_run(mlflow_server, tiny_logs, tmp_path_factory.mktemp("mid"), halfway)
     runs = [untrained_run, middle, trained]
-    result = evaluate([r.model_uri for r in runs], str(tiny_logs), mlflow_server, bootstrap=50)
+    client = registry_client(mlflow_server)
+    result = evaluate(client, [r.model_uri for r in runs], str(tiny_logs), bootstrap=50)
     ne = [result.metrics[i]["mean_ne"].value for i in range(3)]
     order = sorted(range(3), key=lambda i: -ne[i])  # worst (highest NE) first
     return [runs[i].run_id for i in order], sorted(ne, reverse=True)
@@ -67,7 +67,9 @@ def test_promotion_needs_a_significant_gain_and_records_the_evidence(
     assert version.tags[tags.PROMOTION_METRIC] == "mean_ne"
     evaluation = client.get_run(version.tags[tags.PROMOTION_EVALUATION])
     assert evaluation.data.params["model.0"] == "models:/promo-test/1"
-    assert evaluation.data.params["model.1"] == "models:/promo-test/2"
+    # The challenger is scored as its run's model, before it becomes a version.
+    challenger = client.get_logged_model(evaluation.data.params["model.1"].removeprefix("models:/"))
+    assert challenger.source_run_id == middle
     assert low <= float(version.tags[tags.PROMOTION_GAIN]) <= high
     assert "upper bound" in moved.message and moved.message.endswith("@champion -> 2")
 

@@ -1,7 +1,7 @@
 """`adatt retrain`: the daily loop as one command.
 
-1. The day's logs: the files under `data.path` whose path holds the day (`day-2024-01-15.parquet`,
-   `dt=2024-01-15/part-0.parquet`), split by a hash of the user (`data.group_column`) into
+1. The day's logs: the files under `data.path` of the day (`2024-01-15.parquet`,
+   `day=2024-01-15/part-0.parquet`; `in_day`), split by a hash of the user (`data.group_column`) into
    train, validation and a holdout (the test split) that no model trained on.
 2. Warm start: a new run from the champion (`--warm-start`), trained on the day.
 3. Register the run's model as a new version and move the alias only if its gain over the
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pipeline.config import Config, SplitConfig
 from pipeline.data.files import resolve_files
 from pipeline.errors import InputError
-from pipeline.serving.registry import Evidence, Registration, register_run
+from pipeline.release.registry import Evidence, Registration, register_run
+from pipeline.session import Session, open_session
 from pipeline.tracking import tags
-from pipeline.tracking.runs import resolve_tracking_uri, set_tracking
 from pipeline.training.driver import run_training
 
 
@@ -55,15 +55,34 @@ def parse_alias(model_uri: str) -> tuple[str, str]:
     return name, alias
 
 
+def in_day(path: str, day: str) -> bool:
+    """Whether a file belongs to `day`: a folder or the file itself is named exactly the day
+    (`2024-01-15/part-0.parquet`, `2024-01-15.parquet`) or is the day's partition
+    (`day=2024-01-15/...`, `dt=2024-01-15/...`); a name merely holding the date does not.
+
+    Example:
+        >>> [in_day(p, "2024-01-15") for p in
+        ...  ["s3://b/day=2024-01-15/p.parquet", "logs/2024-01-15.parquet", "logs/x-2024-01-15.pq"]]
+        [True, True, False]
+    """
+    segments = path.split("/")
+    stem = segments[-1].split(".", 1)[0]
+    folders = segments[:-1]
+    return stem == day or any(s == day or s.partition("=")[2] == day for s in folders)
+
+
 def day_files(config: Config, day: str) -> list[str]:
-    """The files under `data.path` whose path holds `day` (ISO date); InputError if none."""
+    """The files under `data.path` of `day` (ISO date, see `in_day`); InputError if none."""
     try:
         dt.date.fromisoformat(day)
     except ValueError:
         raise InputError(f"--day {day}: expected a date as YYYY-MM-DD") from None
-    found = [f for f in resolve_files(config.data.path) if day in f]
+    found = [f for f in resolve_files(config.data.path) if in_day(f, day)]
     if not found:
-        raise InputError(f"--day {day}: no file under {config.data.path} has {day} in its path")
+        raise InputError(
+            f"--day {day}: no file under {config.data.path} is that day's (a file or folder "
+            f"named {day}, or a partition folder such as day={day})"
+        )
     return found
 
 
@@ -95,6 +114,7 @@ def retrain(
     holdout: float = 0.2,
     bootstrap: int = 200,
     refit_stats: bool = False,
+    session: Session | None = None,
 ) -> RetrainOutcome:
     """Warm-start from `model_uri` on `day`, then register and promote on the day's holdout.
 
@@ -107,12 +127,14 @@ def retrain(
         validation, holdout: fractions of the day's users for validation and the holdout.
         bootstrap: replicates of the comparison.
         refit_stats: refit the dense statistics on the day (default: the champion's).
+        session: the command's session (default: one for `config.tracking`).
     """
     name, alias = parse_alias(model_uri)
+    session = session or open_session("retrain", config.tracking)
     files = day_files(config, day)
     daily = day_config(config, files, day, validation, holdout)
-    outcome = run_training(daily, warm_start=model_uri, refit_stats=refit_stats)
-    client = set_tracking(resolve_tracking_uri(daily.tracking))
+    outcome = run_training(daily, warm_start=model_uri, refit_stats=refit_stats, session=session)
+    client = session.client
     evidence = Evidence(
         files, min_gain, daily.data.group_column, bootstrap, (daily.data.split, "test")
     )

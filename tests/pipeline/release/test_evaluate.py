@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.ranking import binary_entropy
-from pipeline.serving.evaluate import evaluate
+from pipeline.release.evaluate import evaluate
 from pipeline.serving.scoring import load_scoring_model
 from tests.conftest import registry_client
 

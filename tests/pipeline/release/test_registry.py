@@ -11,14 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.errors import InputError
-from pipeline.serving.registry import (
-    beats,
-    check_metric,
-    lower_is_better,
-    register_run,
-    schema_hash,
-)
+from pipeline.release.registry import register_run
+from pipeline.tracking.model_format import schema_hash
 from tests.conftest import registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -26,23 +20,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def _register(*args: str):
     return CliRunner().invoke(app, ["register", *args], catch_exceptions=False)
-
-
-def test_metric_direction_and_choice() -> None:
-    assert lower_is_better("val/mean_ne") and lower_is_better("best/val/watch_time/mse")
-    assert not lower_is_better("val/mean_auc") and not lower_is_better("val/click/auc")
-    assert beats(0.71, 0.70, "val/mean_auc") and not beats(0.70, 0.71, "val/mean_auc")
-    assert beats(0.95, 0.97, "val/click/ne") and not beats(0.97, 0.95, "val/click/ne")
-    assert not beats(0.7, 0.7, "val/mean_auc")  # a tie keeps the holder
-    assert beats(0.1, None, "val/mean_auc")
-    check_metric("val/click/logloss")
-    with pytest.raises(InputError, match="validation metric"):
-        check_metric("test/mean_auc")
-    with pytest.raises(InputError, match="not a metric that ranks"):
-        check_metric("val/click/calibration")
-    with pytest.raises(InputError, match="not a metric that ranks"):
-        check_metric("val/click/gauc_groups")
-    assert not lower_is_better("val/mean_gauc")
 
 
 def test_schema_hash_covers_inputs_and_task_outputs_only() -> None:

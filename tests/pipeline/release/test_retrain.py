@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import InputError
-from pipeline.serving.registry import register_run
+from pipeline.release.registry import register_run
+from pipeline.release.retrain import day_files, parse_alias
 from pipeline.tracking import tags
-from pipeline.training.retrain import day_files, parse_alias
 from tests.conftest import registry_client, tiny_config
 
 NAME = "daily"
@@ -25,13 +25,24 @@ def test_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
     for bad in ("models:/adatt/3", "runs:/abc/model", "adatt@champion"):
         with pytest.raises(InputError, match="expected models:/NAME@ALIAS"):
             parse_alias(bad)
-    (tmp_path / "day-2024-01-15.parquet").write_bytes(b"")
+    layouts = [
+        "2024-01-15.parquet",  # a file named the day
+        "day=2024-01-15/part-0.parquet",  # a partition folder
+        "2024-01-15/part-1.parquet",  # a folder named the day
+        "not-2024-01-15.parquet",  # merely holds the date: not the day's
+        "day=2024-01-150/part-0.parquet",
+        "_temporary/2024-01-15.parquet",  # a writer's leftovers: never data
+        "day=2024-01-16/2024-01-15x.parquet",
+    ]
+    for name in layouts:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
     config = tiny_config(tmp_path, tmp_path)
     with pytest.raises(InputError, match="--day 2024-1-15: expected a date"):
         day_files(config, "2024-1-15")
-    with pytest.raises(InputError, match="no file under .* has 2024-01-16 in its path"):
-        day_files(config, "2024-01-16")
-    assert day_files(config, "2024-01-15") == [str(tmp_path / "day-2024-01-15.parquet")]
+    with pytest.raises(InputError, match="--day 2024-01-17: no file under .* is that day's"):
+        day_files(config, "2024-01-17")
+    assert day_files(config, "2024-01-15") == [str(tmp_path / n) for n in sorted(layouts[:3])]
 
 
 @pytest.mark.slow
@@ -45,7 +56,7 @@ def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory
     logs = tmp_path_factory.mktemp("days")
     for day in ("2024-01-15", "2024-01-16"):
         generate_logs(logs, rows=3000, days=1, start_day=day, seed=0)
-    (logs / "day-2024-01-17.parquet").write_bytes(b"PAR1 a truncated upload")  # a bad day
+    (logs / "2024-01-17.parquet").write_bytes(b"PAR1 a truncated upload")  # a bad day
     workdir = tmp_path_factory.mktemp("retrain")
     config = tiny_config(logs, workdir, f"tracking.tracking_uri={mlflow_server}", "train.epochs=1")
     path = workdir / "daily.yaml"
@@ -80,7 +91,7 @@ def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory
     runs = len(client.search_runs([experiment]))
     bad = retrain("2024-01-17")
     assert bad.exit_code == 2, bad.output
-    assert bad.stderr.startswith(f"error: {logs / 'day-2024-01-17.parquet'}")
+    assert bad.stderr.startswith(f"error: {logs / '2024-01-17.parquet'}")
     assert client.get_model_version_by_alias(NAME, "champion").version == holder
     assert len(client.search_model_versions(f"name='{NAME}'")) == 3
     assert len(client.search_runs([experiment])) == runs
