@@ -47,7 +47,6 @@ from pipeline.tracking.runs import (
 
 ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a local head
-ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records its address
 CONNECT_TIMEOUT_S = 5.0
 WORKER_SETUP_HOOK = "pipeline.session.quiet_ray_data_console"
 
@@ -116,20 +115,28 @@ def _answers(address: str) -> bool:
         return False
 
 
+def address_file() -> Path:
+    """Where `ray start` records the address of the cluster it started (Ray's own rule:
+    `$RAY_TMPDIR`, else `$TMPDIR`, else /tmp, then `ray/ray_current_cluster`)."""
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(temp) / "ray" / "ray_current_cluster"
+
+
 def resolve_address(given: str) -> str:
     """The GCS address `RAY_ADDRESS` names (`auto`: the one in Ray's address file), checked
     to answer; InputError naming it otherwise, within seconds (Ray itself would retry a
     dead head for minutes)."""
     address, source = given, f"{ADDRESS_ENV}={given}"
     if given == "auto":
-        address = ADDRESS_FILE.read_text().strip() if ADDRESS_FILE.is_file() else ""
+        file = address_file()
+        address = file.read_text().strip() if file.is_file() else ""
         if not address:
             raise InputError(
-                f"{source}: no Ray cluster was started on this machine ({ADDRESS_FILE} is "
-                f"missing); start one with `ray start --head`, or unset {ADDRESS_ENV} to "
-                "start a fresh local Ray instance"
+                f"{source}: no Ray cluster was started on this machine ({file} is missing); "
+                f"start one with `ray start --head`, or unset {ADDRESS_ENV} to start a fresh "
+                "local Ray instance"
             )
-        source += f" ({address}, from {ADDRESS_FILE})"
+        source += f" ({address}, from {file})"
     if address.startswith(("ray://", "http://", "https://")):
         return address  # Ray Client or a job server: Ray checks those itself
     if not _answers(address):

@@ -59,10 +59,12 @@ class S3:
 
 
 def s3_fs():
-    """pyarrow's S3 filesystem, configured from the environment (AWS_ENDPOINT_URL, ...)."""
+    """pyarrow's S3 filesystem, configured from the environment (AWS_ENDPOINT_URL, ...), as
+    the product gets it: through `FileSystem.from_uri` (the `S3FileSystem()` constructor
+    does not read AWS_ENDPOINT_URL)."""
     import pyarrow.fs as pafs
 
-    return pafs.S3FileSystem()
+    return pafs.FileSystem.from_uri(f"s3://{S3_BUCKET}")[0]
 
 
 def _wait_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
@@ -229,6 +231,19 @@ def tiny_config(logs: Path | str, workdir: Path, *overrides: str):
             *overrides,
         ],
     )
+
+
+def corrupt_column_pages(path: Path, column: str) -> None:
+    """Garbage over one column chunk's first page header; the footer stays readable."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    index = md.schema.names.index(column)
+    chunk = md.row_group(0).column(index)
+    offset = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + 24] = b"\xff" * 24
+    path.write_bytes(bytes(raw))
 
 
 def registry_client(uri: str):

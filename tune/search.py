@@ -297,6 +297,13 @@ def _fit(
     return tuner.fit()
 
 
+def _as_uri(path: str, storage: str) -> str:
+    """A checkpoint path as Tune reports it (within its filesystem: no scheme) as a URI of
+    the storage's filesystem."""
+    scheme, found, _ = storage.partition("://")
+    return f"{scheme}://{path}" if found and "://" not in path else path
+
+
 def _train_storage(experiment_path: str) -> str:
     """Where the trials' Ray Train runs keep their checkpoints (see the module docstring)."""
     return f"{experiment_path.rstrip('/')}-train"
@@ -370,7 +377,7 @@ def _finish(
     run = RunContext(
         best.run_id, uri, trial_run_name(best.trial_id), _train_storage(experiment_path)
     )
-    checkpoint = ray.train.Checkpoint(best.checkpoint_path)
+    checkpoint = ray.train.Checkpoint(_as_uri(best.checkpoint_path, run.storage))
     outcome = finish_run(client, run, best_config, checkpoint, best.metrics, preprocessor, files)
     log_search_outputs(client, parent, spec, rows, best, best_config)
     client.set_tag(parent, tags.BEST_RUN, best.run_id)

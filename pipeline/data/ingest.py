@@ -38,6 +38,10 @@ OBJECT_STORE_LIMIT_BYTES = 64 * 2**20
 # decode a whole file of a few hundred MB at once, so memory grows with the file size.
 READ_BLOCK_BYTES = 16 * 2**20
 READ_AHEAD_BATCHES = 2
+# CPUs a read-and-preprocess task reserves. Half a CPU, like a train worker: with workers
+# spread over nodes of few CPUs (two workers of 0.5 on two 1-CPU nodes), no node has a
+# whole CPU left, and tasks asking for one (Ray's default) would wait forever.
+DATA_TASK_CPUS = 0.5
 
 
 @contextlib.contextmanager
@@ -120,6 +124,9 @@ def build_datasets(
                 batch_readahead=READ_AHEAD_BATCHES,
                 shuffle="files" if shuffle_files and name == "train" else None,
                 file_extensions=None,  # check_schema already chose the files
+                # Columns come from the files: a `day=...` folder is a name, not a column.
+                partitioning=None,
+                ray_remote_args={"num_cpus": DATA_TASK_CPUS},
             )
         limits = ds.context.execution_options.resource_limits
         ds.context.execution_options.resource_limits = limits.copy(
@@ -133,6 +140,7 @@ def build_datasets(
             # task (the filter changes row counts), doubling object-store traffic.
             batch_size=None,
             zero_copy_batch=True,
+            num_cpus=DATA_TASK_CPUS,
             fn_kwargs={"preprocessor": preprocessor, "split": name},
         )
     return out

@@ -174,7 +174,7 @@ def _scored(
     files: list[str], columns: list[str], models: list[ModelData], plan: _Plan, batch_size: int
 ):
     scored = (
-        ray.data.read_parquet(files)
+        ray.data.read_parquet(files, partitioning=None)  # columns come from the files
         .select_columns(columns)
         .map_batches(
             _MultiScorer,

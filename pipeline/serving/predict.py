@@ -114,7 +114,7 @@ def predict(
     session.start_ray()
     # select_columns is pushed down into the Parquet read: only these columns are read.
     scored = (
-        ray.data.read_parquet(files.paths)
+        ray.data.read_parquet(files.paths, partitioning=None)  # columns come from the files
         .select_columns(check.columns(labels=False, passthrough=True))
         .map_batches(
             _Scorer,

@@ -40,6 +40,7 @@ def tiny_spec(
     rates: list[float] = LEARNING_RATES,
     epochs: int = 2,
     scheduler: str = "asha",
+    storage: str | None = None,
     **fields: object,
 ):
     fixed = dict(item.split("=", 1) for item in TINY_OVERRIDES)
@@ -47,7 +48,7 @@ def tiny_spec(
         {
             "data.path": str(logs),
             "tracking.tracking_uri": f"sqlite:///{workdir}/mlflow.db",
-            "train.storage_path": str(workdir / "runs"),
+            "train.storage_path": storage or str(workdir / "runs"),
             "train.epochs": epochs,
             "train.num_workers": 1,
             **fields,
@@ -74,9 +75,10 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def searched(ray_cluster, tiny_logs, tmp_path_factory):
+def searched(ray_cluster, s3, s3_logs, tmp_path_factory):
+    """The search where users run it: logs and Tune's and the trials' storage in S3."""
     workdir = tmp_path_factory.mktemp("tune")
-    spec = tiny_spec(tiny_logs, workdir, "grid")
+    spec = tiny_spec(s3_logs, workdir, "grid", storage=s3.uri("tune"))
     start = time.perf_counter()
     outcome = run_search(spec)
     return spec, outcome, time.perf_counter() - start
@@ -173,10 +175,12 @@ def _interrupt_after_finished_trials(tracking_uri: str, count: int, done: thread
         time.sleep(1.0)
 
 
-def test_interrupted_search_resumes_without_repeating_finished_trials(
-    ray_cluster, tiny_logs, tmp_path
+def test_interrupted_search_resumes_from_s3_without_repeating_finished_trials(
+    ray_cluster, s3, s3_logs, tmp_path
 ) -> None:
-    spec = tiny_spec(tiny_logs, tmp_path, "resume", rates=[0.01, 0.003], scheduler="none")
+    spec = tiny_spec(
+        s3_logs, tmp_path, "resume", rates=[0.01, 0.003], scheduler="none", storage=s3.uri("tune")
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = threading.Event()
     # A no-op handler in case the signal lands after Tune's own handler is gone.

@@ -47,18 +47,31 @@ def test_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory) -> None:
+def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_factory) -> None:
+    """Two days and a bad one, the logs in S3 as day partitions (`day=YYYY-MM-DD/`), the
+    checkpoints in S3, the MLflow artifacts in S3."""
     from pipeline.datasets.synthetic import generate_logs
+    from tests.conftest import s3_fs
 
     _, first = served_training
     client = registry_client(mlflow_server)
     register_run(client, first.run_id, NAME, "champion")  # version 1: the first day's model
-    logs = tmp_path_factory.mktemp("days")
+    local = tmp_path_factory.mktemp("days")
     for day in ("2024-01-15", "2024-01-16"):
-        generate_logs(logs, rows=3000, days=1, start_day=day, seed=0)
-    (logs / "2024-01-17.parquet").write_bytes(b"PAR1 a truncated upload")  # a bad day
+        generate_logs(local / f"day={day}", rows=3000, days=1, start_day=day, seed=0)
+    s3.upload(local, "daily")
+    logs = s3.uri("daily")
+    bad_file = f"{logs}/day=2024-01-17/part-0.parquet"
+    with s3_fs().open_output_stream(bad_file.removeprefix("s3://")) as stream:
+        stream.write(b"PAR1 a truncated upload")  # a bad day
     workdir = tmp_path_factory.mktemp("retrain")
-    config = tiny_config(logs, workdir, f"tracking.tracking_uri={mlflow_server}", "train.epochs=1")
+    config = tiny_config(
+        logs,
+        workdir,
+        f"tracking.tracking_uri={mlflow_server}",
+        f"train.storage_path={s3.uri('daily-runs')}",
+        "train.epochs=1",
+    )
     path = workdir / "daily.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
@@ -75,7 +88,7 @@ def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory
         assert run.data.tags[tags.RETRAIN_DAY] == day
         assert run.data.tags[tags.PARENT_VERSION] == f"{NAME}/{before}"  # warm from the champion
         assert run.data.tags[tags.REGISTERED_VERSION] == f"{NAME}/{version}"
-        assert run.data.tags[tags.DATA_WINDOW] == f"files day-{day}.parquet (1)"
+        assert run.data.tags[tags.DATA_WINDOW] == f"files {day}.parquet (1)"
         # The alias moved exactly when the gain's interval lies above 0.
         low = float(registered.tags[tags.PROMOTION_GAIN_LOW])
         promoted = registered.tags[tags.PROMOTION_DECISION] == "promoted"
@@ -91,7 +104,7 @@ def test_three_days_of_the_loop(served_training, mlflow_server, tmp_path_factory
     runs = len(client.search_runs([experiment]))
     bad = retrain("2024-01-17")
     assert bad.exit_code == 2, bad.output
-    assert bad.stderr.startswith(f"error: {logs / '2024-01-17.parquet'}")
+    assert bad.stderr.startswith(f"error: {bad_file}: not a Parquet file")
     assert client.get_model_version_by_alias(NAME, "champion").version == holder
     assert len(client.search_model_versions(f"name='{NAME}'")) == 3
     assert len(client.search_runs([experiment])) == runs

@@ -1,11 +1,14 @@
-"""`adatt predict` against a real MLflow server and a local Ray cluster: scores equal the
-in-process model's, one output row per input row, schema errors before any work; and the
-registered model loads in a fresh Python process without Ray or the project."""
+"""`adatt predict` against a real MLflow server (artifacts in S3) and the two-node Ray
+cluster: S3 in, S3 out, committed with a `_SUCCESS` marker; scores equal the in-process
+model's, one output row per input row, schema errors before any work, a failed run leaves
+nothing; the registered model loads in a fresh Python process without Ray, and over
+`mlflow models serve`."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +21,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.release.registry import register_run
-from tests.conftest import REPO_ROOT, free_port, registry_client
+from tests.conftest import corrupt_column_pages, free_port, registry_client, s3_fs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,17 +48,34 @@ def _predict(mlflow_server: str, *args: str):
     return CliRunner().invoke(app, command, catch_exceptions=False)
 
 
-def test_predict_scores_every_row_like_the_model(champion, mlflow_server, tiny_logs, tmp_path):
-    out = tmp_path / "scores"
+def test_predict_reads_and_writes_s3_and_scores_every_row_like_the_model(
+    champion, mlflow_server, s3, s3_logs, tiny_logs, tmp_path
+):
+    out = s3.uri("scores", "predict")
     result = _predict(
         mlflow_server,
-        *("--model", champion, "--input", str(tiny_logs), "--output", str(out)),
+        *("--model", champion, "--input", s3_logs, "--output", out),
         *("--passthrough", "event_id", "--passthrough", "user_id", "--batch-size", "1000"),
     )
     assert result.exit_code == 0, result.output
     assert f"scored 6,000 rows into {out}" in result.stdout
+    fs, folder = s3_fs(), out.removeprefix("s3://")
+    marker = json.loads(fs.open_input_stream(f"{folder}/_SUCCESS").read())
+    # The marker names the pinned version (a promotion meanwhile changes nothing), the row
+    # count, the inputs and the committed files; nothing is left under `_temporary`.
+    assert (marker["model"], marker["given"], marker["rows"]) == (
+        f"models:/{NAME}/1",
+        champion,
+        6000,
+    )
+    assert marker["inputs"] == sorted(marker["inputs"]) and len(marker["inputs"]) == 14
+    assert all(i.startswith(s3_logs) for i in marker["inputs"])
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))]
+    assert "_temporary" not in names and sorted(marker["files"]) == sorted(
+        n for n in names if n.endswith(".parquet")
+    )
     rows = pd.read_parquet(tiny_logs)
-    scores = pd.read_parquet(out)
+    scores = pq.read_table(folder, filesystem=fs).to_pandas()  # `_SUCCESS` is not data
     assert list(scores.columns) == ["event_id", "user_id", *TASKS]
     assert len(scores) == len(rows) == 6000 and scores["event_id"].is_unique
     assert set(scores["event_id"]) == set(rows["event_id"])
@@ -68,26 +89,44 @@ def test_predict_scores_every_row_like_the_model(champion, mlflow_server, tiny_l
         np.testing.assert_allclose(joined[task], joined[f"{task}_model"], atol=1e-6)
 
     # Load anywhere: a fresh interpreter, outside the checkout, without PYTHONPATH or Ray,
-    # loads the alias from the server and gives the same scores.
+    # loads the alias from the server and gives the same scores, with the installed loader.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MLFLOW_TRACKING_URI"] = mlflow_server
     fresh = tmp_path / "fresh.parquet"
     code = (
-        "import sys, mlflow, pandas as pd\n"
+        "import sys, tempfile, mlflow, pandas as pd\n"
         f"rows = pd.read_parquet({str(tiny_logs)!r})\n"
         f"mlflow.pyfunc.load_model({champion!r}).predict(rows).to_parquet({str(fresh)!r})\n"
         "assert 'ray' not in sys.modules\n"
-        "print(sys.modules['pipeline.serving'].__file__)\n"
+        "print(sys.modules['pipeline.serving.loader'].__file__)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    # The model's own copy of the code was used, not this checkout.
-    assert not done.stdout.strip().startswith(str(REPO_ROOT))
+    loader = done.stdout.strip().splitlines()[-1]
+    assert loader.endswith("pipeline/serving/loader.py") and not loader.startswith("/tmp/")
     np.testing.assert_allclose(
         pd.read_parquet(fresh)[TASKS].to_numpy(), expected[TASKS].to_numpy(), atol=1e-6
     )
+
+
+def test_a_failed_predict_leaves_no_marker_and_no_files(
+    champion, mlflow_server, tiny_logs, s3, tmp_path
+):
+    """Pages of a column that cannot be decoded: the footers pass the checks, the read
+    fails midway, and the output holds nothing a reader could take for a result."""
+    logs = tmp_path / "logs"
+    shutil.copytree(tiny_logs, logs)
+    corrupt_column_pages(sorted(logs.glob("*.parquet"))[-1], "position")
+    out = s3.uri("scores", "failed")
+    result = _predict(mlflow_server, "--model", champion, "--input", str(logs), "--output", out)
+    assert result.exit_code != 0
+    fs = s3_fs()
+    left = fs.get_file_info(
+        pafs.FileSelector(out.removeprefix("s3://"), allow_not_found=True, recursive=True)
+    )
+    assert not [i.path for i in left if i.type == pafs.FileType.File], left
 
 
 def _copy_with(tiny_logs: Path, target: Path, change) -> Path:

@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.data.fit import fit_preprocessor
 from pipeline.datasets.synthetic import generate_logs
 from pipeline.training.checks import check_before_ray
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, corrupt_column_pages, free_port
 
 CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
 TRAIN_DAY = "2024-01-05.parquet"
@@ -75,17 +75,6 @@ def _with_value(table: pa.Table, column: str, row: int, value: float) -> pa.Tabl
     return _set(table, column, pa.array(values).cast(table.schema.field(column).type))
 
 
-def _corrupt_column_pages(path: Path, column: str) -> None:
-    """Garbage over one column chunk's first page header; the footer stays readable."""
-    md = pq.read_metadata(path)
-    index = md.schema.names.index(column)
-    chunk = md.row_group(0).column(index)
-    offset = chunk.dictionary_page_offset or chunk.data_page_offset
-    raw = bytearray(path.read_bytes())
-    raw[offset : offset + 24] = b"\xff" * 24
-    path.write_bytes(bytes(raw))
-
-
 # Each case: (prepare(data folder) -> data.path to use, extra --set, message fragments).
 # `{f}` in a fragment is replaced by the changed file's path.
 def _drop(column: str) -> Callable[[Path], str]:
@@ -108,7 +97,7 @@ def _truncated(logs: Path) -> str:
 
 
 def _corrupt_pages(logs: Path) -> str:
-    _corrupt_column_pages(logs / TRAIN_DAY, "position")
+    corrupt_column_pages(logs / TRAIN_DAY, "position")
     return str(logs)
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.tracking import tags
 from pipeline.training.driver import run_training
+from pipeline.training.resume import checkpoint_folders
 from tests.conftest import REPO_ROOT, TINY_OVERRIDES, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -125,11 +127,11 @@ def test_no_credentials_in_params_tags_or_artifacts(client, one_worker_runs, tmp
         assert not any(secret.encode() in b for b in blobs), name
 
 
-def _train_command(tiny_logs: Path, workdir: Path, *extra: str) -> list[str]:
+def _train_command(tiny_logs: Path, workdir: Path, storage: str, *extra: str) -> list[str]:
     sets = [
         f"data.path={tiny_logs}",
         f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
-        f"train.storage_path={workdir}/runs",
+        f"train.storage_path={storage}",
         *TINY_OVERRIDES,
         *ONE_WORKER,
     ]
@@ -191,12 +193,15 @@ def _run_ids(client: MlflowClient) -> set[str]:
     return {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
 
 
-def test_sigkilled_driver_resumes_into_the_same_run(
-    client, one_worker_runs, tiny_logs, workdir, driver
+def test_sigkilled_driver_resumes_from_s3_into_the_same_run(
+    client, one_worker_runs, tiny_logs, workdir, driver, s3
 ) -> None:
+    """Checkpoints in S3; the driver SIGKILLed mid-run; its newest checkpoint truncated (an
+    upload cut short): `--resume` skips it, naming it, and continues from the one before."""
+    storage = s3.uri("reliability", "runs")
     before = _run_ids(client)
     # Rank 0 stops at epoch 2, after epoch 1's checkpoint: the kill lands mid-run.
-    proc, log = driver(_train_command(tiny_logs, workdir), fault="hang@2")
+    proc, log = driver(_train_command(tiny_logs, workdir, storage), fault="hang@2")
     # The worker reports asynchronously: wait until the controller has also logged epoch 1
     # (it registers the checkpoint before it calls the MLflow callback).
     _wait_for(
@@ -211,11 +216,18 @@ def test_sigkilled_driver_resumes_into_the_same_run(
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody left to mark it
+    (epoch_1,) = checkpoint_folders(storage, client.get_run(run_id).data.tags[tags.RAY_RUN])
+    truncated = _truncated_copy(epoch_1)
 
-    result = CliRunner().invoke(app, _train_command(tiny_logs, workdir, "--resume", run_id))
+    command = _train_command(tiny_logs, workdir, storage, "--resume", run_id)
+    result = CliRunner().invoke(app, command)
 
     assert result.exit_code == 0, result.output
     assert f"resuming run {run_id}, marked RUNNING" in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith(f"warning: skipping checkpoint {truncated}: ")
+    assert "not a readable checkpoint" in warnings[0]
     assert _run_ids(client) == before | {run_id}  # no new run
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -226,9 +238,26 @@ def test_sigkilled_driver_resumes_into_the_same_run(
     assert metric_history(client, run_id) == metric_history(client, one_worker_runs[0])
 
 
-def test_sigterm_marks_the_run_killed(client, tiny_logs, workdir, driver) -> None:
+def _truncated_copy(checkpoint: str) -> str:
+    """A newer copy of a checkpoint folder in S3 whose `checkpoint.pt` is cut short."""
+    import pyarrow.fs as pafs
+
+    from tests.conftest import s3_fs
+
+    fs, source = s3_fs(), checkpoint.removeprefix("s3://")
+    newer = source.rsplit("/", 1)[0] + "/checkpoint_9999-12-31_23-59-59.999999"
+    with fs.open_input_stream(f"{source}/checkpoint.pt") as stream:
+        data = stream.read()
+    with fs.open_output_stream(f"{newer}/checkpoint.pt") as stream:
+        stream.write(data[: len(data) // 2])
+    assert fs.get_file_info(f"{newer}/checkpoint.pt").type == pafs.FileType.File
+    return f"s3://{newer}"
+
+
+def test_sigterm_marks_the_run_killed(client, tiny_logs, workdir, driver, s3) -> None:
     before = _run_ids(client)
-    proc, log = driver(_train_command(tiny_logs, workdir), fault="hang@1")
+    storage = s3.uri("reliability", "runs")
+    proc, log = driver(_train_command(tiny_logs, workdir, storage), fault="hang@1")
     _wait_for(lambda: "hangs at epoch 1" in log.read_text(), "epoch 1 to start", log)
     run_id = _only_run(client, before)
     proc.send_signal(signal.SIGTERM)
@@ -256,3 +285,35 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(
     assert metric_history(client, outcome.run_id) == metric_history(client, two_worker_run)
     storage = Path(run.data.tags[tags.STORAGE]) / run.data.tags[tags.RAY_RUN]
     assert storage.is_dir()
+
+
+def test_a_lost_node_restarts_the_workers_from_the_s3_checkpoint(
+    client, two_worker_run, tiny_logs, workdir, ray_cluster, s3
+) -> None:
+    """Two workers spread over the two nodes, checkpoints in S3; after the first checkpoint
+    the worker node is removed (its raylet and every process on it killed) and a fresh one
+    joins: Ray Train restarts the worker group from the checkpoint in S3."""
+    storage = s3.uri("reliability", "node-loss")
+    overrides = [*TWO_WORKERS, "train.max_failures=1", "train.placement_strategy=SPREAD"]
+    config = tiny_config(tiny_logs, workdir, *overrides, f"train.storage_path={storage}")
+    before = _run_ids(client)
+    with ThreadPoolExecutor(1) as pool:
+        training = pool.submit(run_training, config)
+        deadline = time.monotonic() + 300
+        while not (_only_run(client, before) and epochs_logged(client, _only_run(client, before))):
+            assert time.monotonic() < deadline and not training.done(), "no epoch 1 in 300 s"
+            time.sleep(0.5)
+        lost = ray_cluster.worker.node_id
+        ray_cluster.replace_worker()
+        outcome = training.result(timeout=600)
+
+    assert lost not in ray_cluster.node_ids()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(client, outcome.run_id) == [1, 2]  # contiguous, each once
+    assert restarts_by_epoch(client, outcome.run_id) == {1: 0, 2: 1}  # restarted from epoch 1
+    assert checkpoint_folders(storage, run.data.tags[tags.RAY_RUN])  # in S3
+    undisturbed = client.get_run(two_worker_run).data.metrics
+    for task in ("click", "like", "share"):
+        key = f"test/{task}/auc"
+        assert outcome.metrics[key] == pytest.approx(undisturbed[key], abs=0.01), key

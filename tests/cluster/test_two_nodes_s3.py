@@ -1,0 +1,137 @@
+"""Where users run it: the session's two-node Ray cluster and S3 endpoint (moto's server),
+checked through the real processes. Placement on both nodes, no secret in anything a run
+records or prints, the product beside another Ray cluster on the same machine, and a dead
+head in Ray's address file.
+
+(Object storage is exercised by the suite's shared training, `served_training`, with its
+logs and checkpoints in S3 and its MLflow artifacts in S3, and by the tests built on it:
+predict, evaluate, register, warm start, the daily retrain; resume from S3 and node loss
+are in `tests/pipeline/training/test_reliability_e2e.py`, the search in
+`tests/tune/test_search_e2e.py`.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAKE_AWS_SECRET, REPO_ROOT, TINY_OVERRIDES, registry_client
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_train_workers_and_read_tasks_ran_on_both_nodes(served_training, ray_cluster) -> None:
+    from ray.util.state import list_actors, list_tasks
+
+    config, _ = served_training
+    assert str(config.data.path).startswith("s3://")
+    assert config.train.storage_path.startswith("s3://")
+    nodes = ray_cluster.node_ids()
+    assert len(nodes) == 2
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)
+    assert {w.node_id for w in workers} == nodes, workers
+    reads = [t for t in list_tasks(limit=10_000, detail=True) if "ReadParquet" in t.name]
+    assert reads and {t.node_id for t in reads} == nodes, {t.name for t in reads}
+
+
+def test_no_secret_in_params_tags_or_ray_logs(served_training, mlflow_server, ray_cluster):
+    _, outcome = served_training
+    run = registry_client(mlflow_server).get_run(outcome.run_id)
+    texts = [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+    assert run.data.params["data.path"].startswith("s3://")
+    assert not [t for t in texts if FAKE_AWS_SECRET in t]
+    logs = Path(ray_cluster.cluster.head_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert len(files) > 10  # the raylets', the workers', the jobs' logs
+    leaked = [p for p in files if FAKE_AWS_SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+def _adatt(*args: str, env: dict, cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_train_tune_and_predict_beside_another_ray_cluster(
+    ray_cluster, tiny_logs, tmp_path
+) -> None:
+    """Without RAY_ADDRESS each command starts a fresh local Ray instance of its own, by its
+    address, while the session's cluster runs on the same machine: both kinds of Ray helper
+    that used to guess the address from the machine's processes (Train's placement-group
+    cleaner, the state API) find their own."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    config = str(REPO_ROOT / "configs" / "synthetic.yaml")
+    common = [
+        f"data.path={tiny_logs}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"train.storage_path={tmp_path}/runs",
+        *TINY_OVERRIDES,
+        "train.epochs=1",
+    ]
+    trained = _adatt("train", "-c", config, *_sets(*common), env=env, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_id = trained.stdout.split("MLflow run: ", 1)[1].split()[0]
+    assert "Found multiple active Ray instances" not in trained.stderr
+
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(
+        f"base: {config}\n"
+        "search:\n  train.lr: {choice: [0.01]}\n"
+        "tune: {searcher: random, num_samples: 1, scheduler: {type: none}}\n"
+    )
+    tuned = _adatt("tune", "-c", str(spec), *_sets(*common), env=env, cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "best trial" in tuned.stdout
+
+    scores = tmp_path / "scores"
+    predicted = _adatt(
+        *("predict", "--model", f"runs:/{run_id}/model", "--input", str(tiny_logs)),
+        *("--output", str(scores), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"),
+        env=env,
+        cwd=tmp_path,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "scored 6,000 rows" in predicted.stdout and (scores / "_SUCCESS").is_file()
+    for done in (trained, tuned, predicted):  # the console shows no secret
+        assert FAKE_AWS_SECRET not in done.stdout + done.stderr
+        assert "Execution plan of Dataset" not in done.stdout + done.stderr
+
+
+def test_a_dead_head_in_the_address_file_fails_fast_naming_it(
+    served_training, mlflow_server, tiny_logs, tmp_path
+) -> None:
+    """`ray start` leaves its address in Ray's address file; once that head is dead,
+    RAY_ADDRESS=auto stops within seconds with one line naming the address (Ray itself
+    would retry the dead GCS for minutes); without RAY_ADDRESS the file is never read."""
+    _, outcome = served_training
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": "auto"}
+    started = time.monotonic()
+    done = _adatt(
+        *("predict", "--model", outcome.model_uri, "--input", str(tiny_logs)),
+        *("--output", str(tmp_path / "out"), "--tracking-uri", mlflow_server),
+        env=env,
+        cwd=tmp_path,
+    )
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: RAY_ADDRESS=auto (127.0.0.1:9, from ")
+    assert "does not answer" in errors[0] and "unset RAY_ADDRESS" in errors[0]
+    assert not (tmp_path / "out").exists()
