@@ -71,7 +71,9 @@ class TaskSpec(Strict):
 class SplitConfig(Strict):
     """How rows are assigned to train / validation / test.
 
-    `hash`: a stable hash of `column` (e.g. a user id) with the given fractions.
+    `hash`: a stable hash of `column` (e.g. a user id) with the given fractions; `salt`
+    draws another, independent assignment (`adatt retrain` salts with the day, so the
+    holdout users change every day).
     `values`: `column` holds a split name; rows whose value is in `validation_values` or
     `test_values` go there, the rest (or `train_values` when given) to train.
     `cutoff`: `column` is ordered (e.g. a date); rows >= `validation_from` are validation,
@@ -80,6 +82,7 @@ class SplitConfig(Strict):
 
     method: Literal["hash", "values", "cutoff"] = "hash"
     column: str = "user_id"
+    salt: str = ""
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     train_values: list[str | int] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -172,6 +173,24 @@ class InputFiles:
 
     def __len__(self) -> int:
         return len(self.footers)
+
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def file_days(path: str) -> set[str]:
+    """The days a file belongs to by its path: a folder or the file itself named exactly a
+    date, or a partition folder `<column>=<date>` (`2024-01-15/part-0.parquet`,
+    `2024-01-15.parquet`, `day=2024-01-15/...`); a name merely holding a date gives none.
+
+    Example:
+        >>> sorted(file_days("s3://b/dt=2024-01-15/p.parquet")), file_days("x-2024-01-15.pq")
+        (['2024-01-15'], set())
+    """
+    segments = path.split("/")
+    names = [s.partition("=")[2] if "=" in s else s for s in segments[:-1]]
+    names.append(segments[-1].split(".", 1)[0])
+    return {name for name in names if _DAY.match(name)}
 
 
 def join(base: str, *parts: str) -> str:

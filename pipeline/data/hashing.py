@@ -10,6 +10,7 @@ pass per column.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,18 @@ def group_keys(values: Any) -> np.ndarray:
 def bucketize(values: Any, buckets: int, offset: int = 0) -> np.ndarray:
     """Hash values into int64 ids in [offset, offset + buckets)."""
     return (stable_hash(values) % np.uint64(buckets)).astype(np.int64) + offset
+
+
+def split_key(salt: str = "") -> str:
+    """The 16-character SipHash key of a split: `SPLIT_KEY`, or one drawn from `salt`.
+
+    Example:
+        >>> split_key() == SPLIT_KEY, len(split_key("holdout 2024-01-15"))
+        (True, 16)
+    """
+    if not salt:
+        return SPLIT_KEY
+    return hashlib.sha256(f"{SPLIT_KEY}/{salt}".encode()).hexdigest()[:16]
 
 
 def unit_interval(values: Any, key: str = SPLIT_KEY) -> np.ndarray:

@@ -109,29 +109,7 @@ def build_datasets(
     columns = data.columns(labels=True, split=True)
     out = {}
     for name in split_names(data.split):
-        split_files = prune_files(data.split, files, name)
-        with _read_settings():
-            ds = ray.data.read_parquet(
-                split_files,
-                columns=columns,
-                # One read task per file. Ray would otherwise split each task's output
-                # into several blocks to reach its minimum block count, and a split read
-                # cannot fuse with the preprocess: every block would cross the object
-                # store twice. Blocks stay bounded by `READ_BLOCK_BYTES` either way.
-                override_num_blocks=len(split_files),
-                # Arrow decodes at most this many batches (each up to READ_BLOCK_BYTES)
-                # ahead of the preprocess (Ray's default: 8).
-                batch_readahead=READ_AHEAD_BATCHES,
-                shuffle="files" if shuffle_files and name == "train" else None,
-                file_extensions=None,  # check_schema already chose the files
-                # Columns come from the files: a `day=...` folder is a name, not a column.
-                partitioning=None,
-                ray_remote_args={"num_cpus": DATA_TASK_CPUS},
-            )
-        limits = ds.context.execution_options.resource_limits
-        ds.context.execution_options.resource_limits = limits.copy(
-            object_store_memory=OBJECT_STORE_LIMIT_BYTES
-        )
+        ds = _read(prune_files(data.split, files, name), columns, shuffle_files and name == "train")
         out[name] = ds.map_batches(
             _prepare,
             batch_format="pyarrow",
@@ -144,6 +122,33 @@ def build_datasets(
             fn_kwargs={"preprocessor": preprocessor, "split": name},
         )
     return out
+
+
+def _read(files: list[str], columns: list[str], shuffle: bool) -> Any:
+    """A lazy read of `files` (one task each, bounded blocks, a bounded object store)."""
+    with _read_settings():
+        ds = ray.data.read_parquet(
+            files,
+            columns=columns,
+            # One read task per file. Ray would otherwise split each task's output into
+            # several blocks to reach its minimum block count, and a split read cannot fuse
+            # with the preprocess: every block would cross the object store twice. Blocks
+            # stay bounded by `READ_BLOCK_BYTES` either way.
+            override_num_blocks=len(files),
+            # Arrow decodes at most this many batches (each up to READ_BLOCK_BYTES) ahead of
+            # the preprocess (Ray's default: 8).
+            batch_readahead=READ_AHEAD_BATCHES,
+            shuffle="files" if shuffle else None,
+            file_extensions=None,  # check_schema already chose the files
+            # Columns come from the files: a `day=...` folder is a name, not a column.
+            partitioning=None,
+            ray_remote_args={"num_cpus": DATA_TASK_CPUS},
+        )
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=OBJECT_STORE_LIMIT_BYTES
+    )
+    return ds
 
 
 # A shuffled epoch is fetched in chunks of this many batches, whose rows are permuted.

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import SplitConfig
 from pipeline.data.files import Footer, InputFiles
-from pipeline.data.hashing import as_arrow, unit_interval
+from pipeline.data.hashing import as_arrow, split_key, unit_interval
 from pipeline.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
@@ -68,7 +68,7 @@ def split_mask(column: Any, split: SplitConfig, name: str) -> np.ndarray:
         raise ValueError(f"split name must be one of {SPLITS}, got {name!r}")
     values = as_arrow(column)
     if split.method == "hash":
-        u = unit_interval(values)
+        u = unit_interval(values, split_key(split.salt))
         end_validation = split.validation_fraction
         end_test = end_validation + split.test_fraction
         if name == "validation":

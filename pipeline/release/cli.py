@@ -41,6 +41,8 @@ def register(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Register a run's model in the MLflow registry and move an alias to it."""
+    from mlflow.exceptions import MlflowException
+
     from pipeline.errors import InputError
     from pipeline.release.registry import Evidence, register_run
     from pipeline.session import open_session
@@ -49,7 +51,12 @@ def register(
         raise InputError("--min-gain/--group-column: they apply to a comparison on --data")
     evidence = Evidence(data, min_gain, group_column, bootstrap) if data else None
     session = open_session("register", tracking_uri)
-    outcome = register_run(session.client, run, name, alias, promote_if_better, evidence)
+    try:
+        outcome = register_run(session.client, run, name, alias, promote_if_better, evidence)
+    except MlflowException as err:  # the server failed or refused: no evidence, no move
+        first = str(err).strip().splitlines()[0]
+        typer.echo(f"error: the registry answered {first}; the alias was not moved", err=True)
+        raise typer.Exit(code=1) from None
     typer.echo(outcome.message)
 
 
@@ -90,6 +97,13 @@ def retrain(
         typer.Option(help="The champion to start from and the alias to move: models:/NAME@ALIAS."),
     ],
     day: Annotated[str, typer.Option(help="The day of logs to train on, YYYY-MM-DD.")],
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Backfill: every day from this one to --day, in order; a day already "
+            "registered is skipped."
+        ),
+    ] = None,
     set_: SetOpt = None,
     metric: Annotated[
         str, typer.Option(help="Promotion metric on the day's holdout (adatt evaluate's keys).")
@@ -105,25 +119,29 @@ def retrain(
         bool, typer.Option(help="Refit the dense statistics on the day (default: keep).")
     ] = False,
 ) -> None:
-    """One day of the loop: warm start from the champion, evaluate on the day's holdout,
-    register, promote on a significant gain. Exit 0 done, 2 bad input (nothing written)."""
+    """One day of the loop (or every day since --since): warm start from the champion,
+    evaluate on the day's holdout, register, promote on a significant gain. Exit 0 done, 2
+    bad input (nothing written), 1 a failure (docs/registry.md)."""
     from pipeline.config import load_config
+    from pipeline.release.retrain import RetrainFailed, days_between, done_version
     from pipeline.release.retrain import retrain as run_retrain
-    from pipeline.session import Terminated
+    from pipeline.session import Terminated, open_session
 
     cfg = load_config(config, set_ or [])
-    try:
-        outcome = run_retrain(
-            cfg,
-            model,
-            day,
-            metric=metric,
-            min_gain=min_gain,
-            holdout=holdout,
-            bootstrap=bootstrap,
-            refit_stats=refit_stats,
-        )
-    except KeyboardInterrupt as err:
-        raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
-    typer.echo(outcome.registration.message)
-    typer.echo(outcome.line())
+    session = open_session("retrain", cfg.tracking)
+    for each in days_between(since, day) if since else [day]:
+        if since and (version := done_version(session, cfg, each)):
+            typer.echo(f"retrain {each}: done already (version {version}); skipped")
+            continue
+        try:
+            outcome = run_retrain(
+                cfg, model, each, metric, min_gain, holdout=holdout, bootstrap=bootstrap,
+                refit_stats=refit_stats, session=session,
+            )  # fmt: skip
+        except KeyboardInterrupt as err:
+            raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
+        except RetrainFailed as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(code=1) from None
+        typer.echo(outcome.registration.message)
+        typer.echo(outcome.line())

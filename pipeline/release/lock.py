@@ -8,8 +8,8 @@ one with every acquisition and is kept on the registered model `<name>` itself
 
 - The holder renews its lease in a background thread while it works (every third of the
   lease).
-- A lease that has expired (its holder died or hung), or a lock without `owner` or
-  `expires` tags older than one lease, is taken over: deleted and created anew.
+- A lease that has expired (its holder died or hung), or a lock seen without `owner` or
+  `expires` tags for a whole lease, is taken over: deleted and created anew.
 - Only the owner releases: the owner tag is compared before the lock is deleted.
 - A holder that lost its lease (taken over after it expired) finds out in `check()`, which
   every alias move calls first, and aborts (`LeaseLost`) instead of moving the alias.
@@ -41,6 +41,8 @@ OWNER, EXPIRES, FENCE = "owner", "expires", "fence"
 FENCE_TAG = "promotion_fence"  # on the registered model itself
 LEASE_S = 60.0
 WAIT_S = 600.0
+# Override the lease and the wait (seconds), e.g. for tests or a slow registry.
+LEASE_ENV, WAIT_ENV = "ADATT_PROMOTION_LEASE_S", "ADATT_PROMOTION_WAIT_S"
 
 
 class LeaseLost(RuntimeError):
@@ -110,21 +112,27 @@ def _try_create(client: MlflowClient, lock: str, owner: str, lease_s: float) -> 
         return False
 
 
-def _take_over_if_expired(client: MlflowClient, lock: str, lease_s: float) -> None:
-    """Delete the lock when its lease has expired (or it has no lease tags and is older
-    than one lease), naming the holder it removes."""
+def _take_over_if_expired(
+    client: MlflowClient, lock: str, lease_s: float, bare_since: list[float]
+) -> None:
+    """Delete the lock when its lease has expired, naming the holder it removes. A lock
+    without `owner` and `expires` tags (left by a crash, or being created right now) is
+    taken over once this process has seen it bare for a whole lease (`bare_since` holds
+    when it first saw it so)."""
     try:
-        model = client.get_registered_model(lock)
+        tags = dict(client.get_registered_model(lock).tags)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return
         raise
-    tags = dict(model.tags)
     if OWNER in tags and EXPIRES in tags:
+        bare_since.clear()
         if _expires(tags) >= time.time():
             return
-    elif (model.creation_timestamp or 0) / 1000 + lease_s >= time.time():
-        return  # being created right now, tags may follow
+    else:
+        bare_since[:] = bare_since or [time.monotonic()]
+        if time.monotonic() - bare_since[0] < lease_s:
+            return
     holder = tags.get(OWNER, "an unknown holder (no owner tag)")
     print(f"{lock}: lease of {holder} expired; taking it over", file=sys.stderr, flush=True)
     with contextlib.suppress(MlflowException):
@@ -151,8 +159,9 @@ def acquire(
     """Take the promotion lease of `name`, waiting up to `wait_s` (InputError after)."""
     lock, owner = f"{name}{LOCK_SUFFIX}", new_owner()
     deadline = time.monotonic() + wait_s
+    bare_since: list[float] = []
     while not _try_create(client, lock, owner, lease_s):
-        _take_over_if_expired(client, lock, lease_s)
+        _take_over_if_expired(client, lock, lease_s, bare_since)
         if time.monotonic() > deadline:
             raise InputError(
                 f"--name {name}: {lock} has been held for over {wait_s:.0f} s by a live "
@@ -171,10 +180,13 @@ def release(lease: Lease) -> None:
 
 @contextlib.contextmanager
 def promotion_lock(
-    client: MlflowClient, name: str, lease_s: float = LEASE_S, wait_s: float = WAIT_S
+    client: MlflowClient, name: str, lease_s: float | None = None, wait_s: float | None = None
 ) -> Iterator[Lease]:
     """Hold the promotion lease of `name` while inside, renewed in the background; call
-    `lease.check()` right before each alias move."""
+    `lease.check()` right before each alias move. The lease and the wait default to
+    `ADATT_PROMOTION_LEASE_S` / `ADATT_PROMOTION_WAIT_S`, else 60 s and 600 s."""
+    lease_s = lease_s or float(os.environ.get(LEASE_ENV, LEASE_S))
+    wait_s = wait_s or float(os.environ.get(WAIT_ENV, WAIT_S))
     lease = acquire(client, name, lease_s, wait_s)
     stop = threading.Event()
 

@@ -125,15 +125,21 @@ def predict(
             num_gpus=actor_gpus(use_gpu, actors),
         )
     )
-    staging = staging_folder(output_path)
+    marker = {"model": ref.uri, "given": ref.given, "inputs": files.paths}
+    return write_committed(scored, output_path, files.rows, marker)
+
+
+def write_committed(scored: ray.data.Dataset, output: str, rows: int, marker: dict) -> int:
+    """Write `scored` under a staging folder of `output`, check its row count, then commit
+    it with its `_SUCCESS` marker; a failure leaves nothing at `output`. Rows written."""
+    staging = staging_folder(output)
     try:
         scored.write_parquet(staging)
         written = InputFiles.read(resolve_files(staging)).rows
-        if written != files.rows:
-            raise RuntimeError(f"{output_path}: wrote {written} rows for {files.rows} input rows")
+        if written != rows:
+            raise RuntimeError(f"{output}: wrote {written} rows for {rows} input rows")
     except BaseException:
         discard(staging)  # nothing at the final path: no files, no marker
         raise
-    marker = {"model": ref.uri, "given": ref.given, "rows": written, "inputs": files.paths}
-    commit(staging, output_path, marker)
+    commit(staging, output, {**marker, "rows": written})
     return written

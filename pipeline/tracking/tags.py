@@ -16,8 +16,10 @@ PARENT_MODEL = "adatt.parent_model_uri"  # that model, pinned: models:/NAME/VERS
 PARENT_RUN = "adatt.parent_run_id"  # the run that logged it
 PARENT_VERSION = "adatt.parent_model_version"  # NAME/VERSION of a registered source
 DATA_WINDOW = "adatt.data_window"  # the split column's range over the run's files
+DATA_DAYS = "adatt.data_days"  # the days of the run's files by their paths (see data.files)
 RETRAIN_DAY = "adatt.retrain_day"  # `adatt retrain --day`
 REGISTERED_VERSION = "adatt.registered_version"  # NAME/VERSION the retrain registered
+RETRAIN_OUTCOME = "adatt.retrain_outcome"  # what became of a retrain's run after training
 
 # Tune: trial runs are children of the search's parent run.
 PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag

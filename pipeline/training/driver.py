@@ -17,7 +17,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, parse_config
-from pipeline.data.files import InputFiles
+from pipeline.data.files import InputFiles, file_days
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
 from pipeline.data.preprocess import Preprocessor
@@ -29,7 +29,7 @@ from pipeline.training.callbacks import EpochLogger
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
 from pipeline.training.faults import FAULT_ENV
-from pipeline.training.loop import train_loop
+from pipeline.training.loop import NonFiniteLoss, train_loop
 from pipeline.training.outputs import log_outputs, oracle_metrics
 from pipeline.training.resume import Resumed, resolve_resume
 from pipeline.training.warm_start import WarmStart, resolve_warm_start
@@ -73,6 +73,19 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+MAX_LISTED_DAYS = 200
+
+
+def data_days(paths: list[str]) -> str:
+    """The days of the files a run reads, for the run's `adatt.data_days` tag: the days
+    listed (comma-separated), or `first..last` beyond `MAX_LISTED_DAYS`; "" for files not
+    named by day."""
+    days = sorted(set().union(*(file_days(p) for p in paths)))
+    if len(days) > MAX_LISTED_DAYS:
+        return f"{days[0]}..{days[-1]}"
+    return ",".join(days)
 
 
 def training_file_order(files: InputFiles, config: Config) -> InputFiles:
@@ -213,7 +226,11 @@ def open_run(session: Session, inputs: _Inputs) -> RunContext:
         session.client.set_tag(run_id, tags.RAY_SEGMENT, name)
         return RunContext(run_id, session.tracking_uri, name, inputs.storage)
     config = inputs.config
-    run_tags = {tags.GIT_COMMIT: git_commit(), tags.MODEL: config.model.name}
+    run_tags = {
+        tags.GIT_COMMIT: git_commit(),
+        tags.MODEL: config.model.name,
+        tags.DATA_DAYS: data_days(inputs.files.paths),
+    }
     if inputs.parent is not None:
         run_tags.update(inputs.parent.lineage_tags(inputs.files, config))
     run_id = start_run(session.client, config, session.tracking_uri, tags=run_tags)
@@ -263,7 +280,7 @@ def run_training(
                 resume_from=inputs.resumed.checkpoint if inputs.resumed else None,
                 warm_start=inputs.parent,
             )
-            result = trainer.fit()
+            result = _fit(trainer)
             return finish_run(
                 session.client,
                 run,
@@ -280,6 +297,23 @@ def run_training(
             file=sys.stderr,
             flush=True,
         )
+        raise
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a condition the loop checks (a non-finite loss): one line."""
+
+
+def _fit(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, a worker's `NonFiniteLoss` turned into one `TrainingStopped` line."""
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as err:
+        failures = getattr(err, "worker_failures", {}).values()
+        stopped = [f for f in failures if isinstance(f, NonFiniteLoss)]
+        if stopped:
+            message = str(stopped[0]).strip().splitlines()[-1]
+            raise TrainingStopped(message.split("NonFiniteLoss: ")[-1]) from None
         raise
 
 

@@ -8,6 +8,7 @@ worker decides on its own whether the fault is its to fire. Forms:
 - `exit@2.5@1`: the same, halfway through epoch 2: after half as many optimiser steps as
   the previous epoch took (at epoch 1, after the first step).
 - `hang@2`: rank 0 stops (sleeps) at epoch 2, so a test can kill the driver mid-run.
+- `nan@2`: rank 0's first batch of epoch 2 gets NaN labels, so the epoch's loss is NaN.
 
 A fault fires only in a worker that started without a checkpoint, so the restarted (or
 resumed) run goes on: exactly one failure per run.
@@ -26,7 +27,7 @@ from pipeline.errors import ConfigError
 
 FAULT_ENV = "ADATT_FAULT"
 EXIT_DELAY_SECONDS = 5.0
-_SPEC = re.compile(r"^(raise|exit|hang)@(\d+)(\.\d+)?(?:@(\d+))?$")
+_SPEC = re.compile(r"^(raise|exit|hang|nan)@(\d+)(\.\d+)?(?:@(\d+))?$")
 HANG_SECONDS = 3600.0
 
 
@@ -69,7 +70,7 @@ def parse_fault(spec: str) -> Fault:
     match = _SPEC.match(spec.strip())
     if not match or int(match.group(2)) < 1:
         raise ConfigError(
-            f"{FAULT_ENV}={spec!r}: expected <raise|exit|hang>@<epoch>[.<fraction>][@<rank>], "
+            f"{FAULT_ENV}={spec!r}: expected <raise|exit|hang|nan>@<epoch>[.<fraction>][@<rank>], "
             "e.g. exit@2.5@1 (epoch >= 1)"
         )
     kind, epoch, fraction, rank = match.groups()
@@ -82,9 +83,14 @@ def fault_from_env() -> Fault | None:
     return parse_fault(spec) if spec else None
 
 
-def fire(fault: Fault, epoch: int, step: int) -> None:
-    """Carry out `fault` (does not return for `exit`; raises for `raise`)."""
+def fire(fault: Fault, epoch: int, step: int, batch: dict | None = None) -> None:
+    """Carry out `fault` (does not return for `exit`; raises for `raise`; `nan` spoils the
+    batch's labels in place)."""
     where = f"epoch {epoch}, step {step}"
+    if fault.kind == "nan":
+        print(f"{FAULT_ENV}: rank {fault.rank} feeds NaN labels at {where}", flush=True)
+        batch["labels"].fill_(float("nan"))
+        return
     if fault.kind == "exit":
         print(f"{FAULT_ENV}: rank {fault.rank} exits at {where}", flush=True)
         # Ray Train's controller registers the previous epoch's checkpoint asynchronously;
@@ -101,19 +107,19 @@ def fire(fault: Fault, epoch: int, step: int) -> None:
 
 def fault_trigger(
     epoch: int, rank: int, restored: bool, previous_epoch_steps: int | None
-) -> Callable[[int], None] | None:
+) -> Callable[[int, dict], None] | None:
     """A per-step callback that fires this worker's fault in `epoch`, or None.
 
-    Call it with the number of steps done so far, before each step and once after the
-    last; it fires when that number reaches the fault's step.
+    Call it with the number of steps done so far and the next batch, before each step; it
+    fires when that number reaches the fault's step.
     """
     fault = fault_from_env()
     if fault is None or restored or fault.epoch != epoch or fault.rank != rank:
         return None
     at = fault.step(previous_epoch_steps)
 
-    def trigger(steps_done: int) -> None:
+    def trigger(steps_done: int, batch: dict) -> None:
         if steps_done == at:
-            fire(fault, epoch, steps_done)
+            fire(fault, epoch, steps_done, batch)
 
     return trigger

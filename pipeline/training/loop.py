@@ -38,6 +38,11 @@ from pipeline.training.step import TrainStep, resolve_step_mode
 EVAL_BATCHES_PER_TRAIN_BATCH = 4  # evaluation batches are this many training batches
 
 
+class NonFiniteLoss(RuntimeError):
+    """An epoch's training loss was NaN or infinite: training stops before that epoch's
+    checkpoint, so the last reported (good) one stays the run's newest."""
+
+
 def make_step(replicas: Replicas, config: Config, device: torch.device) -> TrainStep:
     """This worker's train step over the strategy's module and optimizer, in the configured
     mode (`pipeline.training.step`)."""
@@ -61,7 +66,7 @@ def train_epoch(
     config: Config,
     device: torch.device,
     *,
-    before_step: Callable[[int], None] | None = None,
+    before_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
     """One pass over this worker's training batches; returns global loss and samples/s.
 
@@ -69,7 +74,8 @@ def train_epoch(
         step: this worker's train step (`make_step`).
         batches_in: the epoch's batches (`Replicas.train_batches`); a padded batch holds
             its number of real rows as `rows` (`sharding.lockstep`).
-        before_step: called with the number of steps done before each step (fault hook).
+        before_step: called with the number of steps done and the batch before each step
+            (the fault hook).
     """
     module = step.module
     module.train()
@@ -80,7 +86,7 @@ def train_epoch(
     with module.join() if ddp and step.mode == "eager" else nullcontext():
         for batch in batches_in:
             if before_step is not None:
-                before_step(batches)
+                before_step(batches, batch)
             real = int(batch.pop("rows")) if "rows" in batch else batch["labels"].shape[0]
             step(batch, real)
             rows, batches = rows + real, batches + 1
@@ -236,6 +242,11 @@ def run_epoch(
         ),
         "train/restarts": state.restarts,
     }
+    if not math.isfinite(metrics["train/loss"]):  # the same sum on every worker: all stop
+        raise NonFiniteLoss(
+            f"epoch {epoch}: the training loss is {metrics['train/loss']}; the last good "
+            f"checkpoint is epoch {state.epoch}'s. Lower train.lr, or set train.grad_clip"
+        )
     started = time.perf_counter()
     eval_rows = config.data.batch_size * EVAL_BATCHES_PER_TRAIN_BATCH
     validation = replicas.eval_batches(ray.train.get_dataset_shard("validation"), eval_rows, device)

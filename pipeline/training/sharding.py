@@ -340,8 +340,11 @@ class Sharded:
             if state.best_epoch == state.epoch > 0:
                 self.best = snapshot(self.module)
             self.optimizer.load_state_dict(state.optimizer)
-        elif initial is not None:  # the network's names, under the training module's
-            load_full_weights(self.module, {f"model.{k}": v for k, v in initial.items()})
+        elif initial is not None:  # a dense network's weights (a warm start): cut into shards
+            schema = training_model.model.schema
+            torchrec = {f"inputs.{v}": f"inputs.{k}" for k, v in dense_names(schema).items()}
+            full = {f"model.{torchrec.get(k, k)}": v for k, v in initial.items()}
+            load_full_weights(self.module, full)
 
     def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
         batches = iter_batches(shard, self.layout, batch_size, device, shuffle=True, seed=seed)

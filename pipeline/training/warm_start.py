@@ -96,11 +96,14 @@ def check_schema_matches(spec: dict[str, Any], config: Config, source: str) -> N
 
 def check_weights_fit(weights: dict[str, torch.Tensor], spec: dict, config: Config, source: str):
     """InputError naming the changed model field unless `weights` load into the configured
-    network (built on the meta device: shapes only)."""
+    network (built on the meta device: shapes only). A logged model's tables are dense
+    whatever trained it, so the network is compared with dense tables too: sharded tables
+    (`model.embeddings: torchrec`) take the same weights, cut into this run's shards."""
     from models import build_model
 
+    dense = config.model.model_copy(update={"embeddings": "dense"})
     with torch.device("meta"):
-        network = build_model(config.model, config.data.feature_schema())
+        network = build_model(dense, config.data.feature_schema())
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in weights.items()}
     if expected == given:

@@ -162,11 +162,15 @@ def test_dockerfile_installs_what_pyproject_declares():
     assert f"{python[1]}.{python[2]}.0" in SpecifierSet(PYPROJECT["project"]["requires-python"])
     ray = ray_requirement()
     assert RAY_VERSION in ray.specifier
-    pinned = re.search(r'"ray\[([\w,]+)\]==\$\{RAY_VERSION\}"', DOCKERFILE)
-    assert pinned and set(pinned[1].split(",")) == ray.extras
-    # Dependencies come from pyproject.toml itself, then the project without re-resolving.
-    assert '["project"]["dependencies"]' in DOCKERFILE
-    assert "pip install --no-cache-dir --no-deps ." in DOCKERFILE
+    # Every dependency pinned by the lock (the set CI tests), with TorchRec; the lock's Ray
+    # is the base image's; the project without re-resolving.
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    assert f"\nray=={RAY_VERSION}\n" in lock and 'grep -q "^ray==${RAY_VERSION}$"' in DOCKERFILE
+    assert "COPY --chown=1000:100 requirements/lock.txt requirements/lock.txt" in DOCKERFILE
+    assert "pip install --no-cache-dir --no-deps -r /tmp/lock-gpu.txt" in DOCKERFILE
+    assert "\ntorchrec==" in lock and "\nfbgemm-gpu-cpu==" in lock
+    assert "pip install --no-cache-dir --no-deps '.[torchrec]'" in DOCKERFILE
+    assert "tomllib" not in DOCKERFILE  # no install from pyproject's loose ranges
     assert re.search(r"^USER 1000$", DOCKERFILE, re.M)
 
 
@@ -193,9 +197,26 @@ def test_retrain_cronjob_creates_the_rayjob_of_yesterday_and_waits_for_it():
     assert rule["resources"] == ["rayjobs"] and {"create", "get"} <= set(rule["verbs"])
     (container,) = pod["containers"]
     script = container["command"][-1]
-    assert 'sed "s/__DAY__/${day}/g" /template/rayjob.yaml | kubectl create -f -' in script
-    assert "SUCCEEDED) exit 0" in script and "exit 1" in script
+    assert 'sed -e "s/__DAY__/${day}/g" -e "s/__SINCE__/${since}/g" /template/rayjob.yaml' in script
+    assert "| kubectl create -f -" in script
+    assert "SUCCEEDED/*) exit 0" in script and "*/Failed)" in script and "exit 1" in script
     assert pod["volumes"][0]["configMap"]["name"] == kinds["ConfigMap"]["metadata"]["name"]
+    # Nothing hangs forever: the RayJob's deadline, then the watching Job's, both set.
+    job = cron["jobTemplate"]["spec"]
+    rayjob_deadline = yaml.safe_load(kinds["ConfigMap"]["data"]["rayjob.yaml"])["spec"][
+        "activeDeadlineSeconds"
+    ]
+    assert 0 < rayjob_deadline < job["activeDeadlineSeconds"] <= 24 * 3600
+    assert job["backoffLimit"] == 0 and cron["startingDeadlineSeconds"] > 0
+    # Every pod declares its resources: the watcher, and the RayJob's head and workers.
+    assert {"requests", "limits"} <= set(container["resources"])
+    cluster = yaml.safe_load(kinds["ConfigMap"]["data"]["rayjob.yaml"])["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for each in group["template"]["spec"]["containers"]:
+            assert {"requests", "limits"} <= set(each["resources"]), each["name"]
+    # Skipped days are backfilled: each run covers the week up to yesterday.
+    assert "since=$(date -u -d '7 days ago' +%F)" in script and "s/__SINCE__/" in script
 
     template = yaml.safe_load(kinds["ConfigMap"]["data"]["rayjob.yaml"])
     assert (template["apiVersion"], template["kind"]) == ("ray.io/v1", "RayJob")
@@ -221,6 +242,7 @@ def test_retrain_entrypoint_is_a_valid_adatt_retrain_command():
     context = command.make_context("retrain", tokens[4:])  # parses as the CLI would
     assert context.params["model"] == "models:/adatt@champion"
     assert context.params["day"] == "2024-01-15"
+    assert context.params["since"] == "__SINCE__"  # the watcher fills in a week ago
     assert str(context.params["config"]) == "/home/ray/app/configs/synthetic.yaml"
     assert context.params["set_"] == [
         "data.path=$ADATT_DATA_PATH",

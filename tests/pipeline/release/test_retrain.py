@@ -108,3 +108,43 @@ def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_fac
     assert client.get_model_version_by_alias(NAME, "champion").version == holder
     assert len(client.search_model_versions(f"name='{NAME}'")) == 3
     assert len(client.search_runs([experiment])) == runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_sharded_days_warm_start_on_another_world_size(
+    served_training, mlflow_server, s3, tmp_path_factory
+) -> None:
+    """The loop with sharded tables (`model.embeddings: torchrec`, row-wise): day 1 on one
+    worker warm-starts from the dense champion, day 2 on two workers from day 1's model.
+    The logged model holds full tables, which each run cuts into its own shards."""
+    from pipeline.datasets.synthetic import generate_logs
+
+    _, first = served_training
+    client = registry_client(mlflow_server)
+    register_run(client, first.run_id, "sharded-daily", "champion")
+    logs = tmp_path_factory.mktemp("sharded-days")
+    for day in ("2024-01-20", "2024-01-21"):
+        generate_logs(logs, rows=2000, days=1, start_day=day, seed=1)
+    workdir = tmp_path_factory.mktemp("sharded-retrain")
+    for day, workers in (("2024-01-20", 1), ("2024-01-21", 2)):
+        config = tiny_config(
+            logs,
+            workdir,
+            f"tracking.tracking_uri={mlflow_server}",
+            "train.epochs=1",
+            "model.embeddings=torchrec",
+            "train.sharding=row_wise",
+            f"train.num_workers={workers}",
+        )
+        path = workdir / f"{day}.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        command = ["retrain", "--config", str(path), "--model", "models:/sharded-daily@champion"]
+        result = CliRunner().invoke(app, [*command, "--day", day, "--bootstrap", "20"])
+        assert result.exit_code == 0, result.output
+        run = client.get_run(result.stdout.split(": run ", 1)[1].split(",")[0])
+        assert run.data.params["model.embeddings"] == "torchrec"
+        assert run.data.params["train.num_workers"] == str(workers)
+        assert run.data.tags[tags.WARM_START].startswith("models:/sharded-daily/")
+    versions = client.search_model_versions("name='sharded-daily'")
+    assert sorted(v.version for v in versions) == ["1", "2", "3"]

@@ -378,7 +378,7 @@ def test_malformed_fault_hook_and_finished_resume_fail_fast(
     before = _digest([store])
     result = _invoke(tmp_path, *common, env={"ADATT_FAULT": "boom@2"})
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: ADATT_FAULT='boom@2': expected <raise|exit|hang>@")
+    assert result.stderr.startswith("error: ADATT_FAULT='boom@2': expected <raise|exit|hang|nan>@")
     result = _invoke(tmp_path, *common, "--resume", store_template[1])
     assert result.exit_code == 2
     assert result.stderr.strip() == (

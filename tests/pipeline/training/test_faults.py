@@ -15,6 +15,7 @@ from pipeline.training.faults import Fault, InjectedFault, fault_trigger, parse_
         ("exit@2@1", Fault("exit", 2, 0.0, 1)),
         ("exit@2.5@1", Fault("exit", 2, 0.5, 1)),
         ("hang@3.25", Fault("hang", 3, 0.25, 0)),
+        ("nan@2", Fault("nan", 2, 0.0, 0)),
     ],
 )
 def test_parse_fault_forms(spec: str, fault: Fault) -> None:
@@ -23,7 +24,9 @@ def test_parse_fault_forms(spec: str, fault: Fault) -> None:
 
 @pytest.mark.parametrize("spec", ["boom@2", "exit", "exit@0", "exit@two", "exit@2@x", "exit@2.5.1"])
 def test_malformed_fault_names_the_variable(spec: str) -> None:
-    with pytest.raises(ConfigError, match=r"ADATT_FAULT=.*expected <raise\|exit\|hang>@<epoch>"):
+    with pytest.raises(
+        ConfigError, match=r"ADATT_FAULT=.*expected <raise\|exit\|hang\|nan>@<epoch>"
+    ):
         parse_fault(spec)
 
 
@@ -37,7 +40,7 @@ def test_fault_step_is_a_fraction_of_the_previous_epoch() -> None:
 def _steps_until_fault(trigger, steps: int = 20) -> int | None:
     for done in range(steps):
         try:
-            trigger(done)
+            trigger(done, {})
         except InjectedFault:
             return done
     return None
@@ -58,4 +61,16 @@ def test_trigger_at_epoch_start_fires_before_the_first_step(monkeypatch) -> None
     monkeypatch.setenv("ADATT_FAULT", "raise@3")
     trigger = fault_trigger(epoch=3, rank=0, restored=False, previous_epoch_steps=16)
     with pytest.raises(InjectedFault, match="injected failure at epoch 3"):
-        trigger(0)
+        trigger(0, {})
+
+
+def test_nan_fault_spoils_the_labels_of_its_batch(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setenv("ADATT_FAULT", "nan@2")
+    trigger = fault_trigger(epoch=2, rank=0, restored=False, previous_epoch_steps=16)
+    batch = {"labels": torch.zeros(4, 2)}
+    trigger(1, batch)
+    assert not batch["labels"].isnan().any()  # not its step
+    trigger(0, batch)
+    assert batch["labels"].isnan().all()

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.tracking import tags
+from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.driver import run_training
 from pipeline.training.resume import checkpoint_folders
 from tests.conftest import REPO_ROOT, TINY_OVERRIDES, tiny_config
@@ -317,3 +318,25 @@ def test_a_lost_node_restarts_the_workers_from_the_s3_checkpoint(
     for task in ("click", "like", "share"):
         key = f"test/{task}/auc"
         assert outcome.metrics[key] == pytest.approx(undisturbed[key], abs=0.01), key
+
+
+def test_a_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(
+    client, tiny_logs, workdir, ray_cluster, monkeypatch
+) -> None:
+    monkeypatch.setenv("ADATT_FAULT", "nan@2")  # NaN labels in epoch 2's first batch
+    storage = str(workdir / "nan-runs")
+    before = _run_ids(client)
+    command = _train_command(tiny_logs, workdir, storage, "--set", "train.epochs=3")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: epoch 2: the training loss is nan; the last good checkpoint is epoch 1's. "
+        "Lower train.lr, or set train.grad_clip"
+    ]
+    run_id = _only_run(client, before)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert epochs_logged(client, run_id) == [1]
+    newest = checkpoint_folders(storage, run.data.tags[tags.RAY_RUN])[0]
+    assert load_checkpoint(newest).epoch == 1  # the NaN epoch reported no checkpoint
