@@ -69,7 +69,7 @@ def is_shared_storage(storage_path: str, env: Mapping[str, str] | None = None) -
     """True when every node of a cluster can read and write `storage_path`.
 
     Example:
-        >>> is_shared_storage("s3://bucket/runs"), is_shared_storage("runs")
+        >>> is_shared_storage("s3://bucket/runs", {}), is_shared_storage("runs", {})
         (True, False)
     """
     scheme = _scheme(storage_path)
@@ -118,8 +118,8 @@ def check_cluster_rules(
         env: environment for `ADATT_SHARED_STORAGE` (default: os.environ).
 
     Example:
-        >>> check_cluster_rules("s3://b/runs", "http://mlflow:5000", 4, True)  # fine
-        >>> check_cluster_rules("runs", None, 1, False)  # a laptop: fine too
+        >>> check_cluster_rules("s3://b/runs", "http://mlflow:5000", 4, True, {})  # fine
+        >>> check_cluster_rules("runs", None, 1, False, {})  # a laptop: fine too
     """
     problems = []
     if num_nodes > 1 and not is_shared_storage(storage_path, env):

@@ -1,4 +1,5 @@
-"""Errors that mean "the user's input is wrong": the CLI prints them on one line and exits 2."""
+"""The errors the CLI prints on one line: bad input (exit 2, nothing was written) and a
+run that stopped for a known reason (exit 1, what was written stays as it was)."""
 
 
 class InputError(ValueError):
@@ -11,3 +12,8 @@ class ConfigError(InputError):
 
 class SchemaError(InputError):
     """Data that does not match the config; the message names the file and the column."""
+
+
+class Stopped(RuntimeError):
+    """Work that started and stopped for a reason the message states: a non-finite loss,
+    NaN scores, a registration that failed after training. Exit 1."""

@@ -44,6 +44,7 @@ from pipeline.tracking.runs import (
     quiet_telemetry,
     resolve_tracking_uri,
 )
+from pipeline.tracking.security import redact_text
 
 ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a local head
@@ -75,7 +76,7 @@ class Session:
 
     def echo(self, line: str) -> None:
         """One line about what the command does, on stderr (credentials redacted)."""
-        print(f"adatt {self.command}: {line}", file=sys.stderr, flush=True)
+        print(redact_text(f"adatt {self.command}: {line}"), file=sys.stderr, flush=True)
 
 
 def open_session(command: str, tracking: TrackingConfig | str | None = None) -> Session:

@@ -12,26 +12,24 @@ from pathlib import Path
 
 import pytest
 
+from bench import harness
+
+# The helpers the benches share with the tests, re-exported for the tests' imports.
+from bench.harness import (  # noqa: F401
+    REPO_ROOT,
+    TINY_OVERRIDES,
+    free_port,
+    log_untrained_run,
+    tiny_config,
+)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Ray workers import the project from the checkout even when it is not pip-installed.
-REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
-
-TINY_OVERRIDES = [
-    "model.expert_dims=[16, 8]",
-    "model.tower_dims=[8]",
-    "model.experts_per_task=2",
-    "model.shared_experts=1",
-    "train.epochs=2",
-    "train.num_workers=2",
-    "train.threads_per_worker=1",
-    "train.lr=0.01",
-    "data.batch_size=256",
-]
 
 
 S3_BUCKET = "adatt-test"
@@ -217,22 +215,6 @@ def tiny_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def tiny_config(logs: Path | str, workdir: Path, *overrides: str):
-    """The synthetic config shrunk for tests; MLflow and checkpoints under `workdir`."""
-    from pipeline.config import load_config
-
-    return load_config(
-        REPO_ROOT / "configs" / "synthetic.yaml",
-        [
-            f"data.path={logs}",
-            f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
-            f"train.storage_path={workdir}/runs",
-            *TINY_OVERRIDES,
-            *overrides,
-        ],
-    )
-
-
 def corrupt_column_pages(path: Path, column: str) -> None:
     """Garbage over one column chunk's first page header; the footer stays readable."""
     import pyarrow.parquet as pq
@@ -264,63 +246,12 @@ def register_version(client, name: str, run) -> str:
     return client.create_model_version(name, location, run_id=run.run_id, model_id=model_id).version
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend) whose artifacts go to the S3
     endpoint (`--artifacts-destination s3://...`); its URI."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
-        *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"),
-        *("--artifacts-destination", s3.uri("mlflow")),
-    ]
-    log = (folder / "server.log").open("w")
-    # Its own session: the server's worker processes are stopped with it.
-    # No job runner: its worker processes (for GenAI jobs) only compete for the 2 CPUs.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(folder / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
+    with harness.mlflow_server(tmp_path_factory.mktemp("mlflow-server"), s3.uri("mlflow")) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.fixture(scope="session")
@@ -345,54 +276,6 @@ def served_training(ray_cluster, s3, s3_logs, mlflow_server, tmp_path_factory):
         "train.placement_strategy=SPREAD",
     )
     return config, run_training(config)
-
-
-def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None):
-    """A run made without Ray: an untrained tiny network (seed 0; or `weights`) with fitted
-    preprocessing, logged as the scoring model, with its real validation metrics logged as
-    `best/val/...` the way a training run logs its selected epoch's."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from models import build_model
-    from pipeline.data.fit import fit_preprocessor
-    from pipeline.data.sample import raw_example, read_split
-    from pipeline.data.validate import check_schema
-    from pipeline.tracking.model_store import log_model
-    from pipeline.tracking.runs import client_for, log_metrics, start_run
-    from pipeline.training.metrics import MultiTaskMetrics
-
-    config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}")
-    files = check_schema(config.data)
-    preprocessor = fit_preprocessor(config.data, files)
-    torch.manual_seed(0)
-    network = build_model(config.model, config.data.feature_schema()).eval()
-    if weights is not None:
-        network.load_state_dict(weights)
-    client = client_for(tracking_uri)
-    tags = {"adatt.git_commit": "0" * 40, "adatt.model": config.model.name}
-    run_id = start_run(client, config, tracking_uri, tags=tags)
-    example = raw_example(config.data, files).head(5)
-    model_config = config.model.model_dump(mode="json")
-    model_uri = log_model(client, run_id, network, model_config, preprocessor, example)
-    rows = read_split(config.data, files, "validation", config.data.columns()).to_pandas()
-    batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
-    tasks = [t.model_copy(update={"group_column": None}) for t in config.data.tasks]
-    metrics = MultiTaskMetrics(tasks, torch.device("cpu"))
-    with torch.no_grad():
-        metrics.update(network(batch), batch["labels"], batch["mask"])
-    log_metrics(client, run_id, {f"best/{k}": v for k, v in metrics.compute("val").items()})
-    client.set_terminated(run_id)
-    return SimpleNamespace(
-        config=config,
-        run_id=run_id,
-        model_uri=model_uri,
-        network=network,
-        preprocessor=preprocessor,
-        tasks=tasks,
-        files=files,
-    )
 
 
 @pytest.fixture(scope="session")

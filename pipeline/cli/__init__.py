@@ -6,7 +6,8 @@ It is the one module that imports every package's commands (`pipeline.datasets.c
 command's module imports its heavy dependencies (Ray, MLflow, torch) inside the command,
 so `adatt --help` stays fast.
 
-Bad input (`InputError`) is printed as one line on stderr with exit code 2.
+Bad input (`InputError`) is printed as one line on stderr with exit code 2; work that
+stopped for a stated reason (`Stopped`: a non-finite loss, NaN scores) with exit code 1.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import typer
 
 from cluster import cli as cluster_cli
 from pipeline.datasets import cli as datasets_cli
-from pipeline.errors import InputError
+from pipeline.errors import InputError, Stopped
 from pipeline.release import cli as release_cli
 from pipeline.serving import cli as serving_cli
+from pipeline.tracking.security import redact_text
 from pipeline.training import cli as training_cli
 from tune import cli as tune_cli
 
@@ -35,15 +37,16 @@ app.add_typer(data_app, name="data")
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn InputError into a one-line message and exit code 2."""
+    """Turn InputError (exit 2) and Stopped (exit 1) into a one-line message on stderr,
+    credentials in URIs redacted."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except InputError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(code=2) from None
+        except (InputError, Stopped) as err:
+            typer.echo(redact_text(f"error: {err}"), err=True)
+            raise typer.Exit(code=2 if isinstance(err, InputError) else 1) from None
 
     return wrapper
 

@@ -123,12 +123,34 @@ class Footer:
         return [md.row_group(rg).column(index).statistics for rg in range(md.num_row_groups)]
 
 
+# What pyarrow raises for bytes it cannot decode (OSError: a page header, a truncated file).
+DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)
+
+
+def corrupt_data(file: str, err: BaseException) -> SchemaError:
+    """The error for a file whose footer reads but whose data does not."""
+    reason = " ".join(str(err).split())  # Arrow's messages span lines; keep one
+    return SchemaError(f"{file}: corrupt Parquet data, cannot read it ({reason})")
+
+
+def first_unreadable(files: Iterable[str], columns: list[str]) -> SchemaError | None:
+    """`corrupt_data` for the first file whose `columns` cannot be decoded, or None."""
+    for file in files:
+        fs, fs_path = filesystem_for(file)
+        try:
+            for _ in pq.ParquetFile(fs_path, filesystem=fs).iter_batches(columns=columns):
+                pass
+        except DECODE_ERRORS as err:
+            return corrupt_data(file, err)
+    return None
+
+
 def _read_footer(file: str) -> Footer:
     fs, fs_path = filesystem_for(file)
     try:
         metadata = pq.read_metadata(fs_path, filesystem=fs)
         schema = metadata.schema.to_arrow_schema()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+    except DECODE_ERRORS as err:
         raise SchemaError(f"{file}: not a Parquet file, or truncated ({err})") from None
     return Footer(file, schema, metadata)
 

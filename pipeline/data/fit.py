@@ -18,7 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
-from pipeline.data.files import Footer, InputFiles, filesystem_for
+from pipeline.data.files import (
+    DECODE_ERRORS,
+    Footer,
+    InputFiles,
+    corrupt_data,
+    filesystem_for,
+)
 from pipeline.data.preprocess import (
     DenseStats,
     Preprocessor,
@@ -100,9 +106,8 @@ def _file_moments(
                 # Every row, not only train rows: a NaN in validation fails here, not later.
                 values = elementwise(as_float(batch.column(f.column)), f, file)
                 moments[f.column].add(values[keep])
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        reason = " ".join(str(err).split())  # Arrow's messages span lines; keep one
-        raise SchemaError(f"{file}: corrupt Parquet data, cannot read it ({reason})") from None
+    except DECODE_ERRORS as err:
+        raise corrupt_data(file, err) from None
     return moments, train_rows, observed, rows
 
 

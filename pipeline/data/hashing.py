@@ -28,16 +28,18 @@ def as_arrow(values: Any) -> pa.Array:
 
     Dictionary-encoded arrays are decoded; pandas NaN becomes null.
     """
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
-    elif isinstance(values, pd.Series):
+    if isinstance(values, pd.Series):
+        # A Series backed by Arrow (pd.ArrowDtype, as Ray Data's pandas batches can be)
+        # converts to a ChunkedArray, handled below.
         values = pa.Array.from_pandas(values)
-    elif not isinstance(values, pa.Array):
+    elif not isinstance(values, (pa.Array, pa.ChunkedArray)):
         try:
             values = pa.array(values, from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             # Mixed Python objects (e.g. ints and strings): hash their text.
             values = pa.array([None if pd.isna(v) else str(v) for v in values], pa.string())
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     return values

@@ -22,7 +22,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import DataConfig
 from pipeline.data.collate import Layout, Packed, Prefetcher, rows_of
-from pipeline.data.files import InputFiles
+from pipeline.data.files import DECODE_ERRORS, InputFiles, first_unreadable
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.split import prune_files, split_mask, split_names
 
@@ -50,7 +50,9 @@ def _read_settings() -> Iterator[None]:
 
     Ray 2.60's default V2 reader packs small files into one read task that emits a single
     block holding every row: no parallelism, and memory that grows with the data. V1 reads
-    each file in its own task, in batches of at most `READ_BLOCK_BYTES`.
+    each file in its own task, in batches of at most `READ_BLOCK_BYTES`. V2 also starts 32
+    footer-reader actors per read (`RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`): on a 2-CPU machine
+    that took minutes for a read of 6,000 rows.
     """
     ctx = ray.data.DataContext.get_current()
     before = getattr(ctx, "use_datasource_v2", False), ctx.target_max_block_size
@@ -109,7 +111,9 @@ def build_datasets(
     columns = data.columns(labels=True, split=True)
     out = {}
     for name in split_names(data.split):
-        ds = _read(prune_files(data.split, files, name), columns, shuffle_files and name == "train")
+        ds = read_files(
+            prune_files(data.split, files, name), columns, shuffle_files and name == "train"
+        )
         out[name] = ds.map_batches(
             _prepare,
             batch_format="pyarrow",
@@ -124,8 +128,10 @@ def build_datasets(
     return out
 
 
-def _read(files: list[str], columns: list[str], shuffle: bool) -> Any:
-    """A lazy read of `files` (one task each, bounded blocks, a bounded object store)."""
+def read_files(files: list[str], columns: list[str], shuffle: bool = False) -> Any:
+    """A lazy Ray Data read of `columns` of `files`: one task each, bounded blocks, a
+    bounded object store, Ray's V1 Parquet reader (`_read_settings`). Every read of logs in
+    the project goes through it (training, `predict`, `evaluate`)."""
     with _read_settings():
         ds = ray.data.read_parquet(
             files,
@@ -149,6 +155,29 @@ def _read(files: list[str], columns: list[str], shuffle: bool) -> Any:
         object_store_memory=OBJECT_STORE_LIMIT_BYTES
     )
     return ds
+
+
+def _caused_by(err: BaseException | None, kinds: tuple[type[BaseException], ...]) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def naming_corrupt_files(files: list[str], columns: list[str]) -> Iterator[None]:
+    """A Ray Data read that cannot decode a file (a corrupt page behind a footer that passed
+    the checks) raises a SchemaError naming the file, not Ray's error without its name. On
+    that error path only, the files are read again here to find the one."""
+    try:
+        yield
+    except Exception as err:
+        if _caused_by(err, DECODE_ERRORS) and (named := first_unreadable(files, columns)):
+            raise named from err
+        raise
 
 
 # A shuffled epoch is fetched in chunks of this many batches, whose rows are permuted.

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline.options import ConfigOpt, SetOpt, TrackingOpt
+from pipeline.tracking.security import redact_text
 
 
 def register(
@@ -55,7 +56,8 @@ def register(
         outcome = register_run(session.client, run, name, alias, promote_if_better, evidence)
     except MlflowException as err:  # the server failed or refused: no evidence, no move
         first = str(err).strip().splitlines()[0]
-        typer.echo(f"error: the registry answered {first}; the alias was not moved", err=True)
+        message = f"error: the registry answered {first}; the alias was not moved"
+        typer.echo(redact_text(message), err=True)
         raise typer.Exit(code=1) from None
     typer.echo(outcome.message)
 
@@ -121,15 +123,19 @@ def retrain(
 ) -> None:
     """One day of the loop (or every day since --since): warm start from the champion,
     evaluate on the day's holdout, register, promote on a significant gain. Exit 0 done, 2
-    bad input (nothing written), 1 a failure (docs/registry.md)."""
+    bad input (nothing written), 1 a failure (docs/registry.md). A backfill goes on past a
+    day that fails, and exits with the first failed day's code."""
     from pipeline.config import load_config
-    from pipeline.release.retrain import RetrainFailed, days_between, done_version
+    from pipeline.errors import InputError, Stopped
+    from pipeline.release.retrain import days_between, done_version
     from pipeline.release.retrain import retrain as run_retrain
     from pipeline.session import Terminated, open_session
 
     cfg = load_config(config, set_ or [])
     session = open_session("retrain", cfg.tracking)
-    for each in days_between(since, day) if since else [day]:
+    days = days_between(since, day) if since else [day]
+    failed = 0
+    for each in days:
         if since and (version := done_version(session, cfg, each)):
             typer.echo(f"retrain {each}: done already (version {version}); skipped")
             continue
@@ -140,8 +146,13 @@ def retrain(
             )  # fmt: skip
         except KeyboardInterrupt as err:
             raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
-        except RetrainFailed as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(code=1) from None
+        except (InputError, Stopped) as err:
+            if len(days) == 1:
+                raise
+            typer.echo(redact_text(f"error: retrain {each}: {err}"), err=True)
+            failed = failed or (2 if isinstance(err, InputError) else 1)
+            continue
         typer.echo(outcome.registration.message)
         typer.echo(outcome.line())
+    if failed:
+        raise typer.Exit(code=failed)

@@ -20,6 +20,7 @@ Intervals are the 2.5 and 97.5 percentiles.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import DataConfig, SplitConfig, TaskSpec
 from pipeline.data.hashing import as_arrow, group_keys
+from pipeline.data.ingest import DATA_TASK_CPUS, naming_corrupt_files, read_files
 from pipeline.data.preprocess import as_float
 from pipeline.data.split import split_mask
 from pipeline.data.validate import check_schema
-from pipeline.errors import InputError
+from pipeline.errors import InputError, Stopped
 from pipeline.metrics_vocab import MEAN_METRICS, lower_is_better, metric_name
 from pipeline.ranking import binary_entropy
 from pipeline.release import bootstrap as bs
@@ -48,7 +50,7 @@ from pipeline.tracking.runs import ensure_experiment, log_metrics, log_params, r
 EXPERIMENT = "adatt-evaluation"
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(Stopped):
     """The models' scores cannot be evaluated (NaN or inf scores)."""
 
 
@@ -173,18 +175,16 @@ def _check_data(
 def _scored(
     files: list[str], columns: list[str], models: list[ModelData], plan: _Plan, batch_size: int
 ):
-    scored = (
-        ray.data.read_parquet(files, partitioning=None)  # columns come from the files
-        .select_columns(columns)
-        .map_batches(
+    with naming_corrupt_files(files, columns):
+        scored = read_files(files, columns).map_batches(
             _MultiScorer,
             fn_constructor_args=(models, plan),
             batch_size=batch_size,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=DATA_TASK_CPUS,  # a whole CPU would leave none to the reads on 2 CPUs
         )
-    )
-    return scored.materialize()  # blocks stay in the object store, read by each reduction
+        return scored.materialize()  # blocks stay in the object store for the reductions
 
 
 CHUNK_ROWS = 32_768  # rows per piece of a block: bounds a worker's [replicates, rows] counts
@@ -214,9 +214,14 @@ def _sums_batch(batch: dict[str, np.ndarray], plan: _Plan, models: int, seed: in
     return out
 
 
-def _observed(batch: dict[str, np.ndarray], task: str, key: str, scores: list[str]):
-    """The rows whose label is observed (and whose group is not null): key, label, scores."""
-    keep = np.isfinite(batch[f"label.{task}"]) & ~batch[f"null.{key}"]
+def _observed(
+    batch: dict[str, np.ndarray], task: str, key: str, scores: list[str], groups: bool = False
+):
+    """The rows whose label is observed: key, label, scores. For GAUC's `groups`, only those
+    whose group is not null."""
+    keep = np.isfinite(batch[f"label.{task}"])
+    if groups:
+        keep &= ~batch[f"null.{key}"]
     return {
         "key": batch[f"key.{key}"][keep],
         "label": batch[f"label.{task}"][keep],
@@ -255,20 +260,72 @@ def _gauc_batch(batch: dict[str, np.ndarray], seed: int, replicates: int):
     return {"part": bs.gauc_sums(counts, batch["rows"].astype(np.float64), batch["auc"].T)[None]}
 
 
-def _reduce(scored: Any, plan: _Plan, models: int, seed: int, replicates: int):
-    """Per task: the summed `sums`, the AUC per model and replicate, the GAUC sums; and the
-    counts (rows, non-finite scores, null groups)."""
+# A holdout up to this many rows is reduced in one Ray task from the scored blocks: the
+# distributed reduction costs ~10 Ray Data executions (a sort per task and model, a groupby
+# per task), minutes on a small cluster for what one task sums in seconds.
+ONE_TASK_ROWS = 1_000_000
+
+
+def _as_numpy(table: Any) -> dict[str, np.ndarray]:
+    return {name: table[name].to_numpy() for name in table.column_names}
+
+
+def _groups(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """`batch` split into its groups by `key` (what `groupby("key").map_groups` hands over)."""
+    order = np.argsort(batch["key"], kind="stable")
+    ordered = {k: v[order] for k, v in batch.items()}
+    starts = np.flatnonzero(np.r_[True, ordered["key"][1:] != ordered["key"][:-1]])
+    bounds = np.r_[starts, len(order)]
+    return [{k: v[a:b] for k, v in ordered.items()} for a, b in itertools.pairwise(bounds)]
+
+
+@ray.remote(num_cpus=DATA_TASK_CPUS)
+def _reduce_in_one_task(plan: _Plan, models: int, seed: int, replicates: int, *blocks: Any):
+    """`_reduce` of a small holdout, with the same per-part functions, on one worker."""
+    import pyarrow as pa
+
+    batch = _as_numpy(pa.concat_tables([b for b in blocks if b.num_rows]))
     kwargs = {"seed": seed, "replicates": replicates}
-    rows = scored.map_batches(
-        _sums_batch, fn_kwargs={"plan": plan, "models": models, **kwargs}, batch_size=None
-    ).take_all()
-    total = {k: sum(np.asarray(r[k]) for r in rows) for k in rows[0]}
+    total = {k: v[0] for k, v in _sums_batch(batch, plan, models, **kwargs).items()}
     aucs, gaucs = {}, {}
     for task in plan.tasks:
         names = [f"score.{i}.{task.name}" for i in range(models)]
-        key = task.group_column or plan.group
+        observed = _observed(batch, task.name, plan.group, names)
+        for i, name in enumerate(names):
+            order = np.argsort(observed[name], kind="stable")
+            part = _auc_batch({k: v[order] for k, v in observed.items()}, name, **kwargs)["part"]
+            aucs[task.name, i] = bs.merge_auc([_as_auc_part(v, replicates) for v in part])
+        if task.group_column and task.type == "binary":
+            grouped = _observed(batch, task.name, task.group_column, names, groups=True)
+            rows = [_group_batch(group, names) for group in _groups(grouped)]
+            merged = {k: np.concatenate([r[k] for r in rows]) for k in ("key", "rows", "auc")}
+            gaucs[task.name] = _gauc_batch(merged, **kwargs)["part"][0] if rows else 0
+    groups = len(np.unique(batch[f"key.{plan.group}"]))
+    return total, aucs, gaucs, groups
+
+
+def _reduce(scored: Any, plan: _Plan, models: int, seed: int, replicates: int):
+    """Per task: the summed `sums`, the AUC per model and replicate, the GAUC sums; and the
+    counts (rows, non-finite scores, null groups, groups)."""
+    rows = scored.count()
+    if not rows:
+        return {"rows": 0}, {}, {}, 0
+    if rows <= ONE_TASK_ROWS:
+        blocks = scored.to_arrow_refs()
+        return ray.get(_reduce_in_one_task.remote(plan, models, seed, replicates, *blocks))
+    kwargs = {"seed": seed, "replicates": replicates}
+    # As many hash partitions as blocks (Ray's default, 200, is that many aggregator actors).
+    partitions = max(1, scored.num_blocks())
+    parts = scored.map_batches(
+        _sums_batch, fn_kwargs={"plan": plan, "models": models, **kwargs}, batch_size=None
+    ).take_all()
+    total = {k: sum(np.asarray(r[k]) for r in parts) for k in parts[0]}
+    aucs, gaucs = {}, {}
+    for task in plan.tasks:
+        names = [f"score.{i}.{task.name}" for i in range(models)]
+        given = {"task": task.name, "scores": names}
         observed = scored.map_batches(
-            _observed, fn_kwargs={"task": task.name, "key": key, "scores": names}, batch_size=None
+            _observed, fn_kwargs={**given, "key": plan.group}, batch_size=None
         )
         for i, name in enumerate(names):
             parts = observed.sort(name).map_batches(
@@ -277,12 +334,18 @@ def _reduce(scored: Any, plan: _Plan, models: int, seed: int, replicates: int):
             vectors = [r["part"] for r in parts.take_all()]
             aucs[task.name, i] = bs.merge_auc([_as_auc_part(v, replicates) for v in vectors])
         if task.group_column and task.type == "binary":
-            groups = observed.groupby("key").map_groups(
+            grouped = scored.map_batches(
+                _observed,
+                fn_kwargs={**given, "key": task.group_column, "groups": True},
+                batch_size=None,
+            )
+            groups = grouped.groupby("key", num_partitions=partitions).map_groups(
                 _group_batch, fn_kwargs={"scores": names}, batch_format="numpy"
             )
             parts = groups.map_batches(_gauc_batch, fn_kwargs=kwargs, batch_size=None).take_all()
             gaucs[task.name] = sum(np.asarray(r["part"]) for r in parts)
-    return total, aucs, gaucs
+    groups = scored.groupby(f"key.{plan.group}", num_partitions=partitions).count().count()
+    return total, aucs, gaucs, groups
 
 
 def _per_replicate(
@@ -374,7 +437,7 @@ def evaluate(
     files, columns = _check_data(models, plan, data_path)
     start_ray()
     scored = _scored(files, columns, models, plan, batch_size)
-    total, aucs, gaucs = _reduce(scored, plan, len(models), seed, bootstrap)
+    total, aucs, gaucs, groups = _reduce(scored, plan, len(models), seed, bootstrap)
     if not (rows := int(total["rows"])):
         raise InputError(f"--data {data_path}: no rows to evaluate on")
     pinned = [m.source for m in models]
@@ -390,7 +453,7 @@ def evaluate(
         for t in plan.tasks
         if t.group_column
     }
-    result.counts["groups"] = scored.groupby(f"key.{plan.group}").count().count()
+    result.counts["groups"] = groups
     result.run_id = _log(client, result, data_path, plan.group, bootstrap, seed, experiment)
     return result
 

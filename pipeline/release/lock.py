@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import InputError
+from pipeline.errors import Stopped
 
 LOCK_SUFFIX = ".promotion-lock"
 OWNER, EXPIRES, FENCE = "owner", "expires", "fence"
@@ -45,7 +45,11 @@ WAIT_S = 600.0
 LEASE_ENV, WAIT_ENV = "ADATT_PROMOTION_LEASE_S", "ADATT_PROMOTION_WAIT_S"
 
 
-class LeaseLost(RuntimeError):
+class LockBusy(Stopped):
+    """The lock stayed held by a live holder for longer than the wait."""
+
+
+class LeaseLost(Stopped):
     """The holder's lease expired and another process took the lock over."""
 
 
@@ -156,14 +160,14 @@ def _next_fence(client: MlflowClient, name: str, lock: str) -> int:
 def acquire(
     client: MlflowClient, name: str, lease_s: float = LEASE_S, wait_s: float = WAIT_S
 ) -> Lease:
-    """Take the promotion lease of `name`, waiting up to `wait_s` (InputError after)."""
+    """Take the promotion lease of `name`, waiting up to `wait_s` (`LockBusy` after)."""
     lock, owner = f"{name}{LOCK_SUFFIX}", new_owner()
     deadline = time.monotonic() + wait_s
     bare_since: list[float] = []
     while not _try_create(client, lock, owner, lease_s):
         _take_over_if_expired(client, lock, lease_s, bare_since)
         if time.monotonic() > deadline:
-            raise InputError(
+            raise LockBusy(
                 f"--name {name}: {lock} has been held for over {wait_s:.0f} s by a live "
                 "holder that keeps renewing it; wait for it, or stop that registration"
             )

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config, SplitConfig
 from pipeline.data.files import file_days, resolve_files
-from pipeline.errors import InputError
+from pipeline.errors import InputError, Stopped
 from pipeline.metrics_vocab import evaluated_key
 from pipeline.release.registry import Evidence, Registration, register_run
 from pipeline.session import Session, open_session
@@ -216,7 +216,7 @@ def retrain(
     except Exception as err:  # the training stands; say on its run why nothing was registered
         client.set_tag(outcome.run_id, tags.RETRAIN_OUTCOME, f"failed: {err}"[:5000])
         raise RetrainFailed(
-            f"retrain {day}: run {outcome.run_id} trained, not registered: {err}"
+            f"run {outcome.run_id} trained on {day}, not registered: {err}"
         ) from err
     client.set_tag(outcome.run_id, tags.REGISTERED_VERSION, f"{plan.name}/{registration.version}")
     decision = "promoted" if registration.promoted else "kept"
@@ -224,7 +224,7 @@ def retrain(
     return RetrainOutcome(day, outcome.run_id, registration)
 
 
-class RetrainFailed(RuntimeError):
+class RetrainFailed(Stopped):
     """The day's training finished but its registration failed (exit 1, alias untouched)."""
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from pipeline.options import TrackingOpt
+from pipeline.tracking.security import redact
 
 
 def predict(
@@ -39,4 +40,4 @@ def predict(
 
     session = open_session("predict", tracking_uri)
     rows = run_predict(session, model, input, output, passthrough, batch_size, actors, gpu)
-    typer.echo(f"scored {rows:,} rows into {output}")
+    typer.echo(f"scored {rows:,} rows into {redact(output)}")

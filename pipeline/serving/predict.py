@@ -27,6 +27,7 @@ from pipeline.data.files import (
     resolve_files,
     staging_folder,
 )
+from pipeline.data.ingest import DATA_TASK_CPUS, naming_corrupt_files, read_files
 from pipeline.data.validate import check_schema
 from pipeline.errors import InputError
 from pipeline.serving.scoring import ScoringModel
@@ -112,21 +113,19 @@ def predict(
     files = check_schema(check, labels=False)
     session.echo(f"scoring {files.rows:,} rows of {len(files)} file(s) with {ref.uri}")
     session.start_ray()
-    # select_columns is pushed down into the Parquet read: only these columns are read.
-    scored = (
-        ray.data.read_parquet(files.paths, partitioning=None)  # columns come from the files
-        .select_columns(check.columns(labels=False, passthrough=True))
-        .map_batches(
+    columns = check.columns(labels=False, passthrough=True)
+    marker = {"model": ref.uri, "given": ref.given, "inputs": files.paths}
+    with naming_corrupt_files(files.paths, columns):
+        scored = read_files(files.paths, columns).map_batches(
             _Scorer,
             fn_constructor_args=(model, passthrough),
             batch_size=batch_size,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=DATA_TASK_CPUS,  # a whole CPU each would leave none to the reads
             num_gpus=actor_gpus(use_gpu, actors),
         )
-    )
-    marker = {"model": ref.uri, "given": ref.given, "inputs": files.paths}
-    return write_committed(scored, output_path, files.rows, marker)
+        return write_committed(scored, output_path, files.rows, marker)
 
 
 def write_committed(scored: ray.data.Dataset, output: str, rows: int, marker: dict) -> int:

@@ -90,3 +90,17 @@ def redact(uri: str) -> str:
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URI in it redacted (`redact`): for messages and log lines that
+    quote a URI, e.g. an error from the tracking server.
+
+    Example:
+        >>> redact_text("error: MLflow server http://bob:pw@host:5000 is unreachable")
+        'error: MLflow server http://***:***@host:5000 is unreachable'
+    """
+    return _URI.sub(lambda match: redact(match.group(0)), text)

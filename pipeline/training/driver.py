@@ -21,7 +21,7 @@ from pipeline.data.files import InputFiles, file_days
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
 from pipeline.data.preprocess import Preprocessor
-from pipeline.errors import InputError
+from pipeline.errors import InputError, Stopped
 from pipeline.session import Session, interruptible, open_session, resolve_use_gpu, storage_uri
 from pipeline.tracking import tags
 from pipeline.tracking.runs import log_metrics, run_lifecycle, start_run
@@ -300,7 +300,7 @@ def run_training(
         raise
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(Stopped):
     """Training stopped on a condition the loop checks (a non-finite loss): one line."""
 
 

@@ -243,9 +243,14 @@ def run_epoch(
         "train/restarts": state.restarts,
     }
     if not math.isfinite(metrics["train/loss"]):  # the same sum on every worker: all stop
+        kept = (
+            f"the last good checkpoint is epoch {state.epoch}'s"
+            if state.epoch
+            else "no epoch finished, so the run has no checkpoint"
+        )
         raise NonFiniteLoss(
-            f"epoch {epoch}: the training loss is {metrics['train/loss']}; the last good "
-            f"checkpoint is epoch {state.epoch}'s. Lower train.lr, or set train.grad_clip"
+            f"epoch {epoch}: the training loss is {metrics['train/loss']}; {kept}. "
+            "Lower train.lr, or set train.grad_clip"
         )
     started = time.perf_counter()
     eval_rows = config.data.batch_size * EVAL_BATCHES_PER_TRAIN_BATCH

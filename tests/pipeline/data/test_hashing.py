@@ -11,7 +11,7 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.data.hashing import bucketize, stable_hash, unit_interval
+from pipeline.data.hashing import bucketize, group_keys, stable_hash, unit_interval
 
 # Pinned: a change here silently remaps every trained embedding row.
 PINNED = {5: 4610244961996097042, "a": 8674835363183471217, None: 12355657622114619020}
@@ -68,3 +68,11 @@ def test_unit_interval_is_uniform_and_independent_of_feature_hash() -> None:
     # The split key is hashed under another key, so split and bucket are unrelated.
     buckets = bucketize(np.arange(100_000), 2)
     assert abs(np.corrcoef(u, buckets)[0, 1]) < 0.02
+
+
+def test_arrow_backed_pandas_hashes_like_plain_values() -> None:
+    """Ray Data's pandas batches can hold Arrow-backed columns (a ChunkedArray inside)."""
+    chunked = pa.chunked_array([[1, None, 3], [4]])
+    series = chunked.to_pandas(types_mapper=pd.ArrowDtype)
+    assert (stable_hash(series) == stable_hash([1, None, 3, 4])).all()
+    assert (group_keys(series) == group_keys(chunked)).all()

@@ -98,3 +98,19 @@ def test_prune_files_uses_statistics(tmp_path: Path) -> None:
     assert prune_files(values, files, "validation") == paths[2:]
     assert prune_files(values, files, "train") == paths[:2]
     assert prune_files(SplitConfig(column="day"), files, "validation") == paths
+
+
+def test_a_salt_draws_other_users_for_the_holdout() -> None:
+    """`adatt retrain` salts the split with the day: each day holds out other users
+    (independent draws overlap by about test_fraction squared), the same day the same."""
+    users = np.arange(50_000)
+
+    def holdout(salt: str) -> np.ndarray:
+        cfg = SplitConfig(column="user_id", salt=salt, validation_fraction=0.1, test_fraction=0.2)
+        return split_mask(users, cfg, "test")
+
+    monday, tuesday = holdout("holdout 2024-01-15"), holdout("holdout 2024-01-16")
+    assert monday.mean() == pytest.approx(0.2, abs=0.01)
+    assert (monday & tuesday).mean() == pytest.approx(0.2 * 0.2, abs=0.005)
+    assert (holdout("holdout 2024-01-15") == monday).all()
+    assert not (holdout("") == monday).all()  # the unsalted split of plain training differs

@@ -108,3 +108,58 @@ def test_one_model_or_no_groups_is_refused(served_training, mlflow_server, tiny_
         + ["--data", str(tiny_logs), "--group-column", "viewer", "--tracking-uri", mlflow_server],
     )
     assert missing.exit_code == 2 and "viewer" in missing.stderr, missing.output
+
+
+def test_null_groups_are_left_out_of_gauc_and_counted(
+    untrained_run, mlflow_server, tiny_logs, tmp_path
+):
+    """Rows whose user is null form no group of GAUC (they used to form one big group);
+    their count per task is reported and logged."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tiny_logs)
+    nulls = pa.array(np.arange(len(table)) < 500)
+    user = pc.if_else(nulls, pa.scalar(None, table["user_id"].type), table["user_id"])
+    table = table.set_column(table.schema.get_field_index("user_id"), "user_id", user)
+    pq.write_table(table, tmp_path / "holdout.parquet")
+    client = registry_client(mlflow_server)
+    uri = untrained_run.model_uri
+    result = evaluate(client, [uri, uri], str(tmp_path / "holdout.parquet"), bootstrap=20)
+    rows = table.to_pandas()
+    want = _reference(uri, rows.iloc[500:], client)
+    scores = load_scoring_model(resolve_model(uri, client), client).predict(rows)
+    for task in BINARY:
+        assert result.counts[f"{task}/gauc_null_rows"] == rows[task].iloc[:500].notna().sum()
+        assert result.metrics[0][f"{task}/gauc"].value == pytest.approx(want[f"{task}/gauc"])
+        seen = rows[task].notna()  # AUC keeps the rows of null users
+        auc = roc_auc_score(rows.loc[seen, task], scores.loc[seen, task])
+        assert result.metrics[0][f"{task}/auc"].value == pytest.approx(auc, abs=1e-9)
+    logged = client.get_run(result.run_id).data.metrics
+    assert logged["click/gauc_null_rows"] == result.counts["click/gauc_null_rows"]
+
+
+def test_nan_scores_fail_with_the_count_of_bad_rows(mlflow_server, tiny_logs, tmp_path) -> None:
+    """A model whose `like` head gives NaN: evaluation stops naming the model, the task and
+    the rows, instead of an AUC computed from NaN (which sorts as a finite number)."""
+    import torch
+
+    from models import build_model
+    from pipeline.release.evaluate import EvaluationError
+    from tests.conftest import log_untrained_run, tiny_config
+
+    config = tiny_config(tiny_logs, tmp_path)
+    torch.manual_seed(0)
+    weights = build_model(config.model, config.data.feature_schema()).state_dict()
+    weights["towers.head.bias"][1] = float("nan")  # the tasks' heads: click, like, share
+    broken = log_untrained_run(mlflow_server, tiny_logs, tmp_path / "nan", weights)
+    client = registry_client(mlflow_server)
+    fine = log_untrained_run(mlflow_server, tiny_logs, tmp_path / "fine")
+    with pytest.raises(EvaluationError) as caught:
+        evaluate(client, [fine.model_uri, broken.model_uri], str(tiny_logs), bootstrap=20)
+    labelled = pd.read_parquet(tiny_logs)["like"].notna().sum()
+    pinned = resolve_model(broken.model_uri, client).uri
+    assert str(caught.value) == (
+        f"{pinned}: {labelled:,} row(s) with NaN or inf like scores; no metric is computed from them"
+    )

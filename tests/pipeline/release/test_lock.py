@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.release.lock import LOCK_SUFFIX, LeaseLost, acquire, promotion_lock, release
+from pipeline.release.lock import LOCK_SUFFIX, LeaseLost, LockBusy, acquire, promotion_lock, release
 from tests.conftest import REPO_ROOT, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -124,7 +123,7 @@ def test_every_alias_move_waits_for_the_lease(mlflow_server, untrained_run, monk
     monkeypatch.setenv("ADATT_PROMOTION_WAIT_S", "2")
     with (
         promotion_lock(client, "lock-plain", lease_s=30.0),
-        pytest.raises(InputError, match="lock-plain.promotion-lock has been held for over 2 s"),
+        pytest.raises(LockBusy, match="lock-plain.promotion-lock has been held for over 2 s"),
     ):
         register_run(client, untrained_run.run_id, "lock-plain", "champion")
     assert [v.version for v in client.search_model_versions("name='lock-plain'")] == []

@@ -46,6 +46,42 @@ def test_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_check_comes_before_any_work(
+    served_training, mlflow_server, tiny_logs, tmp_path
+) -> None:
+    """A metric typo, an alias with no holder, a day with no logs and a champion that
+    trained on the day are each exit 2 before Ray runs anything: no run, no version."""
+    _, first = served_training
+    client = registry_client(mlflow_server)
+    register_run(client, first.run_id, "checked", "champion")
+    config = tiny_config(tiny_logs, tmp_path, f"tracking.tracking_uri={mlflow_server}")
+    path = tmp_path / "checked.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+
+    def runs() -> int:
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        return len(client.search_runs([experiment.experiment_id])) if experiment else 0
+
+    before = runs()
+    day = "2024-01-05"  # a day of tiny_logs, which the champion trained on
+    cases = {
+        ("--metric", "mean_gacu"): "--metric mean_gacu: ",
+        ("--model", "models:/checked@nobody"): "--model models:/checked@nobody: ",
+        ("--day", "2024-02-01"): "--day 2024-02-01: no file under ",
+        ("--day", day): f"--day {day}: the champion models:/checked@champion",
+    }
+    for (option, value), message in cases.items():
+        args = {"--model": "models:/checked@champion", "--day": day, option: value}
+        command = ["retrain", "--config", str(path), *(x for kv in args.items() for x in kv)]
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert runs() == before
+    assert [v.version for v in client.search_model_versions("name='checked'")] == ["1"]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_factory) -> None:
     """Two days and a bad one, the logs in S3 as day partitions (`day=YYYY-MM-DD/`), the
@@ -75,9 +111,9 @@ def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_fac
     path = workdir / "daily.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
-    def retrain(day: str):
+    def retrain(day: str, *more: str):
         command = ["retrain", "--config", str(path), "--model", f"models:/{NAME}@champion"]
-        return CliRunner().invoke(app, [*command, "--day", day, "--bootstrap", "50"])
+        return CliRunner().invoke(app, [*command, "--day", day, "--bootstrap", "50", *more])
 
     for day, version in (("2024-01-15", "2"), ("2024-01-16", "3")):
         before = client.get_model_version_by_alias(NAME, "champion").version
@@ -98,6 +134,14 @@ def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_fac
         assert holder == (version if promoted else before)
         assert f"retrain {day}: run {registered.run_id}, version {version}" in result.stdout
     assert [v.version for v in client.search_model_versions(f"name='{NAME}'")] == ["3", "2", "1"]
+    # A backfill over days already done skips them, saying so, and changes nothing.
+    again = retrain("2024-01-16", "--since", "2024-01-15")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines() == [
+        f"retrain {day}: done already (version {NAME}/{version}); skipped"
+        for day, version in (("2024-01-15", 2), ("2024-01-16", 3))
+    ]
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 3
 
     holder = client.get_model_version_by_alias(NAME, "champion").version
     experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id

@@ -121,7 +121,9 @@ def test_a_failed_predict_leaves_no_marker_and_no_files(
     corrupt_column_pages(sorted(logs.glob("*.parquet"))[-1], "position")
     out = s3.uri("scores", "failed")
     result = _predict(mlflow_server, "--model", champion, "--input", str(logs), "--output", out)
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
+    bad = sorted(logs.glob("*.parquet"))[-1]
+    assert f"error: {bad}: corrupt Parquet data, cannot read it (" in result.stderr
     fs = s3_fs()
     left = fs.get_file_info(
         pafs.FileSelector(out.removeprefix("s3://"), allow_not_found=True, recursive=True)

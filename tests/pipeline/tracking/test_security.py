@@ -143,3 +143,26 @@ def test_local_ray_dashboard_listens_on_loopback_only() -> None:
     probe = json.loads(lines[0][len("PROBE ") :])
     assert probe["url"].startswith("127.0.0.1:")
     assert probe["listening"] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["register", "--run", "0" * 32],
+        ["evaluate", "--model", "models:/a@b", "--model", "models:/a@c", "--data", "x"],
+        ["predict", "--model", "models:/a@b", "--input", "x", "--output", "y"],
+    ],
+    ids=["register", "evaluate", "predict"],
+)
+def test_a_uri_with_credentials_is_printed_redacted(command: list[str]) -> None:
+    """A tracking URI from the environment may carry a password; an error quoting it
+    shows `***` in its place (here: nothing listens on the port)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    uri = "http://alice:hunter2-secret@127.0.0.1:9/?token=tok-secret"
+    result = CliRunner().invoke(app, command, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 2, result.output
+    assert "http://***:***@127.0.0.1:9/?token=***" in result.stderr, result.stderr
+    assert "secret" not in result.output
