@@ -11,9 +11,15 @@ Fusion unit of task t at level l (AdaTT-sp):
     E^l = [E_1^l, ..., E_T^l]                              (eq. 7)  all experts of the level
     AllExpertGF_t^l = (E^l)^T G_t^l                        (eq. 8)
     G_t^l = softmax(W_t^l f_t^{l-1})                       (eq. 9)  one gate per task
-    NativeExpertLF_t^l = (E_t^l)^T v_t^l, or E_t^l itself
-        with weight 1 (no parameter) when m_t = 1          (eq. 10)
+    NativeExpertLF_t^l = (E_t^l)^T v_t^l                   (eq. 10)
     f_t^l = (pad(v_t^l) + G_t^l)^T E^l                     (eq. 11) both in one product
+
+The weight v (s. 3.1, after eq. 10): "when m_1 = m_2 = ... = m_T = 1", every unit has one
+expert and NativeExpertLF is E_t itself with weight 1, no parameter. Otherwise v is learned
+in every unit, one-expert units and the shared unit included (as the authors'
+`self_exp_weights`, initialised U(-sqrt(1/m), sqrt(1/m))). Checkpoints from before v was
+learned in one-expert units of mixed models lack those entries; they load with v = 1,
+which is what they trained with (`AdaTTLevel._load_from_state_dict`).
 
 General AdaTT adds a shared fusion unit with m_s experts. Its experts join E^l, so every
 task gate sees them. Its own output (read by its experts at the next level) is fused the
@@ -80,11 +86,12 @@ class AdaTTLevel(nn.Module):
         self.output_dim = self.experts.output_dim
         # W_t^l of eq. 9, one gate per fusing unit over all E experts of the level.
         self.gates = StackedLinear(fusing_units, input_dim, self.num_experts)
-        # v_t^l of eq. 10, only for units with m_t > 1 (initialised as the authors do).
+        # v_t^l of eq. 10 for every fusing unit, unless every unit has one expert (s. 3.1).
         self.native_weights = nn.ParameterDict()
-        for unit in range(fusing_units):
+        self.learns_native = any(m != 1 for m in self.experts_per_unit)
+        for unit in range(fusing_units if self.learns_native else 0):
             m = self.experts_per_unit[unit]
-            if m > 1:
+            if m:
                 bound = math.sqrt(1.0 / m)
                 self.native_weights[str(unit)] = nn.Parameter(
                     torch.empty(m).uniform_(-bound, bound)
@@ -96,9 +103,18 @@ class AdaTTLevel(nn.Module):
         rows = []
         for unit in range(self.fusing_units):
             m, start = self.experts_per_unit[unit], self.offsets[unit]
-            v = self.native_weights[str(unit)] if m > 1 else self.unit_weight  # eq. 10
+            v = self.native_weights[str(unit)] if self.learns_native else self.unit_weight
             rows.append(F.pad(v, (start, self.num_experts - start - m)))
         return torch.stack(rows)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Written before v was learned in one-expert units of mixed models: those units
+        # trained with v = 1, so that is the value they load with.
+        for unit, m in enumerate(self.experts_per_unit[: self.fusing_units]):
+            key = f"{prefix}native_weights.{unit}"
+            if m == 1 and str(unit) in self.native_weights and key not in state_dict:
+                state_dict[key] = torch.ones(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Fuse one level.

@@ -64,8 +64,11 @@ class SingleTask(SharedBottom):
 
 class CrossStitch(Backbone):
     """Cross-stitch networks (Misra et al., CVPR 2016): one network per task per level, and
-    after each level a learned T x T stitch unit mixing the task outputs, initialised to the
-    identity (each task starts from its own network only).
+    after each level a learned T x T stitch unit mixing the task outputs.
+
+    `stitch_init`: `identity` (the default: each task starts from its own network only) or
+    `linear`, `nn.Linear`'s default init, U(-1/sqrt(T), 1/sqrt(T)), as in the authors' AdaTT
+    baseline (`mtl_lib.py`), whose runs the paper's tables report.
 
     Example:
         >>> CrossStitch(32, num_tasks=3, level_dims=[[16], [8]])(torch.randn(5, 32)).shape
@@ -79,10 +82,13 @@ class CrossStitch(Backbone):
         level_dims: Sequence[Sequence[int]],
         activation: str = "relu",
         dropout: float = 0.0,
+        stitch_init: str = "identity",
     ) -> None:
         super().__init__()
         if not level_dims:
             raise ValueError("expert_dims: cross-stitch needs at least one level")
+        if stitch_init not in ("identity", "linear"):
+            raise ValueError(f"stitch_init: 'identity' or 'linear', not {stitch_init!r}")
         self.levels = nn.ModuleList()
         width = input_dim
         for index, dims in enumerate(level_dims):
@@ -91,7 +97,12 @@ class CrossStitch(Backbone):
             width = self.levels[-1].output_dim
         self.output_dim = width
         self.stitches = nn.ParameterList(
-            nn.Parameter(torch.eye(num_tasks)) for _ in range(len(level_dims))
+            nn.Parameter(
+                torch.eye(num_tasks)
+                if stitch_init == "identity"
+                else nn.Linear(num_tasks, num_tasks, bias=False).weight.detach().clone()
+            )
+            for _ in range(len(level_dims))
         )
 
     def forward_with_weights(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -80,7 +80,7 @@ def build_backbone(config: ModelConfig, input_dim: int, num_tasks: int) -> Backb
     if config.name == "ple":
         return PLE(input_dim, experts, config.shared_experts, levels, **common)
     if config.name == "cross_stitch":
-        return CrossStitch(input_dim, num_tasks, levels, **common)
+        return CrossStitch(input_dim, num_tasks, levels, **common, stitch_init=config.stitch_init)
     if config.name == "shared_bottom":
         return SharedBottom(input_dim, num_tasks, flat_dims, **common)
     if config.name == "single_task":

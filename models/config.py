@@ -48,6 +48,8 @@ class ModelConfig(BaseModel):
             the workers and updated by a fused row-wise optimizer that touches only the rows
             a batch uses, so a step costs the same at 10^5 or 10^7 buckets (docs/models.md).
             A trained model scores the same either way: its logged weights are dense.
+        stitch_init: cross-stitch only: its stitch units start as the identity, or as
+            `nn.Linear`'s default init (`linear`, the authors' baseline; docs/models.md).
         embedding_init_std: embedding rows start as N(0, std^2). Near zero (the default),
             the network starts from one function for every id and learns each id's
             deviation from that id's rows, instead of first unlearning a random code of
@@ -74,6 +76,7 @@ class ModelConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dense_projection: PositiveInt | None = None
     embedding_init_std: float = Field(default=0.05, gt=0.0)
+    stitch_init: Literal["identity", "linear"] = "identity"
     embeddings: Literal["dense", "torchrec"] = "dense"
 
     @model_validator(mode="after")

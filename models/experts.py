@@ -89,6 +89,68 @@ class StackedLinear(nn.Module):
         return f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+class MaskedStackedLinear(nn.Module):
+    """A `StackedLinear` that stores only the outputs each group may produce.
+
+    `visible[g, o]` says whether group g has output o. The parameters hold the visible
+    entries only (`weight` [in, V], `bias` [V]), so a model's parameter count is what it
+    uses; `dense()` scatters them into the [in, G, out] layout (zeros elsewhere) and the
+    forward passes are `StackedLinear`'s on that. Initialised like `nn.Linear`.
+
+    Example:
+        >>> layer = MaskedStackedLinear(8, torch.tensor([[True, False], [True, True]]))
+        >>> layer.weight.shape, layer(torch.randn(2, 5, 8)).shape
+        (torch.Size([8, 3]), torch.Size([2, 5, 2]))
+    """
+
+    def __init__(self, in_features: int, visible: Tensor) -> None:
+        super().__init__()
+        self.groups, self.out_features = visible.shape
+        self.in_features = in_features
+        self.register_buffer("index", visible.flatten().nonzero().flatten(), persistent=False)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(
+            torch.empty(in_features, len(self.index)).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(len(self.index)).uniform_(-bound, bound))
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """Weight [in, G, out] and bias [G, out], zero where a group has no output."""
+        size = self.groups * self.out_features
+        weight = self.weight.new_zeros(self.in_features, size).index_copy(
+            1, self.index, self.weight
+        )
+        bias = self.bias.new_zeros(size).index_copy(0, self.index, self.bias)
+        return (
+            weight.view(self.in_features, self.groups, self.out_features),
+            bias.view(self.groups, self.out_features),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[U, B, in] -> [G, B, out], as `StackedLinear.forward`."""
+        return StackedLinear.forward(_Dense(*self.dense()), x)  # type: ignore[arg-type]
+
+    def shared(self, x: Tensor) -> Tensor:
+        """[B, in] -> [B, G, out], as `StackedLinear.shared`."""
+        return StackedLinear.shared(_Dense(*self.dense()), x)  # type: ignore[arg-type]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Written when the full [in, G, out] layer was stored (hidden entries zero).
+        weight = state_dict.get(f"{prefix}weight")
+        if weight is not None and weight.dim() == 3:
+            state_dict[f"{prefix}weight"] = weight.flatten(1)[:, self.index]
+            state_dict[f"{prefix}bias"] = state_dict[f"{prefix}bias"].flatten()[self.index]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _Dense:
+    """The attributes `StackedLinear`'s forward passes read, for a dense view."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight, self.bias = weight, bias
+        self.groups, self.out_features = bias.shape
+
+
 class ExpertGroup(nn.Module):
     """All experts of one fusion level: MLPs of one architecture, grouped by input unit.
 

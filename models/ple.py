@@ -5,10 +5,11 @@ u's experts read unit u's output of the level below (every unit reads the input 
 at level 1). Task t's gate mixes its own and the shared experts; the shared gate mixes all
 experts; at the last level the shared unit has no gate. Gates read their unit's input.
 
-The gates are stored as one stacked layer over all E experts of the level, with the
-weights towards experts a gate may not see set to zero and their logits masked to -inf,
-so they stay zero and get no gradient. This keeps one batched matmul per level and gives
-fusion weights in the same tasks x experts layout as AdaTT's (zeros where PLE has no edge).
+The gates are one `MaskedStackedLinear` over all E experts of the level: it stores only
+the weights towards the experts each gate sees (the parameter count is PLE's own, for
+matched-budget comparisons), and scatters them into one stacked layer whose other logits
+are masked to -inf. This keeps one batched matmul per level and gives fusion weights in
+the same tasks x experts layout as AdaTT's (zeros where PLE has no edge).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbone import FusionStack
-from models.experts import ExpertGroup, StackedLinear
+from models.experts import ExpertGroup, MaskedStackedLinear
 
 
 class CGCLevel(nn.Module):
@@ -51,10 +52,7 @@ class CGCLevel(nn.Module):
             if has_shared:
                 visible[row, offsets[-1] :] = True
         self.register_buffer("visible", visible, persistent=False)
-        self.gates = StackedLinear(fusing_units, input_dim, self.num_experts)
-        with torch.no_grad():
-            self.gates.weight.mul_(visible)  # [in, rows, E] * [rows, E]
-            self.gates.bias.mul_(visible)
+        self.gates = MaskedStackedLinear(input_dim, visible)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, D] at level 1 else [U, B, D]; returns outputs [B, rows, H], gates [B, rows, E]."""

@@ -58,8 +58,10 @@ class LoopAdaTT(nn.Module):
         total = sum(self.units)
         self.experts = nn.ModuleList()  # [level][unit][expert]
         self.gates = nn.ModuleList()  # [level][fusing unit]
-        self.native = nn.ParameterList()  # v_u^l in order (level, unit) where m_u > 1
+        self.native = nn.ParameterList()  # v_u^l in order (level, unit), when learned
         self.native_index: dict[tuple[int, int], int] = {}
+        # s. 3.1: v is fixed to 1 only "when m_1 = m_2 = ... = m_T = 1" (every unit).
+        learned = any(m != 1 for m in self.units)
         width = input_dim
         for level, dims in enumerate(level_dims):
             fusing = self.num_tasks if level == len(level_dims) - 1 else len(self.units)
@@ -71,7 +73,7 @@ class LoopAdaTT(nn.Module):
             )
             self.gates.append(nn.ModuleList(nn.Linear(width, total) for _ in range(fusing)))
             for unit in range(fusing):
-                if self.units[unit] > 1:
+                if learned:
                     self.native_index[(level, unit)] = len(self.native)
                     self.native.append(nn.Parameter(torch.randn(self.units[unit])))
             width = dims[-1]
@@ -89,8 +91,8 @@ class LoopAdaTT(nn.Module):
             for unit, gate in enumerate(gates):
                 g = torch.softmax(gate(inputs[unit]), dim=-1)  # eq. 9
                 all_expert_gf = sum(g[:, j : j + 1] * every[j] for j in range(len(every)))  # eq. 8
-                if self.units[unit] == 1:
-                    native_lf = own[unit][0]  # eq. 10 with m_t = 1: weight 1
+                if (level, unit) not in self.native_index:
+                    native_lf = own[unit][0]  # every m = 1: the expert itself, weight 1
                 else:
                     v = self.native[self.native_index[(level, unit)]]
                     native_lf = sum(v[i] * own[unit][i] for i in range(self.units[unit]))  # eq. 10

@@ -73,10 +73,10 @@ def test_gates_sum_to_one_and_weights_are_pad_v_plus_g():
         gates = weights - native
         assert (gates >= 0).all()
         torch.testing.assert_close(gates.sum(-1), torch.ones(7, level.fusing_units))
-        # pad(v_t): v_t at the unit's own columns, zero elsewhere; weight 1 when m_t = 1.
+        # pad(v_t): v_t at the unit's own columns, zero elsewhere (learned for m_t = 1 too).
         expected = torch.zeros(level.fusing_units, level.num_experts)
         expected[0, 0:2] = level.native_weights["0"]
-        expected[1, 2] = 1.0
+        expected[1, 2] = level.native_weights["1"]
         expected[2, 3:6] = level.native_weights["2"]
         if level.fusing_units == 4:
             expected[3, 6:8] = level.native_weights["3"]
@@ -86,19 +86,75 @@ def test_gates_sum_to_one_and_weights_are_pad_v_plus_g():
     assert [level.fusing_units for level in batched.levels] == [4, 3]
 
 
-def test_single_expert_native_weight_is_one_without_parameter():
+PAPER_RULE = (
+    "NativeExpertLF: when m_1 = m_2 = ... = m_T = 1, E_t itself with weight 1; otherwise "
+    "v_t is learned"  # s. 3.1, after eq. 10; the authors' code learns it in every unit
+)
+
+
+def _adatt_parameters(d0, m_tasks, m_shared, level_dims, tower_dims):
+    """The closed count: experts + gates + v per level, then the towers."""
+    units = [*m_tasks, *([m_shared] if m_shared else [])]
+    T, E, learned = len(m_tasks), sum(units), any(m != 1 for m in units)
+    total, width = 0, d0
+    for level, dims in enumerate(level_dims):
+        widths = [width, *dims]
+        per_expert = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        fusing = T if level == len(level_dims) - 1 else len(units)
+        total += E * per_expert  # experts
+        total += fusing * (width * E + E)  # one gate per fusing unit over all E experts
+        total += sum(units[:fusing]) if learned else 0  # v of every fusing unit
+        width = dims[-1]
+    widths = [width, *tower_dims, 1]
+    return total + T * sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("m_tasks", "m_shared", "learned"),
+    [
+        ([2, 2, 2], 1, True),  # the paper's Census AdaTT: the shared unit learns its v too
+        ([1, 1, 1], 3, True),  # one expert per task, three shared: every task unit learns v
+        ([1, 1, 1], 1, False),  # every unit has one expert: v fixed to 1
+        ([1, 1, 1], 0, False),  # AdaTT-sp with m_t = 1
+        ([4, 4], 1, True),
+    ],
+)
+def test_native_weight_follows_the_papers_rule_with_exact_counts(m_tasks, m_shared, learned):
+    """PAPER_RULE: which units learn v, and the exact parameter count from the formula."""
+    from models.towers import Towers
+
+    level_dims = [[8, 6], [5], [4]]
+    adatt = AdaTT(12, m_tasks, m_shared, level_dims)
+    for level in adatt.levels:
+        want = {str(u) for u in range(level.fusing_units)} if learned else set()
+        assert set(level.native_weights.keys()) == want, PAPER_RULE
+        native = level.native_matrix()
+        for unit in range(level.fusing_units):
+            start, m = level.offsets[unit], level.experts_per_unit[unit]
+            own = native[unit, start : start + m]
+            if learned:
+                assert torch.equal(own, level.native_weights[str(unit)].detach())
+                bound = (1.0 / m) ** 0.5  # the authors' init U(-sqrt(1/m), sqrt(1/m))
+                assert own.abs().max() <= bound
+            else:
+                assert torch.equal(own, torch.ones(1))
+    towers = Towers(4, len(m_tasks), [3])
+    count = sum(p.numel() for p in [*adatt.parameters(), *towers.parameters()])
+    assert count == _adatt_parameters(12, m_tasks, m_shared, level_dims, [3])
+
+
+def test_a_checkpoint_without_one_expert_weights_loads_them_as_one():
+    """Written before one-expert units of mixed models learned v: they trained with v = 1."""
     level = AdaTTLevel(10, [4], experts_per_unit=[1, 2, 1], fusing_units=3)
-    assert set(level.native_weights.keys()) == {"1"}
-    names = {name for name, _ in level.named_parameters()}
-    assert names == {
-        "experts.layers.0.weight",
-        "experts.layers.0.bias",
-        "gates.weight",
-        "gates.bias",
-        "native_weights.1",
+    old = {
+        k: v
+        for k, v in level.state_dict().items()
+        if k not in {"native_weights.0", "native_weights.2"}
     }
-    native = level.native_matrix()
-    assert native[0, 0].item() == 1.0 and native[2, 3].item() == 1.0
+    fresh = AdaTTLevel(10, [4], experts_per_unit=[1, 2, 1], fusing_units=3)
+    fresh.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    assert fresh.native_weights["0"].item() == fresh.native_weights["2"].item() == 1.0
+    assert torch.equal(fresh.native_weights["1"], level.native_weights["1"])
 
 
 def test_zero_shared_experts_is_exactly_adatt_sp():
@@ -123,9 +179,9 @@ def test_gradients_reach_every_expert_gate_and_native_weight():
         else:
             assert p.grad.abs().sum() > 0, name
     native = {name for name, _ in batched.named_parameters() if "native" in name}
-    # v_t at every level for tasks 0 and 2, and for the shared unit below the last level.
+    # v_t at every level for every task, and for the shared unit below the last level.
     assert native == {
-        f"levels.{level}.native_weights.{unit}" for level in range(3) for unit in (0, 2)
+        f"levels.{level}.native_weights.{unit}" for level in range(3) for unit in (0, 1, 2)
     } | {f"levels.{level}.native_weights.3" for level in range(2)}
 
 

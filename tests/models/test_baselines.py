@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.baselines import CrossStitch, SharedBottom, SingleTask
@@ -49,6 +50,23 @@ def test_cross_stitch_starts_as_separate_networks_and_learns_to_mix():
         model.stitches[1].copy_(torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
     h = model.levels[1](_first(model, x))  # level-2 networks on the stitched level-1 output
     torch.testing.assert_close(model(x)[:, 0], 0.5 * h[:, 0] + 0.5 * h[:, 1])
+
+
+def test_cross_stitch_linear_init_is_the_authors_and_counts_exactly():
+    """`stitch_init: linear`: nn.Linear's default, U(-1/sqrt(T), 1/sqrt(T)), no bias; the
+    count is T nets per level + one T x T stitch per level, either way."""
+    torch.manual_seed(0)
+    T, d0, dims = 3, 10, [[8], [6]]
+    model = CrossStitch(d0, num_tasks=T, level_dims=dims, stitch_init="linear")
+    for stitch in model.stitches:
+        assert stitch.shape == (T, T) and not torch.equal(stitch, torch.eye(T))
+        assert stitch.abs().max() <= T**-0.5
+    expected = T * (d0 * 8 + 8) + T * (8 * 6 + 6) + 2 * T * T
+    assert sum(p.numel() for p in model.parameters()) == expected
+    identity = CrossStitch(d0, num_tasks=T, level_dims=dims)
+    assert sum(p.numel() for p in identity.parameters()) == expected
+    with pytest.raises(ValueError, match="stitch_init"):
+        CrossStitch(d0, num_tasks=T, level_dims=dims, stitch_init="eye")
 
 
 def _first(model: CrossStitch, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ def _loop(model: PLE, x: torch.Tensor) -> torch.Tensor:
         outputs = []
         for row in range(level.fusing_units):
             seen = level.visible[row].nonzero().flatten().tolist()
-            weight, bias = level.gates.weight[:, row][:, seen], level.gates.bias[row][seen]
+            dense_weight, dense_bias = level.gates.dense()
+            weight, bias = dense_weight[:, row][:, seen], dense_bias[row][seen]
             gate = torch.softmax(inputs[row] @ weight + bias, dim=-1)
             outputs.append(sum(gate[:, k : k + 1] * experts[e] for k, e in enumerate(seen)))
         inputs = outputs
@@ -56,14 +57,41 @@ def test_gate_structure():
     ]
 
 
-def test_hidden_gate_weights_stay_zero_when_training():
+def test_gates_store_only_what_each_gate_sees_with_exact_counts():
+    """Matched budgets: a task gate holds weights for its own and the shared experts, the
+    shared gate for all (not at the last level); experts + gates + towers, exactly."""
+    from models.towers import Towers
+
+    # Census: 482-wide input embedding, T = 3, m_t = m_s = 2, levels [128], [64].
+    d0, m_tasks, m_shared, level_dims = 482, [2, 2, 2], 2, [[128], [64]]
+    model, towers = PLE(d0, m_tasks, m_shared, level_dims), Towers(64, 3, [32])
+    T, E = len(m_tasks), sum(m_tasks) + m_shared
+    expected, dense, width = 0, 0, d0
+    for level, (h,) in enumerate(level_dims):
+        expected += E * (width * h + h)  # experts
+        seen = [m + m_shared for m in m_tasks] + ([E] if level < len(level_dims) - 1 else [])
+        expected += sum(seen) * (width + 1)  # each gate: weights and biases of what it sees
+        dense += len(seen) * E * (width + 1)  # the former layout: every expert's entry
+        width = h
+    expected += T * ((width * 32 + 32) + (32 + 1))  # towers
+    count = sum(p.numel() for p in [*model.parameters(), *towers.parameters()])
+    assert count == expected
+    gates = sum(p.numel() for level in model.levels for p in level.gates.parameters())
+    assert dense - gates == 7_344  # what the gates used to store and never use
+
+
+def test_a_checkpoint_with_full_gates_loads_into_the_compact_ones():
+    torch.manual_seed(0)
     model = PLE(10, [2, 1], 1, [[8], [6]])
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(16, 10)).pow(2).sum().backward()
-        optimizer.step()
-    for level in model.levels:
-        hidden = ~level.visible
-        assert (level.gates.weight.detach().permute(1, 2, 0)[hidden] == 0).all()
-        assert (level.gates.bias.detach()[hidden] == 0).all()
+    old = {}
+    for name, value in model.state_dict().items():  # the former layout: [in, rows, E]
+        level = model.levels[int(name.split(".")[1])] if name.startswith("levels.") else None
+        if level is not None and name.endswith("gates.weight"):
+            value = level.gates.dense()[0].detach()
+        elif level is not None and name.endswith("gates.bias"):
+            value = level.gates.dense()[1].detach()
+        old[name] = value
+    fresh = PLE(10, [2, 1], 1, [[8], [6]])
+    fresh.load_state_dict(old)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(fresh(x), model(x))
