@@ -98,16 +98,18 @@ class MaskedStackedLinear(nn.Module):
     forward passes are `StackedLinear`'s on that. Initialised like `nn.Linear`.
 
     Example:
-        >>> layer = MaskedStackedLinear(8, torch.tensor([[True, False], [True, True]]))
+        >>> layer = MaskedStackedLinear(8, [[True, False], [True, True]])
         >>> layer.weight.shape, layer(torch.randn(2, 5, 8)).shape
         (torch.Size([8, 3]), torch.Size([2, 5, 2]))
     """
 
-    def __init__(self, in_features: int, visible: Tensor) -> None:
+    def __init__(self, in_features: int, visible: Sequence[Sequence[bool]]) -> None:
         super().__init__()
-        self.groups, self.out_features = visible.shape
+        self.groups, self.out_features = len(visible), len(visible[0])
         self.in_features = in_features
-        self.register_buffer("index", visible.flatten().nonzero().flatten(), persistent=False)
+        # From Python values: the model may be built on the meta device (no nonzero there).
+        flat = [i for i, seen in enumerate(v for row in visible for v in row) if seen]
+        self.register_buffer("index", torch.tensor(flat, dtype=torch.long), persistent=False)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = nn.Parameter(
             torch.empty(in_features, len(self.index)).uniform_(-bound, bound)

@@ -41,17 +41,16 @@ class CGCLevel(nn.Module):
         self.fusing_units, self.num_experts = fusing_units, sum(units)
         self.experts = ExpertGroup(input_dim, hidden_dims, units, activation, dropout)
         self.output_dim = self.experts.output_dim
-        visible = torch.zeros(fusing_units, self.num_experts, dtype=torch.bool)
         offsets = [sum(units[:u]) for u in range(len(units))]
         num_tasks = len(units) - (1 if has_shared else 0)
+        visible = [[False] * self.num_experts for _ in range(fusing_units)]
         for row in range(fusing_units):
-            if row == num_tasks:  # the shared gate sees every expert
-                visible[row] = True
-                continue
-            visible[row, offsets[row] : offsets[row] + units[row]] = True
-            if has_shared:
-                visible[row, offsets[-1] :] = True
-        self.register_buffer("visible", visible, persistent=False)
+            for e in range(self.num_experts):
+                own = offsets[row] <= e < offsets[row] + units[row]
+                shared = has_shared and e >= offsets[-1]
+                # The shared gate (row T) sees every expert; a task's its own and the shared.
+                visible[row][e] = row == num_tasks or own or shared
+        self.register_buffer("visible", torch.tensor(visible), persistent=False)
         self.gates = MaskedStackedLinear(input_dim, visible)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

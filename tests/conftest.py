@@ -162,6 +162,13 @@ def _node_args() -> dict:
     return {"num_cpus": 1, "object_store_memory": NODE_OBJECT_STORE_BYTES}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of the `ray start` cluster (`ray_head`) first, before the session's
+    in-process cluster (`ray_cluster`) exists: with both on one machine, Ray 2.60's job
+    server of the first ran a job on the second's node (its runtime env and its Python)."""
+    items.sort(key=lambda item: "ray_head" not in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3: S3) -> Iterator[TwoNodes]:
     """Two Ray nodes on this machine (1 CPU each: 2 in all, like CI), shared by every test

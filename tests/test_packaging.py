@@ -45,6 +45,7 @@ def test_wheel_ships_the_default_configs(wheel: Path) -> None:
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
 
 
+@pytest.mark.long
 def test_demo_runs_from_an_installed_wheel(wheel: Path, ray_cluster, tmp_path: Path) -> None:
     import ray
 

@@ -111,6 +111,10 @@ def day_config(
     return config.model_copy(update={"data": data, "tracking": tracking})
 
 
+def _shown(ref: ModelRef) -> str:
+    return ref.given if ref.given == ref.uri else f"{ref.given} = {ref.uri}"
+
+
 def check_champion(ref: ModelRef, session: Session, day: str) -> None:
     """InputError unless the champion loads (its spec reads back) and did not train on
     `day` (its run's days, or its cutoff window)."""
@@ -127,7 +131,7 @@ def check_champion(ref: ModelRef, session: Session, day: str) -> None:
         trained = trained or low[:10] <= day <= high[:10]
     if trained:
         raise InputError(
-            f"--day {day}: the champion {ref.uri} (run {ref.run_id}) trained on that day's "
+            f"--day {day}: the champion {_shown(ref)} (run {ref.run_id}) trained on that day's "
             "logs; its holdout would score it on rows it learnt from. Retrain a later day"
         )
 

@@ -94,6 +94,7 @@ def test_missing_raw_files_skip_cleanly(tmp_path: Path, capsys: pytest.CaptureFi
     assert "skipped" in capsys.readouterr().out and not out.exists()
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_quick_run_writes_the_table(tmp_path: Path, ray_cluster: None) -> None:
     raw = write_raw(tmp_path / "raw")

@@ -43,9 +43,10 @@ def _tool(name: str) -> str:
 
 
 def _base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
+    # None of this process's Ray settings (the session's own Ray instances set several):
+    # the cluster started here is independent of them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.pop("MLFLOW_TRACKING_URI", None)
     # Job drivers run `python ...` through a shell: it must be this interpreter.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(RAY_USAGE_STATS_ENABLED="0", MLFLOW_ENABLE_TELEMETRY="false", DO_NOT_TRACK="1")

@@ -175,6 +175,7 @@ def _interrupt_after_finished_trials(tracking_uri: str, count: int, done: thread
         time.sleep(1.0)
 
 
+@pytest.mark.long
 def test_interrupted_search_resumes_from_s3_without_repeating_finished_trials(
     ray_cluster, s3, s3_logs, tmp_path
 ) -> None:
@@ -227,6 +228,7 @@ def test_interrupted_search_resumes_from_s3_without_repeating_finished_trials(
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.long
 def test_trials_train_with_sharded_tables(ray_cluster, tiny_logs, tmp_path) -> None:
     """A trial is an `adatt train` run: with `model.embeddings: torchrec` its tables are
     sharded row-wise over its two workers, and the best trial logs a dense scoring model."""

@@ -154,6 +154,7 @@ def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_fac
     assert len(client.search_runs([experiment])) == runs
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_sharded_days_warm_start_on_another_world_size(

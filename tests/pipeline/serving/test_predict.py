@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.release.registry import register_run
-from tests.conftest import corrupt_column_pages, free_port, registry_client, s3_fs
+from tests.conftest import REPO_ROOT, corrupt_column_pages, free_port, registry_client, s3_fs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -105,7 +105,7 @@ def test_predict_reads_and_writes_s3_and_scores_every_row_like_the_model(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loader = done.stdout.strip().splitlines()[-1]
-    assert loader.endswith("pipeline/serving/loader.py") and not loader.startswith("/tmp/")
+    assert Path(loader) == REPO_ROOT / "pipeline" / "serving" / "loader.py"  # installed, -e
     np.testing.assert_allclose(
         pd.read_parquet(fresh)[TASKS].to_numpy(), expected[TASKS].to_numpy(), atol=1e-6
     )

@@ -268,6 +268,7 @@ def test_sigterm_marks_the_run_killed(client, tiny_logs, workdir, driver, s3) ->
     assert f"--resume {run_id}" in log.read_text()
 
 
+@pytest.mark.long
 def test_worker_killed_mid_epoch_restarts_from_checkpoint(
     client, two_worker_run, tiny_logs, workdir, monkeypatch
 ) -> None:

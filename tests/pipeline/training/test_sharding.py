@@ -164,6 +164,7 @@ def test_sharded_loss_and_gradients_equal_the_dense_models(
     assert (first, second) == (0, n0) and n0 + n1 == config.data.categorical[0].buckets
 
 
+@pytest.mark.long
 def test_row_wise_table_trains_checkpoints_restarts_and_scores_as_trained(
     ray_cluster, tiny_logs, tmp_path: Path
 ) -> None:

@@ -104,6 +104,7 @@ def _console(capfd: pytest.CaptureFixture[str], until: str, wait_s: float = 15.0
         time.sleep(0.5)
 
 
+@pytest.mark.long
 def test_failed_run_is_marked_failed_and_resume_continues(
     ray_cluster, tiny_logs, tmp_path, capfd
 ) -> None:

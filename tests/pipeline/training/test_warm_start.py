@@ -92,6 +92,7 @@ def test_sources_that_are_not_models_are_refused() -> None:
         run_training(None, resume="abc", warm_start="models:/m@champion")
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_warm_start_on_the_next_day_beats_a_cold_start(
