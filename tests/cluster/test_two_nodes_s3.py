@@ -67,7 +67,6 @@ def _sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-@pytest.mark.long
 def test_train_tune_and_predict_beside_another_ray_cluster(
     ray_cluster, tiny_logs, tmp_path
 ) -> None:

@@ -175,7 +175,6 @@ def _interrupt_after_finished_trials(tracking_uri: str, count: int, done: thread
         time.sleep(1.0)
 
 
-@pytest.mark.long
 def test_interrupted_search_resumes_from_s3_without_repeating_finished_trials(
     ray_cluster, s3, s3_logs, tmp_path
 ) -> None:
