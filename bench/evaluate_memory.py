@@ -6,7 +6,7 @@ bench shows it: two models (untrained tiny networks, seeds 0 and 1, logged to a 
 store) are compared on synthetic holdouts of each size, each evaluation in a fresh driver
 process on a fresh local Ray, and the driver's own peak resident memory (`ru_maxrss`; Ray's
 workers and object store are other processes) is printed per size. Last line:
-`evaluate_driver_rss_10m_vs_1m=<ratio>` (goal: <= 1.2). (Holdouts up to
+`evaluate_driver_rss_largest_vs_smallest=<ratio>` (goal: <= 1.2). (Holdouts up to
 `evaluate.ONE_TASK_ROWS` are reduced in one Ray task instead; this bench turns that off.)
 
     python bench/evaluate_memory.py [--rows 1000000 10000000] [--bootstrap 200] [--keep DIR]
@@ -101,7 +101,8 @@ def main() -> None:
                 flush=True,
             )
             results.append(figures["peak_rss_mib"])
-    print(f"evaluate_driver_rss_10m_vs_1m={results[-1] / results[0]:.3f}")
+    sizes = f"{args.rows[-1]:,} vs {args.rows[0]:,} rows"
+    print(f"evaluate_driver_rss_largest_vs_smallest={results[-1] / results[0]:.3f} ({sizes})")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from bench.harness import (  # noqa: F401
     TINY_OVERRIDES,
     free_port,
     log_untrained_run,
+    stop_group,
     tiny_config,
 )
 
@@ -82,18 +83,6 @@ def _wait_http(url: str, proc, log: Path, timeout_s: float = 120) -> None:
         time.sleep(0.3)
 
 
-def _stop(proc) -> None:
-    import signal
-    import subprocess
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
     """A real S3 API on 127.0.0.1 (`moto` in server mode, its own process) with one bucket.
@@ -128,7 +117,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
         yield S3(endpoint, S3_BUCKET)
     finally:
-        _stop(server)
+        stop_group(server)
         for key, value in before.items():
             if value is None:
                 os.environ.pop(key, None)

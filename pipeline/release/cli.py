@@ -3,7 +3,7 @@ comparisons and the daily loop."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -126,33 +126,44 @@ def retrain(
     bad input (nothing written), 1 a failure (docs/registry.md). A backfill goes on past a
     day that fails, and exits with the first failed day's code."""
     from pipeline.config import load_config
-    from pipeline.errors import InputError, Stopped
-    from pipeline.release.retrain import days_between, done_version
-    from pipeline.release.retrain import retrain as run_retrain
-    from pipeline.session import Terminated, open_session
+    from pipeline.release.retrain import days_between
+    from pipeline.session import open_session
 
     cfg = load_config(config, set_ or [])
     session = open_session("retrain", cfg.tracking)
     days = days_between(since, day) if since else [day]
-    failed = 0
-    for each in days:
-        if since and (version := done_version(session, cfg, each)):
-            typer.echo(f"retrain {each}: done already (version {version}); skipped")
-            continue
-        try:
-            outcome = run_retrain(
-                cfg, model, each, metric, min_gain, holdout=holdout, bootstrap=bootstrap,
-                refit_stats=refit_stats, session=session,
-            )  # fmt: skip
-        except KeyboardInterrupt as err:
-            raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
-        except (InputError, Stopped) as err:
-            if len(days) == 1:
-                raise
-            typer.echo(redact_text(f"error: retrain {each}: {err}"), err=True)
-            failed = failed or (2 if isinstance(err, InputError) else 1)
-            continue
-        typer.echo(outcome.registration.message)
-        typer.echo(outcome.line())
-    if failed:
+    options = {"holdout": holdout, "bootstrap": bootstrap, "refit_stats": refit_stats}
+    codes = [
+        _retrain_day(session, cfg, model, each, (metric, min_gain), options, since, len(days))
+        for each in days
+    ]
+    if failed := next((code for code in codes if code), 0):
         raise typer.Exit(code=failed)
+
+
+def _retrain_day(
+    session: Any, cfg: Any, model: str, day: str, rule: tuple[str, float], options: dict,
+    since: str | None, days: int,
+) -> int:  # fmt: skip
+    """One day of `adatt retrain`: 0 when done (or, in a backfill, done already), else its
+    exit code after one `error:` line; a lone day's error is raised as it is."""
+    from pipeline.errors import InputError, Stopped
+    from pipeline.release.retrain import done_version
+    from pipeline.release.retrain import retrain as run_retrain
+    from pipeline.session import Terminated
+
+    if since and (version := done_version(session, cfg, day)):
+        typer.echo(f"retrain {day}: done already (version {version}); skipped")
+        return 0
+    try:
+        outcome = run_retrain(cfg, model, day, *rule, session=session, **options)
+    except KeyboardInterrupt as err:
+        raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
+    except (InputError, Stopped) as err:
+        if days == 1:
+            raise
+        typer.echo(redact_text(f"error: retrain {day}: {err}"), err=True)
+        return 2 if isinstance(err, InputError) else 1
+    typer.echo(outcome.registration.message)
+    typer.echo(outcome.line())
+    return 0
