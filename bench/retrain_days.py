@@ -161,13 +161,13 @@ def main() -> None:
                 proxy.inject(500, 2, path=inject)
             since, holder = time.time() * 1000, champion_of(client)
             code = adatt([*daily, "--day", day], {**env, **extra}, log, kill_when)
-            _print(day, fault, client, since, code, holder)
+            _print(day, fault, client, since, code, holder, log)
         # Day 5's run was missed; the next one backfills from day 1.
         since, holder = time.time() * 1000, champion_of(client)
         code = adatt([*daily, "--day", days[4], "--since", days[0]], env, log)
         for day in days:
             label = "missed: backfilled" if day == days[4] else "  backfill --since"
-            _print(day, label, client, since, code, holder)
+            _print(day, label, client, since, code, holder, log)
         champion = champion_of(client)
         promoted = sum(
             v.tags.get("promotion.decision") == "promoted"
@@ -182,9 +182,21 @@ def champion_of(client) -> str:
     return client.get_model_version_by_alias(NAME, "champion").version
 
 
-def _print(day: str, fault: str, client, since: float, code: int, holder: str) -> None:
+def _said(log: Path, day: str) -> str:
+    """What the last command printed about `day` when the registry has no new version."""
+    text = log.read_text().rpartition("\n$ adatt ")[2]
+    if f"retrain {day}: done already" in text:
+        return "skipped: done"
+    if "training loss is nan" in text and f"--day {day}" in text.splitlines()[0]:
+        return "failed: NaN"
+    if f"{day}.parquet: not a Parquet file" in text:
+        return "failed: input"
+    return "no run"
+
+
+def _print(day: str, fault: str, client, since: float, code: int, holder: str, log: Path) -> None:
     rows = day_rows(client, "retrain-days", day, since) or [
-        {"status": "no run", "champion": "", "gain": "", "decision": ""}
+        {"status": _said(log, day), "champion": "", "gain": "", "decision": ""}
     ]
     for row in rows:
         row["champion"] = row["champion"] or holder
