@@ -298,8 +298,10 @@ def _reduce_in_one_task(plan: _Plan, models: int, seed: int, replicates: int, *b
         if task.group_column and task.type == "binary":
             grouped = _observed(batch, task.name, task.group_column, names, groups=True)
             rows = [_group_batch(group, names) for group in _groups(grouped)]
-            merged = {k: np.concatenate([r[k] for r in rows]) for k in ("key", "rows", "auc")}
-            gaucs[task.name] = _gauc_batch(merged, **kwargs)["part"][0] if rows else 0
+            gaucs[task.name] = 0  # no group: as the distributed path's empty sum
+            if rows:
+                merged = {k: np.concatenate([r[k] for r in rows]) for k in ("key", "rows", "auc")}
+                gaucs[task.name] = _gauc_batch(merged, **kwargs)["part"][0]
     groups = len(np.unique(batch[f"key.{plan.group}"]))
     return total, aucs, gaucs, groups
 
