@@ -32,6 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
+import mlflow  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -100,10 +101,12 @@ def train_on(nodes: int, data: str, storage: str, work: Path, args) -> dict[str,
         )
         started = time.perf_counter()
         outcome = run_training(config)
-        return {
-            "samples_per_s": outcome.metrics.get("train/samples_per_s", float("nan")),
-            "seconds": time.perf_counter() - started,
-        }
+        seconds = time.perf_counter() - started
+        # The final report holds the test metrics only: the epochs' figures are in MLflow.
+        client = mlflow.MlflowClient(outcome.tracking_uri)
+        history = client.get_metric_history(outcome.run_id, "train/samples_per_s")
+        last = max(history, key=lambda m: m.step)
+        return {"samples_per_s": last.value, "seconds": seconds}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -153,6 +156,10 @@ def main() -> None:
         "",
         f"two_node_vs_one_node={two / one:.3f}",
         f"s3_vs_local={s3 / two:.3f}",
+        "",
+        "Targets: two nodes >= 0.8 of one node, S3 >= 0.7 of local disk. One run of each"
+        " way: on a 2-CPU machine an epoch's samples/s moves by several percent from run to"
+        " run, so a ratio near or above 1 means no cost this run could measure.",
         "",
     ]
     args.out.write_text("\n".join(lines))
