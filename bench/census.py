@@ -210,15 +210,23 @@ def _choose(
 
 
 def _start_ray(cpus: int = 2) -> bool:
-    """A local Ray cluster unless one is up (a test's); True when this call started it."""
+    """A local Ray cluster unless one is up (a test's); True when this call started it.
+
+    Started as `adatt train` starts it (`pipeline.session.start_ray`): named by its address
+    in every process of the job. A plain `ray.init()` here let Ray Train's placement-group
+    cleaner resolve `auto` to a Ray cluster started later on the machine (a test run's),
+    find no controller there, and remove this run's placement group: two trainings died
+    that way on 2026-12-04."""
     import ray
+
+    from pipeline.session import start_ray
 
     if ray.is_initialized():
         return False
     # Ray workers import `models` and `pipeline` from this checkout.
     paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    start_ray(cpus)
     return True
 
 

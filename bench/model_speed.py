@@ -8,8 +8,12 @@ both alike); each figure is the median of `--steps` steps after a warm-up.
     python bench/model_speed.py                      # CPU, 2 threads, the issue's table
     python bench/model_speed.py --device cuda --bf16 # on a GPU, bf16 autocast
     python bench/model_speed.py --compile            # also time torch.compile(batched)
+    python bench/model_speed.py --balancing          # gradient-level task balancing
 
-The last line is `min_speedup_vs_loop=<x>`.
+The last line is `min_speedup_vs_loop=<x>`. With `--balancing` the table is instead the
+product's train step (`pipeline.training.step.TrainStep`, masked multi-task loss) under
+each `train.loss_weighting`, and the last lines are `<method>_vs_fixed=<x>`, the ratio of
+its median step time to `fixed`'s over every config and batch size (the largest ratio).
 """
 
 from __future__ import annotations
@@ -100,6 +104,54 @@ def time_steps(steps, repeats: int, warmup: int, device) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def balancing_table(args, device: torch.device) -> None:
+    """Step time of `fixed` and of each gradient-level method, the product's step object."""
+    from pipeline.config import GRADIENT_METHODS
+    from pipeline.training.balancing import GradientBalancer
+    from pipeline.training.losses import MultiTaskLoss, TrainingModel
+    from pipeline.training.step import TrainStep
+
+    methods = ["fixed", *GRADIENT_METHODS]
+    print(f"{'config':<16} {'batch':>6} " + " ".join(f"{m + ' ms':>11}" for m in methods))
+    ratios: dict[str, list[float]] = {m: [] for m in GRADIENT_METHODS}
+    for name, width, tasks, section in CONFIGS:
+        schema = FeatureSchema(num_dense=width, tasks=tuple(f"task{t}" for t in range(tasks)))
+        for batch_size in args.batches:
+            batch = {
+                "dense": torch.randn(batch_size, width, device=device),
+                "labels": torch.randint(0, 2, (batch_size, tasks), device=device).float(),
+                "mask": torch.ones(batch_size, tasks, device=device),
+            }
+            steps = []
+            for method in methods:
+                torch.manual_seed(0)
+                network = build_model({"name": "adatt", **section}, schema)
+                module = TrainingModel(network, MultiTaskLoss(["binary"] * tasks, [1.0] * tasks))
+                module = module.to(device)
+                balancer = None
+                if method != "fixed":
+                    balancer = GradientBalancer(method, module, [1.0] * tasks)
+                optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+                step = TrainStep(
+                    module,
+                    optimizer,
+                    device,
+                    "eager",
+                    bf16=args.bf16,
+                    rows=batch_size,
+                    num_tasks=tasks,
+                    balancer=balancer,
+                )
+                steps.append(lambda step=step, batch=batch: step(batch))
+            times = time_steps(steps, args.steps, args.warmup, device)
+            for method, seconds in zip(methods[1:], times[1:], strict=True):
+                ratios[method].append(seconds / times[0])
+            cells = " ".join(f"{t * 1e3:>11.1f}" for t in times)
+            print(f"{name:<16} {batch_size:>6} {cells}", flush=True)
+    for method, values in ratios.items():
+        print(f"{method}_vs_fixed={max(values):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -109,9 +161,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument(
+        "--balancing", action="store_true", help="time train.loss_weighting's methods instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.balancing:
+        print(f"device={device} threads={args.threads} bf16={args.bf16} steps={args.steps}")
+        balancing_table(args, device)
+        return
 
     header = f"{'config':<16} {'batch':>6} {'batched ms':>11} {'loop ms':>9} {'speedup':>8}"
     if args.compile:

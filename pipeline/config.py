@@ -17,6 +17,10 @@ from models.config import CategoricalInput, FeatureSchema, ModelConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics_vocab import check_validation_metric
 
+# The gradient-level task balancing methods of `train.loss_weighting` (torchjd aggregators,
+# `pipeline/training/balancing.py`).
+GRADIENT_METHODS = ("upgrad", "pcgrad", "mgda", "imtl_g")
+
 
 class Strict(BaseModel):
     """The base of every config model here and in `tune.space`: unknown keys are errors."""
@@ -213,7 +217,11 @@ class TrainConfig(Strict):
     # epoch only, so a resumed run continues on the same schedule.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(default=0.0, ge=0.0)
-    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    # How the task losses make one update: `fixed` (the sum of w_t L_t), `uncertainty`
+    # (learned weights, Kendall et al. 2018), or a gradient-level method
+    # (`GRADIENT_METHODS`, `pipeline/training/balancing.py`): the Jacobian of the w_t L_t
+    # aggregated by torchjd. Those need eager steps and dense id tables.
+    loss_weighting: Literal["fixed", "uncertainty", "upgrad", "pcgrad", "mgda", "imtl_g"] = "fixed"
     seed: int = 0
     num_workers: PositiveInt = 2
     # Fractional on purpose: whole CPUs per worker starve Ray Data on small machines.
@@ -284,6 +292,7 @@ def check_across_sections(config: Config, source: str) -> None:
             f"{source}: train.step_mode: {config.train.step_mode} does not apply to "
             "model.embeddings: torchrec; use eager (or auto)"
         )
+    _check_balancing(config.train, config.model.embeddings, source)
     check_validation_metric(
         config.train.early_stopping.metric,
         config.data.tasks,
@@ -300,6 +309,25 @@ def check_across_sections(config: Config, source: str) -> None:
             build_model(config.model, config.data.feature_schema())
     except ValueError as err:  # the builder's messages start with the model field's name
         raise ConfigError(f"{source}: model.{err}") from None
+
+
+def _check_balancing(train: TrainConfig, embeddings: str, source: str) -> None:
+    """A gradient-level method back-propagates T losses, one Jacobian: a step that runs one
+    captured or compiled backward cannot, nor can TorchRec's tables (updated inside it)."""
+    method = train.loss_weighting
+    if method not in GRADIENT_METHODS:
+        return
+    if train.step_mode in ("compile", "cuda_graph"):
+        raise ConfigError(
+            f"{source}: train.step_mode: {train.step_mode} runs one backward, but "
+            f"train.loss_weighting: {method} needs one per task; use eager (or auto)"
+        )
+    if embeddings == "torchrec":
+        raise ConfigError(
+            f"{source}: train.loss_weighting: {method} needs dense id tables, but "
+            "model.embeddings is torchrec (its tables update inside the backward pass); "
+            "use model.embeddings: dense, or loss_weighting fixed or uncertainty"
+        )
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -25,7 +25,8 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from pipeline.config import Config, EarlyStopping, TrainConfig, parse_config
+from pipeline.config import GRADIENT_METHODS, Config, EarlyStopping, TrainConfig, parse_config
+from pipeline.training.balancing import GradientBalancer
 from pipeline.training.checkpoint import TrainingState, load_checkpoint
 from pipeline.training.faults import fault_trigger
 from pipeline.training.losses import build_training_model
@@ -47,7 +48,12 @@ def make_step(replicas: Replicas, config: Config, device: torch.device) -> Train
     """This worker's train step over the strategy's module and optimizer, in the configured
     mode (`pipeline.training.step`)."""
     train = config.train
-    mode = resolve_step_mode(train.step_mode, device, config.model.embeddings)
+    balancing = train.loss_weighting in GRADIENT_METHODS
+    mode = resolve_step_mode(train.step_mode, device, config.model.embeddings, balancing)
+    balancer = None
+    if balancing:
+        weights = [t.weight for t in config.data.tasks]
+        balancer = GradientBalancer(train.loss_weighting, replicas.module, weights)
     return TrainStep(
         replicas.module,
         replicas.optimizer,
@@ -57,6 +63,7 @@ def make_step(replicas: Replicas, config: Config, device: torch.device) -> Train
         grad_clip=train.grad_clip,
         rows=config.data.batch_size,
         num_tasks=len(config.data.tasks),
+        balancer=balancer,
     )
 
 

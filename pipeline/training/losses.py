@@ -24,7 +24,9 @@ class MultiTaskLoss(nn.Module):
         task_types: `binary` (BCE with logits) or `regression` (MSE) per task.
         task_weights: fixed weight per task (scales the uncertainty-weighted terms too).
         weighting: `fixed`, or `uncertainty` with one learned log-variance s_t per task:
-            binary exp(-s_t) L_t + s_t / 2, regression exp(-s_t) L_t / 2 + s_t / 2.
+            binary exp(-s_t) L_t + s_t / 2, regression exp(-s_t) L_t / 2 + s_t / 2. The
+            gradient-level methods (`balancing.GRADIENT_METHODS`) take the unweighted
+            per-task losses and weight them themselves; the total is then the fixed sum.
 
     Example:
         >>> loss = MultiTaskLoss(["binary"], [1.0])
@@ -55,7 +57,10 @@ class MultiTaskLoss(nn.Module):
         mask: torch.Tensor,
         sample_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (total loss, per-task losses [T]); all inputs are [B, T] (weight [B])."""
+        """Return (total loss, per-task losses [T]); all inputs are [B, T] (weight [B]).
+
+        The per-task losses keep their graph (a gradient-level method differentiates each);
+        detach them to log them."""
         outputs = outputs.float()
         per_task = []
         for i, is_binary in enumerate(self.binary):
@@ -70,10 +75,10 @@ class MultiTaskLoss(nn.Module):
             per_task.append((raw * w).sum() / w.sum().clamp_min(1e-12))
         losses = torch.stack(per_task)
         if self.log_vars is None:
-            return (self.weights * losses).sum(), losses.detach()
+            return (self.weights * losses).sum(), losses
         scale = torch.tensor([1.0 if b else 0.5 for b in self.binary], device=losses.device)
         terms = scale * torch.exp(-self.log_vars) * losses + 0.5 * self.log_vars
-        return (self.weights * terms).sum(), losses.detach()
+        return (self.weights * terms).sum(), losses
 
 
 class TrainingModel(nn.Module):

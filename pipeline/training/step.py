@@ -36,16 +36,25 @@ from torch import nn
 
 from pipeline.data.collate import pad
 from pipeline.errors import ConfigError
+from pipeline.training.balancing import GradientBalancer
 
 DDP_WARMUP_STEPS = 11  # PyTorch's CUDA graph notes: DDP needs 11 eager steps before capture
 WARMUP_STEPS = 3
 
 
-def resolve_step_mode(mode: str, device: torch.device, embeddings: str = "dense") -> str:
-    """The mode a step runs in; ConfigError naming `train.step_mode` where it cannot run."""
+def resolve_step_mode(
+    mode: str, device: torch.device, embeddings: str = "dense", balancing: bool = False
+) -> str:
+    """The mode a step runs in; ConfigError naming `train.step_mode` where it cannot run.
+    `balancing`: a gradient-level loss weighting (one backward per task: eager only)."""
     sharded = embeddings == "torchrec"
     if mode == "auto":
-        return "cuda_graph" if device.type == "cuda" and not sharded else "eager"
+        return "cuda_graph" if device.type == "cuda" and not (sharded or balancing) else "eager"
+    if mode != "eager" and balancing:
+        raise ConfigError(
+            f"train.step_mode: {mode} runs one backward, but a gradient-level "
+            "train.loss_weighting needs one per task; use eager (or auto)"
+        )
     if mode == "cuda_graph" and device.type != "cuda":
         raise ConfigError(
             "train.step_mode: cuda_graph captures the train step on a GPU, but the workers "
@@ -92,6 +101,8 @@ class TrainStep:
         grad_clip: clip the gradients' total norm to this (None: no clip).
         rows: the rows of a full batch (the captured shape in graph and compile modes).
         num_tasks: the tasks (for the loss sums).
+        balancer: a gradient-level task balancing (`balancing.GradientBalancer`), which
+            replaces the backward of the total loss (eager mode only), or None.
 
     Call it with a batch (a dict of tensors on `device`, at most `rows` rows); read the
     summed losses with `sums()`.
@@ -108,8 +119,12 @@ class TrainStep:
         grad_clip: float | None = None,
         rows: int,
         num_tasks: int,
+        balancer: GradientBalancer | None = None,
     ) -> None:
+        if balancer is not None and mode != "eager":
+            raise ValueError(f"a gradient-level balancing runs eager steps, not {mode}")
         self.module, self.optimizer, self.device, self.mode = module, optimizer, device, mode
+        self.balancer = balancer
         self.bf16, self.grad_clip, self.rows = bf16, grad_clip, rows
         self.forward = module
         if mode == "compile":  # CUDA graphs inside the compiled regions on a GPU
@@ -123,15 +138,32 @@ class TrainStep:
             make_capturable(optimizer, device)
 
     def _eager(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.balancer is not None:
+            return self._balanced(batch)
         with autocast(self.device, self.bf16):
             total, per_task, _ = self.forward(batch)
         self.optimizer.zero_grad(set_to_none=self.mode != "cuda_graph")
         total.backward()
+        self._clip()
+        self.optimizer.step()
+        return total.detach(), per_task.detach()
+
+    def _balanced(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An eager step whose update is the balancer's aggregate of the task gradients;
+        DDP's own all-reduce is off (the balancer averages the Jacobian instead)."""
+        with self.balancer.no_sync():
+            with autocast(self.device, self.bf16):
+                total, per_task, _ = self.forward(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.balancer.backward(per_task)
+        self._clip()
+        self.optimizer.step()
+        return total.detach(), per_task.detach()
+
+    def _clip(self) -> None:
         if self.grad_clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-        self.optimizer.step()
-        return total.detach(), per_task.detach()
 
     def __call__(self, batch: Mapping[str, torch.Tensor], rows: int | None = None) -> None:
         """One step on `batch`; `rows` is its number of real rows (default: all of them),

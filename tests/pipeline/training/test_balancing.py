@@ -1,0 +1,169 @@
+"""Gradient-level task balancing (`train.loss_weighting: upgrad|pcgrad|mgda|imtl_g`): the
+step writes torchjd's aggregate of the per-task gradients, every DDP rank writes the same
+one (the aggregate of the global batch's Jacobian), and the configs it cannot run are
+refused naming the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchjd.aggregation import IMTLG, MGDA, PCGrad, UPGrad
+
+from bench.harness import free_port, tiny_config
+from pipeline.config import GRADIENT_METHODS, check_across_sections
+from pipeline.data.fit import fit_preprocessor
+from pipeline.data.sample import read_split
+from pipeline.data.validate import check_schema
+from pipeline.errors import ConfigError
+from pipeline.training.balancing import GradientBalancer
+from pipeline.training.losses import build_training_model
+from pipeline.training.optim import make_optimizer
+from pipeline.training.step import TrainStep, resolve_step_mode
+
+REFERENCE = {"upgrad": UPGrad, "pcgrad": PCGrad, "mgda": MGDA, "imtl_g": IMTLG}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_logs: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny config with task weights 1, 2, 0.5, 1 and two batches of 256 rows."""
+    workdir = tmp_path_factory.mktemp("balancing")
+    config = tiny_config(tiny_logs, workdir, "train.loss_weighting=upgrad")
+    raw = config.model_dump(mode="json")
+    for task, weight in zip(raw["data"]["tasks"], [1.0, 2.0, 0.5, 1.0], strict=True):
+        task["weight"] = weight
+    from pipeline.config import parse_config
+    from pipeline.data.preprocess import Preprocessor
+
+    config = parse_config(raw)
+    files = check_schema(config.data)
+    preprocessor = Preprocessor(config.data, fit_preprocessor(config.data, files).dense_stats)
+    rows = read_split(config.data, files, "train", config.data.columns(), max_rows=512)
+    arrays = preprocessor.transform(rows)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    batches = [{k: v[i * 256 : (i + 1) * 256] for k, v in tensors.items()} for i in range(2)]
+    return config, batches
+
+
+def _jacobian(module, batch, weights) -> torch.Tensor:
+    """[T, P]: each weighted task loss's gradient over every parameter, one backward each."""
+    _, per_task, _ = module(batch)
+    params = [p for p in module.parameters() if p.requires_grad]
+    rows = []
+    for t in range(per_task.shape[0]):
+        grads = torch.autograd.grad(
+            weights[t] * per_task[t], params, retain_graph=True, allow_unused=True
+        )
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def _grad_vector(module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_the_step_writes_the_aggregate_of_the_weighted_task_gradients(setup, method) -> None:
+    config, batches = setup
+    weights = [t.weight for t in config.data.tasks]
+    torch.manual_seed(0)
+    module = build_training_model(config)
+    jacobian = _jacobian(module, batches[0], weights)
+    assert jacobian.shape[0] == 4 and (jacobian.abs().sum(dim=1) > 0).all()
+    balancer = GradientBalancer(method, module, weights)
+    _, per_task, _ = module(batches[0])
+    balancer.backward(per_task)
+    want = REFERENCE[method]()(jacobian)
+    torch.testing.assert_close(_grad_vector(module), want, rtol=1e-4, atol=1e-7)
+    assert balancer.last_weights is not None and balancer.last_weights.shape == (4,)
+
+
+def test_upgrad_without_conflict_is_the_mean_of_the_task_gradients() -> None:
+    # UPGrad's documented property: gradients that do not conflict are averaged.
+    net = torch.nn.Linear(2, 1, bias=False)
+    balancer = GradientBalancer("upgrad", net, [1.0, 1.0])
+    out = net(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))[:, 0]
+    balancer.backward(out)  # gradients (1, 0) and (0, 1): orthogonal
+    torch.testing.assert_close(net.weight.grad, torch.tensor([[0.5, 0.5]]))
+
+
+def test_the_methods_need_eager_steps_and_dense_tables(setup) -> None:
+    config, _ = setup
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_step_mode("auto", gpu, "dense", balancing=True) == "eager"
+    assert resolve_step_mode("auto", cpu, "dense", balancing=True) == "eager"
+    with pytest.raises(ConfigError, match="train.step_mode: compile"):
+        resolve_step_mode("compile", cpu, "dense", balancing=True)
+    raw = config.model_dump(mode="json")
+    raw["train"]["step_mode"] = "cuda_graph"
+    with pytest.raises(ConfigError, match=r"x\.yaml: train\.step_mode: cuda_graph .*upgrad"):
+        check_across_sections(type(config).model_validate(raw), "x.yaml")
+    raw["train"]["step_mode"] = "auto"
+    raw["model"]["embeddings"] = "torchrec"
+    with pytest.raises(ConfigError, match="train.loss_weighting: upgrad needs dense id tables"):
+        check_across_sections(type(config).model_validate(raw), "x.yaml")
+    module = build_training_model(config)
+    optimizer = make_optimizer(module.parameters(), config.train)
+    balancer = GradientBalancer("upgrad", module, [1.0] * 4)
+    with pytest.raises(ValueError, match="eager steps, not compile"):
+        TrainStep(module, optimizer, cpu, "compile", rows=1, num_tasks=4, balancer=balancer)
+
+
+def _rank(rank: int, port: int, config_json: dict, batches: list, out: str) -> None:
+    """One DDP rank: the balanced step on its own batch; saves its gradient and weights."""
+    from pipeline.config import parse_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    config = parse_config(config_json)
+    torch.manual_seed(rank)  # different initial weights: DDP broadcasts rank 0's
+    module = torch.nn.parallel.DistributedDataParallel(build_training_model(config))
+    optimizer = make_optimizer(module.parameters(), config.train)
+    weights = [t.weight for t in config.data.tasks]
+    balancer = GradientBalancer("upgrad", module, weights)
+    step = TrainStep(
+        module, optimizer, torch.device("cpu"), "eager", rows=256, num_tasks=4, balancer=balancer
+    )
+    before = {k: v.clone() for k, v in module.module.state_dict().items()}
+    step(batches[rank])
+    grad = _grad_vector(module.module)
+    after = module.module.state_dict()
+    torch.save({"grad": grad, "before": before, "after": after}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_write_the_same_aggregate_of_the_global_jacobian(setup, tmp_path) -> None:
+    config, batches = setup
+    port = free_port()
+    mp.start_processes(
+        _rank,
+        args=(port, config.model_dump(mode="json"), batches, str(tmp_path)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(ranks[0]["grad"], ranks[1]["grad"])  # bit for bit
+    for key, value in ranks[0]["after"].items():
+        assert torch.equal(value, ranks[1]["after"][key]), key
+    # The aggregate of the mean of the two batches' Jacobians, at rank 0's weights.
+    module = build_training_model(config)
+    module.load_state_dict(ranks[0]["before"])
+    weights = [t.weight for t in config.data.tasks]
+    jacobian = (_jacobian(module, batches[0], weights) + _jacobian(module, batches[1], weights)) / 2
+    torch.testing.assert_close(ranks[0]["grad"], UPGrad()(jacobian), rtol=1e-4, atol=1e-7)
+    # ... which is not either rank's own aggregate: the ranks did exchange their Jacobians.
+    alone = UPGrad()(_jacobian(module, batches[0], weights))
+    assert not torch.allclose(ranks[0]["grad"], alone, rtol=1e-3)
