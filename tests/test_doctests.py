@@ -18,6 +18,7 @@ PIPELINE = [
     "pipeline.data.hashing",
     "pipeline.data.split",
     "pipeline.tracking.security",
+    "pipeline.training.balancing",
     "pipeline.training.faults",
     "pipeline.training.losses",
     "pipeline.training.metrics",

@@ -36,7 +36,12 @@ def test_repository_spec_loads_and_covers_the_design_space() -> None:
         "train.loss_weighting",
     } <= set(spec.space)
     assert spec.space["train.loss_weighting"].choice == [
-        "fixed", "uncertainty", "upgrad", "pcgrad", "mgda", "imtl_g"
+        "fixed",
+        "uncertainty",
+        "upgrad",
+        "pcgrad",
+        "mgda",
+        "imtl_g",
     ]
     assert spec.settings.searcher == "optuna" and spec.settings.num_samples == 16
     assert spec.default_values()["model.expert_dims"] == [64, 32]

@@ -71,7 +71,7 @@ def test_adatt_tune_searches_the_balancing_method(ray_cluster, tiny_logs, tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("adatt").experiment_id])
     (parent,) = [r for r in runs if tags.PARENT not in r.data.tags]
-    assert parent.data.params["search.train.loss_weighting"] == "choice(pcgrad, mgda, imtl_g)"
+    assert parent.data.params["search.train.loss_weighting"] == 'choice("pcgrad", "mgda", "imtl_g")'
     (trial,) = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     assert trial.info.status == "FINISHED"
     assert trial.data.params["train.loss_weighting"] in {"pcgrad", "mgda", "imtl_g"}
