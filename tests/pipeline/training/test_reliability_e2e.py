@@ -318,6 +318,9 @@ def test_a_lost_node_restarts_the_workers_from_the_s3_checkpoint(
     undisturbed = client.get_run(two_worker_run).data.metrics
     for task in ("click", "like", "share"):
         key = f"test/{task}/auc"
+        print(
+            f"{key}: {outcome.metrics[key]:.4f} after the node loss, {undisturbed[key]:.4f} undisturbed"
+        )
         assert outcome.metrics[key] == pytest.approx(undisturbed[key], abs=0.01), key
 
 
