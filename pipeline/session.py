@@ -99,6 +99,9 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
+    # Progress bars are off on purpose (`ingest.configure_ray_data`); without this each
+    # new process of the job (every epoch's split coordinator) warns once that they are.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _free_port() -> int:

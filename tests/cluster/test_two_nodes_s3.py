@@ -110,6 +110,7 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
     for done in (trained, tuned, predicted):  # the console shows no secret
         assert FAKE_AWS_SECRET not in done.stdout + done.stderr
         assert "Execution plan of Dataset" not in done.stdout + done.stderr
+        assert "Progress bars disabled" not in done.stdout + done.stderr
 
 
 def test_a_dead_head_in_the_address_file_fails_fast_naming_it(
