@@ -25,7 +25,7 @@ class MultiTaskLoss(nn.Module):
         task_weights: fixed weight per task (scales the uncertainty-weighted terms too).
         weighting: `fixed`, or `uncertainty` with one learned log-variance s_t per task:
             binary exp(-s_t) L_t + s_t / 2, regression exp(-s_t) L_t / 2 + s_t / 2. The
-            gradient-level methods (`balancing.GRADIENT_METHODS`) take the unweighted
+            gradient-level methods (`pipeline.config.GRADIENT_METHODS`) take the unweighted
             per-task losses and weight them themselves; the total is then the fixed sum.
 
     Example:
