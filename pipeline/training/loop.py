@@ -53,7 +53,7 @@ def make_step(replicas: Replicas, config: Config, device: torch.device) -> Train
     balancer = None
     if balancing:
         weights = [t.weight for t in config.data.tasks]
-        balancer = GradientBalancer(train.loss_weighting, replicas.module, weights)
+        balancer = GradientBalancer(train.loss_weighting, replicas.module, weights, train.seed)
     return TrainStep(
         replicas.module,
         replicas.optimizer,

@@ -1,7 +1,7 @@
 """Gradient-level task balancing (`train.loss_weighting: upgrad|pcgrad|mgda|imtl_g`): the
-step writes torchjd's aggregate of the per-task gradients, every DDP rank writes the same
-one (the aggregate of the global batch's Jacobian), and the configs it cannot run are
-refused naming the field."""
+step writes torchjd's aggregate of the task Jacobian to the shared parameters and each
+task's own gradient to its tower, every DDP rank writes the same gradient (that of the
+global batch's Jacobian), and the configs it cannot run are refused naming the field."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pipeline.data.fit import fit_preprocessor
 from pipeline.data.sample import read_split
 from pipeline.data.validate import check_schema
 from pipeline.errors import ConfigError
-from pipeline.training.balancing import GradientBalancer
+from pipeline.training.balancing import AGGREGATORS, GradientBalancer
 from pipeline.training.losses import build_training_model
 from pipeline.training.optim import make_optimizer
 from pipeline.training.step import TrainStep, resolve_step_mode
@@ -70,12 +70,26 @@ def _jacobian(module, batch, weights) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _expected(module, jacobian: torch.Tensor, method: str) -> torch.Tensor:
+    """What the step must write: the towers their own losses' gradients (each task's slice
+    is reached by its loss only, so the sum of the rows), the rest the aggregate of its
+    columns of the Jacobian."""
+    towers = {id(p) for p in module.model.towers.parameters()}
+    params = [p for p in module.parameters() if p.requires_grad]
+    is_tower = torch.cat([torch.full((p.numel(),), id(p) in towers) for p in params])
+    want = torch.empty(jacobian.shape[1])
+    want[is_tower] = jacobian[:, is_tower].sum(dim=0)
+    torch.manual_seed(0 * 1_000_003 + 0)  # the balancer's seed for its first step (PCGrad)
+    want[~is_tower] = REFERENCE[method]()(jacobian[:, ~is_tower])
+    return want
+
+
 def _grad_vector(module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
 
 
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
-def test_the_step_writes_the_aggregate_of_the_weighted_task_gradients(setup, method) -> None:
+def test_towers_get_their_own_gradient_and_the_rest_the_aggregate(setup, method) -> None:
     config, batches = setup
     weights = [t.weight for t in config.data.tasks]
     torch.manual_seed(0)
@@ -85,18 +99,18 @@ def test_the_step_writes_the_aggregate_of_the_weighted_task_gradients(setup, met
     balancer = GradientBalancer(method, module, weights)
     _, per_task, _ = module(batches[0])
     balancer.backward(per_task)
-    want = REFERENCE[method]()(jacobian)
+    want = _expected(module, jacobian, method)
     torch.testing.assert_close(_grad_vector(module), want, rtol=1e-4, atol=1e-7)
     assert balancer.last_weights is not None and balancer.last_weights.shape == (4,)
+    # Not the plain sum of the task gradients, which `fixed` would write.
+    assert not torch.allclose(_grad_vector(module), jacobian.sum(dim=0), rtol=1e-3)
 
 
 def test_upgrad_without_conflict_is_the_mean_of_the_task_gradients() -> None:
-    # UPGrad's documented property: gradients that do not conflict are averaged.
-    net = torch.nn.Linear(2, 1, bias=False)
-    balancer = GradientBalancer("upgrad", net, [1.0, 1.0])
-    out = net(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))[:, 0]
-    balancer.backward(out)  # gradients (1, 0) and (0, 1): orthogonal
-    torch.testing.assert_close(net.weight.grad, torch.tensor([[0.5, 0.5]]))
+    # UPGrad's documented property, the scale docs/models.md warns of: gradients that do
+    # not conflict are averaged, not summed.
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(AGGREGATORS["upgrad"]()(orthogonal), torch.tensor([0.5, 0.5]))
 
 
 def test_the_methods_need_eager_steps_and_dense_tables(setup) -> None:
@@ -121,7 +135,7 @@ def test_the_methods_need_eager_steps_and_dense_tables(setup) -> None:
         TrainStep(module, optimizer, cpu, "compile", rows=1, num_tasks=4, balancer=balancer)
 
 
-def _rank(rank: int, port: int, config_json: dict, batches: list, out: str) -> None:
+def _rank(rank: int, port: int, config_json: dict, batches: list, out: str, method: str) -> None:
     """One DDP rank: the balanced step on its own batch; saves its gradient and weights."""
     from pipeline.config import parse_config
 
@@ -133,7 +147,7 @@ def _rank(rank: int, port: int, config_json: dict, batches: list, out: str) -> N
     module = torch.nn.parallel.DistributedDataParallel(build_training_model(config))
     optimizer = make_optimizer(module.parameters(), config.train)
     weights = [t.weight for t in config.data.tasks]
-    balancer = GradientBalancer("upgrad", module, weights)
+    balancer = GradientBalancer(method, module, weights)
     step = TrainStep(
         module, optimizer, torch.device("cpu"), "eager", rows=256, num_tasks=4, balancer=balancer
     )
@@ -145,12 +159,17 @@ def _rank(rank: int, port: int, config_json: dict, batches: list, out: str) -> N
     dist.destroy_process_group()
 
 
-def test_two_ddp_ranks_write_the_same_aggregate_of_the_global_jacobian(setup, tmp_path) -> None:
+# PCGrad draws a random task order each step; the ranks' global RNGs differ here (seeded by
+# rank), so equal gradients show that the balancer seeds the draw alike on every rank.
+@pytest.mark.parametrize("method", ["upgrad", "pcgrad"])
+def test_two_ddp_ranks_write_the_same_aggregate_of_the_global_jacobian(
+    setup, tmp_path, method
+) -> None:
     config, batches = setup
     port = free_port()
     mp.start_processes(
         _rank,
-        args=(port, config.model_dump(mode="json"), batches, str(tmp_path)),
+        args=(port, config.model_dump(mode="json"), batches, str(tmp_path), method),
         nprocs=2,
         start_method="spawn",
     )
@@ -163,7 +182,8 @@ def test_two_ddp_ranks_write_the_same_aggregate_of_the_global_jacobian(setup, tm
     module.load_state_dict(ranks[0]["before"])
     weights = [t.weight for t in config.data.tasks]
     jacobian = (_jacobian(module, batches[0], weights) + _jacobian(module, batches[1], weights)) / 2
-    torch.testing.assert_close(ranks[0]["grad"], UPGrad()(jacobian), rtol=1e-4, atol=1e-7)
-    # ... which is not either rank's own aggregate: the ranks did exchange their Jacobians.
-    alone = UPGrad()(_jacobian(module, batches[0], weights))
+    want = _expected(module, jacobian, method)
+    torch.testing.assert_close(ranks[0]["grad"], want, rtol=1e-4, atol=1e-7)
+    # ... which is not either rank's own: the ranks did exchange their Jacobians.
+    alone = _expected(module, _jacobian(module, batches[0], weights), method)
     assert not torch.allclose(ranks[0]["grad"], alone, rtol=1e-3)
