@@ -16,6 +16,7 @@ device prefetch (`pipeline/data/collate.py`) the Ray Train loop uses.
     python bench/gpu_step.py                          # the table, about 3 minutes on an H200
     python bench/gpu_step.py --markdown docs/results/gpu.md
     python bench/gpu_step.py --check                  # also the CUDA tests of the step
+                                                      # (and of the balanced step)
 
 The last lines are `graph_vs_eager_4096=` and `census_step_ms_4096=`.
 """
@@ -228,7 +229,11 @@ def main() -> None:
     if args.check:
         paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-        test = ["tests/pipeline/training/test_step.py", "-q", "-p", "no:cacheprovider"]
+        test = [
+            "tests/pipeline/training/test_step.py",
+            "tests/pipeline/training/test_balancing.py",
+            *("-q", "-p", "no:cacheprovider"),
+        ]
         done = subprocess.run([sys.executable, "-m", "pytest", *test], cwd=ROOT, env=env)
         print(f"cuda_tests_exit={done.returncode}", flush=True)
     results = bench_steps(args, device)

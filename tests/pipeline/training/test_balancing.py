@@ -27,6 +27,7 @@ from pipeline.training.optim import make_optimizer
 from pipeline.training.step import TrainStep, resolve_step_mode
 
 REFERENCE = {"upgrad": UPGrad, "pcgrad": PCGrad, "mgda": MGDA, "imtl_g": IMTLG}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,33 @@ def test_two_ddp_ranks_write_the_same_aggregate_of_the_global_jacobian(
     # ... which is not either rank's own: the ranks did exchange their Jacobians.
     alone = _expected(module, _jacobian(module, batches[0], weights), method)
     assert not torch.allclose(ranks[0]["grad"], alone, rtol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_on_a_gpu_the_balanced_step_writes_the_cpus_gradient(setup, method) -> None:
+    """The same step on CUDA (fp32) as on CPU; under bf16 autocast it stays finite."""
+    config, batches = setup
+    weights = [t.weight for t in config.data.tasks]
+    grads = {}
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        torch.manual_seed(0)
+        module = build_training_model(config).to(device)
+        optimizer = make_optimizer(module.parameters(), config.train)
+        balancer = GradientBalancer(method, module, weights)
+        step = TrainStep(
+            module,
+            optimizer,
+            device,
+            "eager",
+            bf16=False,
+            rows=256,
+            num_tasks=4,
+            balancer=balancer,
+        )
+        step._balanced({k: v.to(device) for k, v in batches[0].items()})
+        grads[device.type] = _grad_vector(module).cpu()
+    torch.testing.assert_close(grads["cuda"], grads["cpu"], rtol=1e-3, atol=1e-6)
+    step.bf16 = True
+    step._balanced({k: v.to("cuda") for k, v in batches[1].items()})
+    assert torch.isfinite(_grad_vector(module)).all()
