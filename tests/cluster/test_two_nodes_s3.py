@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from pipeline.tracking import tags
 from tests.conftest import FAKE_AWS_SECRET, REPO_ROOT, TINY_OVERRIDES, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -73,7 +75,8 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
     """Without RAY_ADDRESS each command starts a fresh local Ray instance of its own, by its
     address, while the session's cluster runs on the same machine: both kinds of Ray helper
     that used to guess the address from the machine's processes (Train's placement-group
-    cleaner, the state API) find their own."""
+    cleaner, the state API) find their own. The search's one trial also shows gradient-level
+    task balancing searched as a categorical through `adatt tune`."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     config = str(REPO_ROOT / "configs" / "synthetic.yaml")
     common = [
@@ -91,12 +94,18 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
     spec = tmp_path / "tune.yaml"
     spec.write_text(
         f"base: {config}\n"
-        "search:\n  train.lr: {choice: [0.01]}\n"
+        "search:\n  train.loss_weighting: {choice: [pcgrad, mgda, imtl_g]}\n"
         "tune: {searcher: random, num_samples: 1, scheduler: {type: none}}\n"
     )
     tuned = _adatt("tune", "-c", str(spec), *_sets(*common), env=env, cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "best trial" in tuned.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("adatt").experiment_id
+    (trial,) = [r for r in client.search_runs([experiment]) if tags.PARENT in r.data.tags]
+    assert trial.info.status == "FINISHED"
+    assert trial.data.params["train.loss_weighting"] in {"pcgrad", "mgda", "imtl_g"}
+    assert 0.0 < trial.data.metrics["val/mean_auc"] < 1.0
 
     scores = tmp_path / "scores"
     predicted = _adatt(
