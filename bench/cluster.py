@@ -37,20 +37,13 @@ import pyarrow.fs as pafs  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from bench.harness import free_port  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.datasets.synthetic import generate_logs  # noqa: E402
 from pipeline.session import start_ray  # noqa: E402
 from pipeline.training.driver import run_training  # noqa: E402
 
 BUCKET = "adatt-bench"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def start_s3(work: Path) -> subprocess.Popen:

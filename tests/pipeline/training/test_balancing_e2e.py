@@ -5,10 +5,7 @@ cluster), so the suite pays for one search, not two."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -18,21 +15,18 @@ from tests.conftest import REPO_ROOT, TINY_OVERRIDES
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _sets(logs: Path, workdir: Path) -> dict[str, object]:
-    fixed = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in TINY_OVERRIDES)}
-    return {
-        **fixed,
-        "data.path": str(logs),
-        "tracking.tracking_uri": f"sqlite:///{workdir}/mlflow.db",
-        "train.storage_path": str(workdir / "runs"),
-    }
-
-
 def test_adatt_train_with_upgrad_on_two_workers(ray_cluster, tiny_logs, tmp_path) -> None:
-    sets = {**_sets(tiny_logs, tmp_path), "train.loss_weighting": "upgrad", "train.epochs": 2}
+    # TINY_OVERRIDES train 2 epochs on 2 workers.
+    sets = [
+        *TINY_OVERRIDES,
+        f"data.path={tiny_logs}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "train.loss_weighting=upgrad",
+    ]
     command = ["train", "-c", str(REPO_ROOT / "configs" / "synthetic.yaml")]
-    for key, value in {**sets, "train.num_workers": 2}.items():
-        command += ["--set", f"{key}={value}"]
+    for item in sets:
+        command += ["--set", item]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
