@@ -21,7 +21,7 @@ import ray.tune
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config
-from pipeline.data.files import InputFiles, exists, join, read_text, write_text
+from pipeline.data.files import InputFiles, as_uri, exists, join, read_text, write_text
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import ConfigError, InputError
@@ -297,13 +297,6 @@ def _fit(
     return tuner.fit()
 
 
-def _as_uri(path: str, storage: str) -> str:
-    """A checkpoint path as Tune reports it (within its filesystem: no scheme) as a URI of
-    the storage's filesystem."""
-    scheme, found, _ = storage.partition("://")
-    return f"{scheme}://{path}" if found and "://" not in path else path
-
-
 def _train_storage(experiment_path: str) -> str:
     """Where the trials' Ray Train runs keep their checkpoints (see the module docstring)."""
     return f"{experiment_path.rstrip('/')}-train"
@@ -377,7 +370,7 @@ def _finish(
     run = RunContext(
         best.run_id, uri, trial_run_name(best.trial_id), _train_storage(experiment_path)
     )
-    checkpoint = ray.train.Checkpoint(_as_uri(best.checkpoint_path, run.storage))
+    checkpoint = ray.train.Checkpoint(as_uri(best.checkpoint_path, run.storage))
     outcome = finish_run(client, run, best_config, checkpoint, best.metrics, preprocessor, files)
     log_search_outputs(client, parent, spec, rows, best, best_config)
     client.set_tag(parent, tags.BEST_RUN, best.run_id)

@@ -225,6 +225,18 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def as_uri(path: str, storage: str) -> str:
+    """A path as Ray reports it for something under `storage` (within its filesystem: no
+    scheme) as a URI of that filesystem; local paths stay paths.
+
+    Example:
+        >>> as_uri("bucket/runs/c1", "s3://bucket/runs"), as_uri("/tmp/runs/c1", "/tmp/runs")
+        ('s3://bucket/runs/c1', '/tmp/runs/c1')
+    """
+    scheme, found, _ = storage.partition("://")
+    return f"{scheme}://{path}" if found and "://" not in path else path
+
+
 def exists(path: str) -> bool:
     """Whether a file or folder exists at a local path or URI."""
     fs, fs_path = filesystem_for(path)

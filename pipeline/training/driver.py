@@ -17,7 +17,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, parse_config
-from pipeline.data.files import InputFiles, file_days
+from pipeline.data.files import InputFiles, as_uri, file_days
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
 from pipeline.data.preprocess import Preprocessor
@@ -42,7 +42,7 @@ class TrainingOutcome:
     run_id: str
     tracking_uri: str
     metrics: dict[str, float]
-    checkpoint_path: str
+    checkpoint_path: str  # the final checkpoint: a local path, or a URI for URI storage
     model_uri: str | None
     oracle: dict[str, float] = field(default_factory=dict)
 
@@ -175,9 +175,9 @@ def finish_run(
     model_uri = log_outputs(client, run.run_id, config, final, preprocessor, files)
     oracle = oracle_metrics(config.data, files)
     log_metrics(client, run.run_id, oracle)
-    return TrainingOutcome(
-        run.run_id, run.tracking_uri, numeric, checkpoint.path, model_uri, oracle
-    )
+    # Ray gives the path within the storage's filesystem: for s3:// storage, no scheme.
+    path = as_uri(checkpoint.path, run.storage)
+    return TrainingOutcome(run.run_id, run.tracking_uri, numeric, path, model_uri, oracle)
 
 
 @dataclass
