@@ -2,7 +2,7 @@
 against a real MLflow server and local Ray, and two registrations racing for one alias.
 
 Three models of clearly different quality on the tiny logs: the untrained network, the
-one-epoch training, and a network halfway between their weights; the tests order them by
+shared 2-epoch training, and a network halfway between their weights; the tests order them by
 their measured NE rather than assuming the order.
 """
 

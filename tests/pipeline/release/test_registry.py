@@ -45,7 +45,7 @@ def test_register_tags_and_promote_if_better(served_training, untrained_run, mlf
     client = registry_client(mlflow_server)
     runs = [trained.run_id, untrained_run.run_id]
     metrics = {r: client.get_run(r).data.metrics for r in runs}
-    # Which run is better depends on a tiny 1-epoch training: order them by their values.
+    # Which run is better depends on a tiny 2-epoch training: order them by their values.
     high, low = sorted(runs, key=lambda r: metrics[r]["best/val/mean_auc"], reverse=True)
     assert metrics[high]["best/val/mean_auc"] > metrics[low]["best/val/mean_auc"]
     url = ["--tracking-uri", mlflow_server, "--name", "reg-test"]

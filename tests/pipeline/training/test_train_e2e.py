@@ -1,4 +1,6 @@
-"""`adatt train` end to end on a local Ray cluster (2 CPUs, 2 workers) with real MLflow."""
+"""`adatt train` end to end: the session's shared training (`served_training`: two Ray nodes,
+2 workers, logs and checkpoints in S3, an `mlflow server` with its artifacts in S3), checked
+for what it logs; a failed run resumed (long tier) on the same cluster."""
 
 from __future__ import annotations
 
@@ -23,21 +25,14 @@ from pipeline.tracking.model_format import score_frame
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.driver import run_training
 from pipeline.training.optim import lr_factor
-from pipeline.training.resume import checkpoint_folders
+from pipeline.training.resume import checkpoint_folders, read_state
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope="module")
-def trained(ray_cluster, tiny_logs, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("train")
-    config = tiny_config(tiny_logs, workdir)
-    return config, run_training(config), workdir
-
-
-def test_run_has_params_metrics_plots_and_model(trained) -> None:
-    config, outcome, _ = trained
+def test_run_has_params_metrics_plots_and_model(served_training) -> None:
+    config, outcome = served_training
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
@@ -52,14 +47,16 @@ def test_run_has_params_metrics_plots_and_model(trained) -> None:
     assert artifacts == {f"fusion_weights/level_{i}.png" for i in range(1, config.model.levels + 1)}
     assert outcome.model_uri is not None
     # Tiny data cannot teach click much in 2 epochs; what must hold is that the loss fell.
-    history = load_checkpoint(Path(outcome.checkpoint_path)).history
+    assert outcome.checkpoint_path.startswith("s3://")
+    history = read_state(outcome.checkpoint_path).history
     assert history[-1]["train/loss"] < history[0]["train/loss"]
 
 
-def test_logged_model_matches_trained_model(trained, tiny_logs) -> None:
-    config, outcome, _ = trained
+def test_logged_model_matches_trained_model(served_training, tiny_logs) -> None:
+    config, outcome = served_training
+    # The same rows as the run's S3 copy, read from local disk.
     files = InputFiles.read(sorted(str(p) for p in Path(tiny_logs).rglob("*.parquet")))
-    state = load_checkpoint(Path(outcome.checkpoint_path))
+    state = read_state(outcome.checkpoint_path)
     network = build_model(config.model, config.data.feature_schema())
     network.load_state_dict(state.model)
     preprocessor = Preprocessor.from_dict(state.preprocessor)

@@ -1,6 +1,6 @@
 """`adatt train --warm-start`: a new run from a registered model, against a real MLflow server.
 
-The parent is the session's one-epoch training on the tiny logs (`served_training`); the
+The parent is the session's shared 2-epoch training on the tiny logs (`served_training`); the
 next day's logs are new rows of the same synthetic world.
 """
 
