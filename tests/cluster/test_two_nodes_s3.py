@@ -55,14 +55,27 @@ def test_no_secret_in_params_tags_or_ray_logs(served_training, mlflow_server, ra
 
 
 def _adatt(*args: str, env: dict, cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return _finish(_start(*args, env=env, cwd=cwd), timeout)
+
+
+def _start(*args: str, env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=cwd,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 420) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _sets(*items: str) -> list[str]:
@@ -73,23 +86,24 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
     ray_cluster, tiny_logs, tmp_path
 ) -> None:
     """Without RAY_ADDRESS each command starts a fresh local Ray instance of its own, by its
-    address, while the session's cluster runs on the same machine: both kinds of Ray helper
-    that used to guess the address from the machine's processes (Train's placement-group
-    cleaner, the state API) find their own. The search's one trial also shows gradient-level
-    task balancing searched as a categorical through `adatt tune`."""
+    address, while the session's cluster runs on the same machine; `train` and `tune` run at
+    the same time, so three instances run at once. Both kinds of Ray helper that used to
+    guess the address from the machine's processes (Train's placement-group cleaner, the
+    state API) find their own.
+
+    The training is also the end-to-end check of gradient-level task balancing: UPGrad on
+    2 DDP workers (the loss falls, the test AUCs are those of a model that learned); the
+    search's one trial picks another method as a Tune categorical."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     config = str(REPO_ROOT / "configs" / "synthetic.yaml")
-    common = [
-        f"data.path={tiny_logs}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        f"train.storage_path={tmp_path}/runs",
-        *TINY_OVERRIDES,
-        "train.epochs=1",
-    ]
-    trained = _adatt("train", "-c", config, *_sets(*common), env=env, cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    run_id = trained.stdout.split("MLflow run: ", 1)[1].split()[0]
-    assert "Found multiple active Ray instances" not in trained.stderr
+
+    def common(store: str) -> list[str]:
+        return [
+            f"data.path={tiny_logs}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/{store}.db",
+            f"train.storage_path={tmp_path}/{store}-runs",
+            *TINY_OVERRIDES,  # 2 epochs, 2 workers
+        ]
 
     spec = tmp_path / "tune.yaml"
     spec.write_text(
@@ -97,10 +111,30 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
         "search:\n  train.loss_weighting: {choice: [pcgrad, mgda, imtl_g]}\n"
         "tune: {searcher: random, num_samples: 1, scheduler: {type: none}}\n"
     )
-    tuned = _adatt("tune", "-c", str(spec), *_sets(*common), env=env, cwd=tmp_path)
+    balanced = [*common("train"), "train.loss_weighting=upgrad"]
+    training = _start("train", "-c", config, *_sets(*balanced), env=env, cwd=tmp_path)
+    tuning = _start(
+        "tune", "-c", str(spec), *_sets(*common("tune"), "train.epochs=1"), env=env, cwd=tmp_path
+    )
+    trained, tuned = _finish(training), _finish(tuning)
+
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_id = trained.stdout.split("MLflow run: ", 1)[1].split()[0]
+    assert "Found multiple active Ray instances" not in trained.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/train.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.loss_weighting"] == "upgrad"
+    assert run.data.params["train.num_workers"] == "2"
+    losses = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == [1, 2]
+    assert losses[1].value < losses[0].value
+    for task in ("click", "like", "share"):
+        assert 0.5 < run.data.metrics[f"test/{task}/auc"] < 1.0, task
+
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "best trial" in tuned.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path}/tune.db")
     experiment = client.get_experiment_by_name("adatt").experiment_id
     (trial,) = [r for r in client.search_runs([experiment]) if tags.PARENT in r.data.tags]
     assert trial.info.status == "FINISHED"
@@ -110,7 +144,7 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
     scores = tmp_path / "scores"
     predicted = _adatt(
         *("predict", "--model", f"runs:/{run_id}/model", "--input", str(tiny_logs)),
-        *("--output", str(scores), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"),
+        *("--output", str(scores), "--tracking-uri", f"sqlite:///{tmp_path}/train.db"),
         env=env,
         cwd=tmp_path,
     )
