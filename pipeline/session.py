@@ -183,7 +183,9 @@ def start_ray(num_cpus: float | None = None) -> str:
 
 
 def _job_env(address: str) -> dict[str, Any]:
-    return {"env_vars": {ADDRESS_ENV: address}, "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    # Unbuffered: a job's workers and actors write each line to the log that Ray forwards.
+    env = {ADDRESS_ENV: address, "PYTHONUNBUFFERED": "1"}
+    return {"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 def storage_uri(path: str) -> str:

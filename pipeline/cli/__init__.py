@@ -21,6 +21,7 @@ import typer
 from cluster import cli as cluster_cli
 from pipeline.datasets import cli as datasets_cli
 from pipeline.errors import InputError, Stopped
+from pipeline.progress import flush_as_printed
 from pipeline.release import cli as release_cli
 from pipeline.serving import cli as serving_cli
 from pipeline.tracking.security import redact_text
@@ -34,6 +35,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Convert public datasets to interaction logs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def _every_command() -> None:
+    # Before any command: its lines, and those Ray forwards, reach a file or pipe as printed.
+    flush_as_printed()
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
