@@ -165,25 +165,47 @@ def tiny_config(logs: Path | str, workdir: Path, *overrides: str):
     )
 
 
+def untrained_network(config, seed: int = 0):
+    """The config's network as it starts, before any step (seeded with `seed`)."""
+    import torch
+
+    from models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(config.model, config.data.feature_schema()).eval()
+
+
+def split_metrics(config, network, preprocessor, files, split: str) -> dict[str, float]:
+    """`network`'s metrics over one split's rows (`<split>/<task>/auc`, `logloss`, `ne`,
+    ...), computed in this process (no Ray), GAUC left out."""
+    import torch
+
+    from pipeline.data.sample import read_split
+    from pipeline.training.metrics import MultiTaskMetrics
+
+    rows = read_split(config.data, files, split, config.data.columns()).to_pandas()
+    batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
+    tasks = [t.model_copy(update={"group_column": None}) for t in config.data.tasks]
+    metrics = MultiTaskMetrics(tasks, torch.device("cpu"))
+    with torch.no_grad():
+        metrics.update(network(batch), batch["labels"], batch["mask"])
+    return metrics.compute(split)
+
+
 def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None):
     """A run made without Ray: an untrained tiny network (seed 0; or `weights`) with fitted
     preprocessing, logged as the scoring model, with its real validation metrics logged as
     `best/val/...` the way a training run logs its selected epoch's."""
-    import torch
-
-    from models import build_model
     from pipeline.data.fit import fit_preprocessor
-    from pipeline.data.sample import raw_example, read_split
+    from pipeline.data.sample import raw_example
     from pipeline.data.validate import check_schema
-    from pipeline.tracking.model_store import log_model
+    from pipeline.modelfile.store import log_model
     from pipeline.tracking.runs import client_for, log_metrics, start_run
-    from pipeline.training.metrics import MultiTaskMetrics
 
     config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}")
     files = check_schema(config.data)
     preprocessor = fit_preprocessor(config.data, files)
-    torch.manual_seed(0)
-    network = build_model(config.model, config.data.feature_schema()).eval()
+    network = untrained_network(config)
     if weights is not None:
         network.load_state_dict(weights)
     client = client_for(tracking_uri)
@@ -192,14 +214,10 @@ def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None
     example = raw_example(config.data, files).head(5)
     model_config = config.model.model_dump(mode="json")
     model_uri = log_model(client, run_id, network, model_config, preprocessor, example)
-    rows = read_split(config.data, files, "validation", config.data.columns()).to_pandas()
-    batch = {k: torch.from_numpy(v) for k, v in preprocessor.transform(rows).items()}
-    tasks = [t.model_copy(update={"group_column": None}) for t in config.data.tasks]
-    metrics = MultiTaskMetrics(tasks, torch.device("cpu"))
-    with torch.no_grad():
-        metrics.update(network(batch), batch["labels"], batch["mask"])
-    log_metrics(client, run_id, {f"best/{k}": v for k, v in metrics.compute("val").items()})
+    validation = split_metrics(config, network, preprocessor, files, "validation")
+    log_metrics(client, run_id, {f"best/{k}": v for k, v in validation.items()})
     client.set_terminated(run_id)
+    tasks = [t.model_copy(update={"group_column": None}) for t in config.data.tasks]
     return SimpleNamespace(
         config=config,
         run_id=run_id,
