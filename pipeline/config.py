@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from models.config import CategoricalInput, FeatureSchema, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.metrics_vocab import check_validation_metric
+from pipeline.metrics_vocab import check_mode, check_validation_metric, direction
 
 # The gradient-level task balancing methods of `train.loss_weighting` (torchjd aggregators,
 # `pipeline/training/balancing.py`).
@@ -193,9 +202,19 @@ class DataConfig(Strict):
 
 
 class EarlyStopping(Strict):
+    """Which validation metric selects the model and stops a run early. Its direction comes
+    from `pipeline.metrics_vocab`; `mode`, when given, must agree with it."""
+
     metric: str = "val/mean_auc"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = None
     patience: int = Field(default=0, ge=0)  # 0 = off; best epoch is still tracked
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, mode: str | None, info: ValidationInfo) -> str | None:
+        if "metric" in info.data:  # else the metric's own error is reported
+            check_mode(info.data["metric"], mode)
+        return mode
 
 
 class TrainConfig(Strict):
@@ -398,6 +417,24 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(format_validation_error(err, source)) from None
     check_across_sections(config, source)
     return config
+
+
+def upgrade_stored_config(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A config an earlier version stored (a checkpoint's), made valid for this one, and a
+    line for each change. Earlier versions defaulted `train.early_stopping.mode` to max
+    whatever the metric, and so selected the worst epoch on NE or log loss; the direction
+    now follows the metric, and such a stored mode is dropped."""
+    out, notes = copy.deepcopy(raw), []
+    stopping = out.get("train", {}).get("early_stopping", {})
+    metric = stopping.get("metric", EarlyStopping().metric)
+    mode = stopping.get("mode")
+    if mode is not None and mode != direction(metric):
+        del stopping["mode"]
+        notes.append(
+            f"train.early_stopping.mode {mode!r} contradicts {metric} (an earlier version "
+            f"selected the worst epoch by it); the run goes on by {direction(metric)!r}"
+        )
+    return out, notes
 
 
 def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:

@@ -87,8 +87,33 @@ def lower_is_better(name: str) -> bool:
     return parse_metric(name).lower_is_better
 
 
+def direction(name: str) -> str:
+    """`"min"` for a metric that improves downwards, else `"max"` (Ray Tune's words).
+
+    Example:
+        >>> direction("val/mean_ne"), direction("val/click/auc")
+        ('min', 'max')
+    """
+    return "min" if lower_is_better(name) else "max"
+
+
+def check_mode(metric: str, mode: str | None) -> None:
+    """ValueError when a stated `mode` contradicts `metric`'s direction (a config field's
+    validator raises it, so the error names the field). The mode is optional everywhere (the
+    direction comes from here); configs that state the right one keep loading."""
+    if mode is not None and mode != direction(metric):
+        raise ValueError(
+            f"{mode!r} contradicts {metric}, which is better when "
+            f"{'lower' if lower_is_better(metric) else 'higher'} ({direction(metric)!r}); "
+            "leave the mode out: it follows the metric"
+        )
+
+
 def beats(new: float, old: float | None, name: str) -> bool:
-    """Whether `new` is strictly better than `old` on metric `name`; any value beats None."""
+    """Whether `new` is strictly better than `old` on metric `name`; any value beats None,
+    NaN beats nothing."""
+    if new != new:  # NaN
+        return False
     if old is None:
         return True
     return new < old if lower_is_better(name) else new > old

@@ -84,7 +84,7 @@ def _trial_id_from_path(path: str) -> str:
 
 
 def _ranked(rows: list[TrialRow], spec: SearchSpec) -> list[TrialRow]:
-    sign = -1 if spec.settings.mode == "max" else 1
+    sign = -1 if spec.settings.direction == "max" else 1
 
     def key(row: TrialRow) -> tuple[int, float]:
         # Completed trials first, then stopped ones, each by the metric; errors last.

@@ -278,7 +278,7 @@ def _fit(
             param_space=spec.param_space(),
             tune_config=ray.tune.TuneConfig(
                 metric=settings.metric,
-                mode=settings.mode,
+                mode=settings.direction,
                 search_alg=_searcher(spec, concurrency),
                 scheduler=_scheduler(spec),
                 num_samples=settings.num_samples,
@@ -361,7 +361,7 @@ def _finish(
     finished = [r for r in rows if r.status == "completed" and r.value is not None]
     if not finished:
         raise InputError(f"search {spec.name!r}: no trial finished; see the trial errors above")
-    sign = 1 if spec.settings.mode == "max" else -1
+    sign = 1 if spec.settings.direction == "max" else -1
     best = max(finished, key=lambda r: sign * r.value)
     best_config = spec.trial_config(best.values)
     # The best trial's selected model goes to its own run (so `adatt register --run` takes

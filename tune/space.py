@@ -32,6 +32,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -48,7 +49,7 @@ from pipeline.config import (
     set_path,
 )
 from pipeline.errors import ConfigError
-from pipeline.metrics_vocab import check_validation_metric
+from pipeline.metrics_vocab import check_mode, check_validation_metric, direction
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Fixed for a whole search: the preprocessing is fitted once and shared by every trial, the
@@ -126,7 +127,9 @@ class TuneSettings(Strict):
     searcher: Literal["grid", "random", "optuna"] = "random"
     num_samples: PositiveInt = 1
     metric: str = "val/mean_auc"
-    mode: Literal["max", "min"] = "max"
+    # Optional: the direction follows the metric (`pipeline.metrics_vocab`); a stated mode
+    # must agree with it.
+    mode: Literal["max", "min"] | None = None
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     max_concurrent: PositiveInt | None = None  # default: what the cluster's CPUs/GPUs allow
     seed: int = 0
@@ -143,6 +146,18 @@ class TuneSettings(Strict):
                 f"trials report validation metrics per epoch (val/...), got {metric!r}"
             )
         return metric
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, mode: str | None, info: ValidationInfo) -> str | None:
+        if "metric" in info.data:  # else the metric's own error is reported
+            check_mode(info.data["metric"], mode)
+        return mode
+
+    @property
+    def direction(self) -> str:
+        """`"max"` or `"min"`: which way the search's metric improves."""
+        return direction(self.metric)
 
 
 class SpecFile(Strict):

@@ -89,7 +89,7 @@ def trial_training_config(inputs: SearchInputs, sample: dict[str, Any], trial_na
     config = inputs.spec.trial_config(inputs.spec.decode(sample))
     settings = inputs.spec.settings
     stopping = config.train.early_stopping.model_copy(
-        update={"metric": settings.metric, "mode": settings.mode}
+        update={"metric": settings.metric, "mode": None}
     )
     return config.model_copy(
         update={

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import GRADIENT_METHODS, Config, EarlyStopping, TrainConfig, parse_config
+from pipeline.metrics_vocab import beats
 from pipeline.training.balancing import GradientBalancer
 from pipeline.training.checkpoint import TrainingState, load_checkpoint
 from pipeline.training.faults import fault_trigger
@@ -131,15 +132,6 @@ def evaluate(
         groups = {c: batch[f"group.{c}"] for c in data.group_columns}
         metrics.update(model(batch), batch["labels"], batch["mask"], groups)
     return metrics.compute(prefix)
-
-
-def improved(value: float, best: float | None, mode: str) -> bool:
-    """Whether `value` beats the best so far on the early-stopping metric (NaN never does)."""
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -269,7 +261,7 @@ def run_epoch(
     metrics["train/table_mb_per_worker"] = tables / 2**20
     stopping = config.train.early_stopping
     value = metrics.get(stopping.metric, float("nan"))
-    better = improved(value, state.best_value, stopping.mode)
+    better = beats(value, state.best_value, stopping.metric)
     if better:
         state.best_epoch, state.best_value = epoch, value
     replicas.end_epoch(better)

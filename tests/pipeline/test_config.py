@@ -107,3 +107,42 @@ def test_checked_in_configs_are_valid(name: str) -> None:
     features = set(cfg.data.feature_columns)
     assert not features & {t.label_column for t in cfg.data.tasks}
     assert not features & {t.oracle for t in cfg.data.tasks if t.oracle}
+
+
+def test_the_early_stopping_direction_follows_the_metric() -> None:
+    """The direction of `train.early_stopping` comes from `pipeline.metrics_vocab`: a stated
+    mode that contradicts the metric is an error naming the field (b69f646 kept 'max' for
+    val/mean_ne and selected the worst epoch); one that agrees still loads."""
+    raw = _raw()
+    raw["train"] = {"early_stopping": {"metric": "val/mean_ne", "mode": "max"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, source="my.yaml")
+    assert str(err.value).startswith("my.yaml: train.early_stopping.mode: ")
+    assert "'max' contradicts val/mean_ne" in str(err.value)
+    raw["train"]["early_stopping"]["mode"] = "min"
+    assert parse_config(raw).train.early_stopping.mode == "min"
+    raw["train"]["early_stopping"] = {"metric": "val/click/auc", "mode": "max"}
+    assert parse_config(raw).train.early_stopping.metric == "val/click/auc"
+    raw["train"]["early_stopping"] = {"metric": "val/click/logloss", "mode": "max"}
+    with pytest.raises(ConfigError, match="train.early_stopping.mode: .*'min'"):
+        parse_config(raw)
+
+
+def test_a_stored_config_with_a_contradicting_mode_is_upgraded() -> None:
+    """A checkpoint's config written by an earlier version (mode max on val/mean_ne, its
+    default) still resumes: the mode is dropped, with a line saying so."""
+    from pipeline.config import upgrade_stored_config
+
+    raw = _raw()
+    raw["train"] = {"early_stopping": {"metric": "val/mean_ne", "mode": "max", "patience": 2}}
+    upgraded, notes = upgrade_stored_config(raw)
+    assert upgraded["train"]["early_stopping"] == {"metric": "val/mean_ne", "patience": 2}
+    assert raw["train"]["early_stopping"]["mode"] == "max"  # the input is left alone
+    assert notes == [
+        "train.early_stopping.mode 'max' contradicts val/mean_ne (an earlier version "
+        "selected the worst epoch by it); the run goes on by 'min'"
+    ]
+    assert parse_config(upgraded).train.early_stopping.patience == 2
+    agreeing = _raw()
+    agreeing["train"] = {"early_stopping": {"metric": "val/mean_auc", "mode": "max"}}
+    assert upgrade_stored_config(agreeing) == (agreeing, [])

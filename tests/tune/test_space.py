@@ -148,6 +148,11 @@ def test_ranges_become_tune_domains() -> None:
             "tune.scheduler.reduction_factor",
         ),
         ({}, {}, "search: Dictionary should have at least 1 item"),
+        (
+            {"train.lr": {"grid": [0.1]}},
+            {"metric": "val/mean_ne", "mode": "max"},
+            "tune.mode: Value error, 'max' contradicts val/mean_ne",
+        ),
     ],
 )
 def test_invalid_space_fails_naming_the_field(search, settings, message) -> None:
@@ -208,3 +213,12 @@ def test_default_point_is_the_base_config_and_must_lie_in_the_space() -> None:
         spec_of({"train.lr": {"uniform": [0.01, 0.1]}}, {"include_default": True})
     with pytest.raises(ConfigError, match="include_default: takes the random or optuna searcher"):
         spec_of({"train.lr": {"grid": [0.001]}}, {"include_default": True})
+
+
+def test_the_search_direction_follows_the_metric() -> None:
+    """Tune's mode comes from the metric's direction (`pipeline.metrics_vocab`); a stated
+    one must agree. Each trial's early stopping then selects the same way."""
+    ne = spec_of({"train.lr": {"grid": [0.1]}}, {"metric": "val/mean_ne"})
+    assert ne.settings.mode is None and ne.settings.direction == "min"
+    stated = spec_of({"train.lr": {"grid": [0.1]}}, {"metric": "val/click/auc", "mode": "max"})
+    assert stated.settings.direction == "max"
