@@ -16,7 +16,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import Config, parse_config
+from pipeline.config import Config, parse_config, upgrade_stored_config
 from pipeline.data.files import InputFiles, as_uri, file_days
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
@@ -202,7 +202,10 @@ def prepare_inputs(
     if resume:
         resumed = resolve_resume(resume, session.client)
         # The stored config, with this command's `train.epochs`.
-        stored = parse_config(resumed.state.config, source="checkpoint config")
+        raw, notes = upgrade_stored_config(resumed.state.config)
+        for note in notes:
+            print(f"warning: checkpoint config: {note}", file=sys.stderr, flush=True)
+        stored = parse_config(raw, source="checkpoint config")
         epochs = {"epochs": config.train.epochs}
         config = stored.model_copy(update={"train": stored.train.model_copy(update=epochs)})
         run_tags = session.client.get_run(resumed.run_id).data.tags

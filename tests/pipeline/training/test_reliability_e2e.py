@@ -47,7 +47,12 @@ NOT_COMPARED = {
     "val/seconds",
     "best/val/seconds",
 }
-ONE_WORKER = ["train.deterministic=true", "train.num_workers=1"]
+# The one-worker runs select their model by NE (lower is better; `pipeline.metrics_vocab`).
+ONE_WORKER = [
+    "train.deterministic=true",
+    "train.num_workers=1",
+    "train.early_stopping.metric=val/mean_ne",
+]
 TWO_WORKERS = ["train.deterministic=true", "train.num_workers=2"]
 FAKE_SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-5f1c9a",
@@ -111,6 +116,16 @@ def test_the_reference_run_logs_each_epoch_once(client, one_worker_run) -> None:
     assert per_epoch and all(steps == [1, 2] for steps in per_epoch.values()), per_epoch
 
 
+def test_the_model_selected_by_ne_is_the_epoch_of_lowest_ne(client, one_worker_run) -> None:
+    """The direction comes from the metric: by val/mean_ne the selected epoch is the one of
+    lowest NE (b69f646 kept mode max and selected the highest)."""
+    ne = {m.step: m.value for m in client.get_metric_history(one_worker_run, "val/mean_ne")}
+    metrics = client.get_run(one_worker_run).data.metrics
+    assert len(set(ne.values())) == 2, ne  # two epochs that differ: the choice matters
+    assert ne[int(metrics["best_epoch"])] == min(ne.values()), (ne, metrics["best_epoch"])
+    assert metrics["best/val/mean_ne"] == min(ne.values())
+
+
 def test_no_credentials_in_params_tags_or_artifacts(client, one_worker_run, tmp_path) -> None:
     run_id = one_worker_run
     run = client.get_run(run_id)
@@ -146,13 +161,15 @@ def _train_command(tiny_logs: Path, workdir: Path, storage: str, *extra: str) ->
 
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, Path]]]:
-    """Start `adatt train` as a separate driver on the test's Ray cluster."""
+    """Start `adatt train` as a separate driver on the test's Ray cluster, its output to a
+    file, without `PYTHONUNBUFFERED` (as under nohup, cron or a bare shell): what the tests
+    wait for in the log shows that lines arrive as they are printed."""
     started: list[subprocess.Popen] = []
 
     def start(args: list[str], fault: str) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"driver-{len(started)}.log"
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
             "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
             "ADATT_FAULT": fault,
         }
@@ -207,13 +224,15 @@ def test_sigkilled_driver_resumes_from_s3_into_the_same_run(
     # Rank 0 stops at epoch 2, after epoch 1's checkpoint: the kill lands mid-run.
     proc, log = driver(_train_command(tiny_logs, workdir, storage), fault="hang@2")
     # The worker reports asynchronously: wait until the controller has also logged epoch 1
-    # (it registers the checkpoint before it calls the MLflow callback).
+    # (it registers the checkpoint before it calls the MLflow callback) and printed its line,
+    # which reaches the driver's log while the run goes on.
     _wait_for(
         lambda: (
             "hangs at epoch 2" in log.read_text()
+            and "epoch 1 | click auc=" in log.read_text()
             and epochs_logged(client, _only_run(client, before)) == [1]
         ),
-        "epoch 1 logged and epoch 2 started",
+        "epoch 1 logged and printed, and epoch 2 started",
         log,
     )
     run_id = _only_run(client, before)
