@@ -109,6 +109,7 @@ class MaskedStackedLinear(nn.Module):
         self.in_features = in_features
         # From Python values: the model may be built on the meta device (no nonzero there).
         flat = [i for i, seen in enumerate(v for row in visible for v in row) if seen]
+        self.visible_flat = flat
         self.register_buffer("index", torch.tensor(flat, dtype=torch.long), persistent=False)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = nn.Parameter(
@@ -138,10 +139,13 @@ class MaskedStackedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # Written when the full [in, G, out] layer was stored (hidden entries zero).
+        # The index from Python values: on the meta device (a warm start's check) the
+        # buffer holds none.
         weight = state_dict.get(f"{prefix}weight")
         if weight is not None and weight.dim() == 3:
-            state_dict[f"{prefix}weight"] = weight.flatten(1)[:, self.index]
-            state_dict[f"{prefix}bias"] = state_dict[f"{prefix}bias"].flatten()[self.index]
+            index = torch.tensor(self.visible_flat, dtype=torch.long, device=weight.device)
+            state_dict[f"{prefix}weight"] = weight.flatten(1)[:, index]
+            state_dict[f"{prefix}bias"] = state_dict[f"{prefix}bias"].flatten()[index]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

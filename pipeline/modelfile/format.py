@@ -1,6 +1,6 @@
 """The logged model's format: a folder of data, never code.
 
-A model folder (what `pipeline.tracking.model_store` logs to MLflow) holds:
+A model folder (what `pipeline.modelfile.store` logs to MLflow) holds:
 
 | file | what |
 | --- | --- |
@@ -193,6 +193,65 @@ class ModelData:
         network = build_model(self.spec["model"], FeatureSchema.from_dict(self.spec["schema"]))
         network.load_state_dict(self.weights)
         return network.eval()
+
+
+@dataclass(frozen=True)
+class UpgradedWeights:
+    """A state dict in this version's layout, and what changed to get there.
+
+    Attributes:
+        weights: the state dict as this version's network holds it.
+        filled: entries the earlier version did not write, with the value they load with.
+        converted: entries whose layout changed (same values, another shape).
+        renamed: (old, new) names of entries that moved.
+    """
+
+    weights: dict[str, torch.Tensor]
+    filled: list[str]
+    converted: list[str]
+    renamed: list[tuple[str, str]]
+
+    def describe(self) -> str | None:
+        """One line saying what changed; None when nothing did."""
+        parts = []
+        if self.filled:
+            values = [f"{k} = {self.weights[k].tolist()}" for k in self.filled]
+            parts.append("filled in " + _listed(values))
+        if self.converted:
+            parts.append("converted " + _listed(self.converted) + " to this version's layout")
+        if self.renamed:
+            parts.append("renamed " + _listed([f"{a} -> {b}" for a, b in self.renamed]))
+        return "; ".join(parts) or None
+
+
+def _listed(items: list[str], most: int = 4) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def upgrade_weights(
+    model_config: dict[str, Any] | Any, schema: FeatureSchema, weights: dict[str, torch.Tensor]
+) -> UpgradedWeights:
+    """`weights`, written by this or an earlier version, in the layout of the network that
+    `model_config` builds now: the networks' own load rules (`_load_from_state_dict`: v = 1
+    for one-expert units written before v was learned, the old PLE gate layout) applied on
+    the meta device, so nothing is allocated beyond the weights themselves.
+
+    Raises:
+        RuntimeError: torch's, when the weights do not fit the network (a missing,
+            unexpected or differently shaped entry that no rule accounts for).
+    """
+    with torch.device("meta"):
+        network = build_model(model_config, schema)
+    network.load_state_dict(weights, assign=True)  # strict: every entry accounted for
+    upgraded = dict(network.state_dict())
+    given = {v.data_ptr(): k for k, v in weights.items() if v.numel()}
+    filled, renamed = [], []
+    for key in (k for k in upgraded if k not in weights):
+        old = given.get(upgraded[key].data_ptr()) if upgraded[key].numel() else None
+        (renamed.append((old, key)) if old else filled.append(key))
+    converted = [k for k in upgraded if k in weights and upgraded[k].shape != weights[k].shape]
+    return UpgradedWeights(upgraded, filled, converted, renamed)
 
 
 def check_mlmodel(mlmodel: Path) -> None:

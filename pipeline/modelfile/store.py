@@ -1,5 +1,5 @@
 """Logged models in MLflow, through an explicit client: log one, resolve a model URI once
-to a pinned version, read one as data (`pipeline.tracking.model_format`).
+to a pinned version, read one as data (`pipeline.modelfile.format`).
 
 No process-global tracking URI is read or written: every call takes the `MlflowClient` of
 the store it works on (`pipeline.tracking.runs.client_for`), and artifacts are read from
@@ -27,7 +27,7 @@ from torch import nn
 from pipeline.config import DataConfig
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import InputError
-from pipeline.tracking.model_format import (
+from pipeline.modelfile.format import (
     DATA_FOLDER,
     LEGACY_FOLDER,
     LOADER_MODULE,
@@ -210,7 +210,7 @@ def log_model(
     preprocessor: Preprocessor,
     example: pd.DataFrame,
 ) -> str:
-    """Log the scoring model of run `run_id` (as data: `model_format`); return its URI
+    """Log the scoring model of run `run_id` (as data: `pipeline.modelfile.format`); return its URI
     (`models:/m-...`).
 
     Args:

@@ -39,12 +39,12 @@ from pipeline.data.split import split_mask
 from pipeline.data.validate import check_schema
 from pipeline.errors import InputError, Stopped
 from pipeline.metrics_vocab import MEAN_METRICS, lower_is_better, metric_name
+from pipeline.modelfile.format import ModelData
+from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.ranking import binary_entropy
 from pipeline.release import bootstrap as bs
 from pipeline.serving.scoring import ScoringModel
 from pipeline.session import start_ray
-from pipeline.tracking.model_format import ModelData
-from pipeline.tracking.model_store import read_model, resolve_model
 from pipeline.tracking.runs import ensure_experiment, log_metrics, log_params, run_lifecycle
 
 EXPERIMENT = "adatt-evaluation"

@@ -30,11 +30,11 @@ from pipeline.metrics_vocab import (
     evaluated_key,
     lower_is_better,
 )
+from pipeline.modelfile.format import schema_hash
+from pipeline.modelfile.store import ModelRef, is_absent, read_model, resolve_model
 from pipeline.release.evaluate import evaluate
 from pipeline.release.lock import promotion_lock
 from pipeline.tracking import tags as tag
-from pipeline.tracking.model_format import schema_hash
-from pipeline.tracking.model_store import ModelRef, is_absent, read_model, resolve_model
 
 
 @dataclass

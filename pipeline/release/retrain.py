@@ -29,10 +29,10 @@ from pipeline.config import Config, SplitConfig
 from pipeline.data.files import file_days, resolve_files
 from pipeline.errors import InputError, Stopped
 from pipeline.metrics_vocab import evaluated_key
+from pipeline.modelfile.store import ModelRef, read_model, resolve_model
 from pipeline.release.registry import Evidence, Registration, register_run
 from pipeline.session import Session, open_session
 from pipeline.tracking import tags
-from pipeline.tracking.model_store import ModelRef, read_model, resolve_model
 from pipeline.training.driver import run_training
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.serving.scoring import ScoringModel
-from pipeline.tracking.model_format import (
+from pipeline.modelfile.format import (
     SPEC_FILE,
     WEIGHTS_FILE,
     ModelData,
     read_spec_file,
     read_weights,
 )
+from pipeline.serving.scoring import ScoringModel
 
 
 def _load_pyfunc(data_path: str) -> ScoringModel:

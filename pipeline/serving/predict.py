@@ -30,10 +30,10 @@ from pipeline.data.files import (
 from pipeline.data.ingest import DATA_TASK_CPUS, naming_corrupt_files, read_files
 from pipeline.data.validate import check_schema
 from pipeline.errors import InputError
+from pipeline.modelfile.format import ModelData
+from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.serving.scoring import ScoringModel
 from pipeline.session import Session
-from pipeline.tracking.model_format import ModelData
-from pipeline.tracking.model_store import read_model, resolve_model
 
 
 class _Scorer:

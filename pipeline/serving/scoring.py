@@ -1,6 +1,6 @@
 """A logged model, loaded to score raw interaction-log rows: one score per task.
 
-The model is data (`pipeline.tracking.model_format`): the network is built from its spec
+The model is data (`pipeline.modelfile.format`): the network is built from its spec
 and its weights are read with `weights_only=True`; nothing stored with the model is
 imported or run. `ScoringModel.predict` applies exactly the training preprocessing
 (`Preprocessor.transform`: stable hashing of ids, dense transforms with the stored
@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.model_format import ModelData, score_frame
-from pipeline.tracking.model_store import ModelRef, read_model
+from pipeline.modelfile.format import ModelData, score_frame
+from pipeline.modelfile.store import ModelRef, read_model
 
 
 class ScoringModel:

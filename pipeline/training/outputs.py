@@ -21,7 +21,7 @@ from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.sample import raw_example, read_split
 from pipeline.data.split import split_names
-from pipeline.tracking.model_store import log_model
+from pipeline.modelfile.store import log_model
 from pipeline.training.checkpoint import TrainingState
 
 

@@ -9,6 +9,7 @@ one-line error naming the field that changed.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ from pipeline.config import Config, DataConfig
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import DenseStats, Preprocessor
 from pipeline.errors import InputError
+from pipeline.modelfile.format import schema_fields, upgrade_weights
+from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.tracking import tags
-from pipeline.tracking.model_format import schema_fields
-from pipeline.tracking.model_store import read_model, resolve_model
 
 
 @dataclass
@@ -94,29 +95,35 @@ def check_schema_matches(spec: dict[str, Any], config: Config, source: str) -> N
     )
 
 
-def check_weights_fit(weights: dict[str, torch.Tensor], spec: dict, config: Config, source: str):
-    """InputError naming the changed model field unless `weights` load into the configured
-    network (built on the meta device: shapes only). A logged model's tables are dense
-    whatever trained it, so the network is compared with dense tables too: sharded tables
+def fit_weights(
+    weights: dict[str, torch.Tensor], spec: dict, config: Config, source: str
+) -> dict[str, torch.Tensor]:
+    """`weights` in the layout of the configured network, upgraded when an earlier version
+    wrote them (one line on stderr says what was filled in or converted); InputError naming
+    the changed model field when they do not fit. A logged model's tables are dense whatever
+    trained it, so the network is compared with dense tables too: sharded tables
     (`model.embeddings: torchrec`) take the same weights, cut into this run's shards."""
-    from models import build_model
-
     dense = config.model.model_copy(update={"embeddings": "dense"})
-    with torch.device("meta"):
-        network = build_model(dense, config.data.feature_schema())
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected == given:
-        return
-    changed = _first_difference("model", spec["model"], config.model.model_dump(mode="json"))
-    key = next(
-        (k for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k)), ""
-    )
-    detail = f"parameter {key!r} is {given.get(key)} in the model, {expected.get(key)} here"
-    raise InputError(
-        f"--warm-start {source}: the model's weights do not fit the configured network: "
-        f"{changed or detail}"
-    )
+    try:
+        upgraded = upgrade_weights(dense, config.data.feature_schema(), weights)
+    except RuntimeError as err:
+        changed = _first_difference("model", spec["model"], config.model.model_dump(mode="json"))
+        detail = next(
+            (line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)
+        )
+        raise InputError(
+            f"--warm-start {source}: the model's weights do not fit the configured network: "
+            f"{changed or detail}"
+        ) from None
+    changes = upgraded.describe()
+    if changes:
+        print(
+            f"note: --warm-start {source}: weights in an earlier version's layout, "
+            f"upgraded: {changes}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return upgraded.weights
 
 
 def resolve_warm_start(source: str, client: Any, config: Config) -> WarmStart:
@@ -124,10 +131,10 @@ def resolve_warm_start(source: str, client: Any, config: Config) -> WarmStart:
     ref = resolve_model(source, client, flag="--warm-start")
     model = read_model(ref, client)
     check_schema_matches(model.spec, config, source)
-    check_weights_fit(model.weights, model.spec, config, source)
+    weights = fit_weights(model.weights, model.spec, config, source)
     stats = model.preprocessor().dense_stats
     version = f"{ref.name}/{ref.version}" if ref.version else None
-    return WarmStart(source, ref.uri, ref.run_id, version, model.weights, stats)
+    return WarmStart(source, ref.uri, ref.run_id, version, weights, stats)
 
 
 def data_window(files: InputFiles, data: DataConfig) -> str:

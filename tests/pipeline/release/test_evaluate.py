@@ -12,10 +12,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.modelfile.store import resolve_model
 from pipeline.ranking import binary_entropy
 from pipeline.release.evaluate import evaluate
 from pipeline.serving.scoring import load_scoring_model
-from pipeline.tracking.model_store import resolve_model
 from tests.conftest import registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
+from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.release.evaluate import evaluate
 from pipeline.release.registry import Evidence, register_run
 from pipeline.tracking import tags
-from pipeline.tracking.model_store import read_model, resolve_model
 from tests.conftest import REPO_ROOT, log_untrained_run, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

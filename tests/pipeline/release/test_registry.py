@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.modelfile.format import schema_hash
 from pipeline.release.registry import register_run
-from pipeline.tracking.model_format import schema_hash
 from tests.conftest import registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -22,8 +22,8 @@ import yaml
 
 from pipeline.data.sample import read_split
 from pipeline.errors import InputError
-from pipeline.tracking.model_format import FORMAT, ModelData, score_frame
-from pipeline.tracking.model_store import read_model, resolve_model
+from pipeline.modelfile.format import FORMAT, ModelData, score_frame
+from pipeline.modelfile.store import read_model, resolve_model
 from tests.conftest import registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

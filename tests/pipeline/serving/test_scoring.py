@@ -21,8 +21,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.types.schema import AnyType, DataType
 
 from pipeline.data.sample import read_split
-from pipeline.tracking.model_format import FORMAT, LOADER_MODULE, score_frame
-from pipeline.tracking.model_store import read_model, resolve_model
+from pipeline.modelfile.format import FORMAT, LOADER_MODULE, score_frame
+from pipeline.modelfile.store import read_model, resolve_model
 from tests.conftest import log_untrained_run, register_version, registry_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -146,7 +146,7 @@ import sys
 import mlflow
 import pandas as pd
 from pipeline.serving.scoring import load_scoring_model
-from pipeline.tracking.model_store import resolve_model
+from pipeline.modelfile.store import resolve_model
 from pipeline.tracking.runs import client_for
 uri, tracking = sys.argv[2], sys.argv[4]
 if sys.argv[1] == "mlflow":

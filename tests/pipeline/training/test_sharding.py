@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.sample import read_split
 from pipeline.data.validate import check_schema
-from pipeline.tracking.model_store import read_model, resolve_model
+from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.tracking.runs import client_for
 from pipeline.training.driver import run_training
 from tests.conftest import tiny_config

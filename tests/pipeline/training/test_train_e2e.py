@@ -20,8 +20,8 @@ from models import build_model
 from pipeline.data.files import InputFiles
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.sample import read_split
+from pipeline.modelfile.format import score_frame
 from pipeline.tracking import tags
-from pipeline.tracking.model_format import score_frame
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.driver import run_training
 from pipeline.training.optim import lr_factor

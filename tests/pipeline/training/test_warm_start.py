@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_config
 from pipeline.data.preprocess import DenseStats, Preprocessor
 from pipeline.errors import InputError
+from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.release.registry import register_run
 from pipeline.tracking import tags
-from pipeline.tracking.model_store import read_model, resolve_model
 from pipeline.training.driver import run_training
+from pipeline.training.losses import build_training_model
 from pipeline.training.warm_start import (
     WarmStart,
     check_schema_matches,
-    check_weights_fit,
+    fit_weights,
     resolve_warm_start,
 )
 from tests.conftest import registry_client, tiny_config
@@ -70,10 +72,67 @@ def test_a_changed_schema_or_network_names_the_field(tmp_path: Path) -> None:
     from models import build_model
 
     weights = build_model(config.model, config.data.feature_schema()).state_dict()
-    check_weights_fit(weights, spec, config, "s")
+    assert fit_weights(weights, spec, config, "s").keys() == weights.keys()
     deeper = tiny_config(tmp_path, tmp_path, "model.expert_dims=[32, 8]")
     with pytest.raises(InputError, match=r"model.expert_dims\[0\] is 16 in the model, 32 in"):
-        check_weights_fit(weights, spec, deeper, "s")
+        fit_weights(weights, spec, deeper, "s")
+
+
+BEFORE_FIDELITY = Path(__file__).resolve().parents[2] / "fixtures" / "before-fidelity"
+
+
+@pytest.mark.parametrize(
+    ("name", "upgrade"),
+    [
+        ("adatt", "filled in backbone.levels.0.native_weights.4 = [1.0]"),
+        (
+            "ple",
+            "converted backbone.levels.0.gates.weight, backbone.levels.0.gates.bias, "
+            "backbone.levels.1.gates.weight, backbone.levels.1.gates.bias to this version's "
+            "layout",
+        ),
+    ],
+)
+def test_models_logged_before_the_fidelity_fix_warm_start(
+    name: str, upgrade: str, tmp_path: Path, capsys
+) -> None:
+    """Models that an earlier release logged (`tests/fixtures/before-fidelity/make.py`, run in
+    a worktree of eedafcf) warm-start a run: AdaTT without v for its one-expert shared unit
+    (it trained with v = 1), PLE with the full gate layout. One line says what was filled in
+    or converted; the weights then score the rows as `adatt predict` does (b69f646 refused
+    both: `parameter 'backbone.levels.0.native_weights.4' is None in the model`)."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("adatt")
+    run = client.create_run(experiment)
+    logged = client.create_logged_model(experiment, name="model", source_run_id=run.info.run_id)
+    client.log_model_artifacts(logged.model_id, str(BEFORE_FIDELITY / name))
+    source = f"models:/{logged.model_id}"
+    model = read_model(resolve_model(source, client), client)
+    config = parse_config(
+        {"data": model.spec["preprocessor"]["data"], "model": model.spec["model"]}
+    )
+
+    parent = resolve_warm_start(source, client, config)
+
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: --warm-start {source}: weights in an earlier version's layout, upgraded: {upgrade}"
+    ]
+    assert parent.weights.keys() != model.weights.keys() or any(
+        parent.weights[k].shape != v.shape for k, v in model.weights.items()
+    )
+    training = build_training_model(config)
+    training.model.load_state_dict(parent.weights)  # strict, as a worker loads it
+    raw = pq.read_table(BEFORE_FIDELITY / "rows.parquet")
+    rows = model.preprocessor().transform(raw, with_labels=False)
+    batch = {k: torch.from_numpy(v) for k, v in rows.items()}
+    with torch.no_grad():
+        predicted = model.network()(batch)  # what predict and evaluate score with
+        warm = training.model.eval()(batch)
+    assert torch.equal(predicted, warm)
 
 
 def test_statistics_are_the_models_unless_refit(tmp_path: Path) -> None:
