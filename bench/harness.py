@@ -95,16 +95,21 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 class FaultyProxy:
     """A forwarding proxy on 127.0.0.1 that answers the next `count` requests whose path
-    holds `path` (default: the alias calls) with `status` (count -1: every one)."""
+    holds `path` (default: the alias calls), of `method` if given, with `status` (count -1:
+    every one)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream, self.status, self.count, self.injected = upstream, 500, 0, 0
-        self.path = ALIAS_PATH
+        self.path, self.method = ALIAS_PATH, None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def _faulty(self) -> bool:
+                method = proxy.method in (None, self.command)
+                return proxy.path in self.path and method and proxy.count != 0
+
             def _forward(self) -> None:
-                if proxy.path in self.path and proxy.count != 0:
+                if self._faulty():
                     proxy.count -= 1 if proxy.count > 0 else 0
                     proxy.injected += 1
                     code = ERROR_CODES[proxy.status]
@@ -142,8 +147,11 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def inject(self, status: int, count: int, path: str = ALIAS_PATH) -> None:
+    def inject(
+        self, status: int, count: int, path: str = ALIAS_PATH, method: str | None = None
+    ) -> None:
         self.status, self.count, self.injected, self.path = status, count, 0, path
+        self.method = method
 
     def close(self) -> None:
         self.server.shutdown()
@@ -192,17 +200,20 @@ def split_metrics(config, network, preprocessor, files, split: str) -> dict[str,
     return metrics.compute(split)
 
 
-def log_untrained_run(tracking_uri: str, logs: Path, workdir: Path, weights=None):
+def log_untrained_run(
+    tracking_uri: str, logs: Path, workdir: Path, weights=None, overrides: tuple[str, ...] = ()
+):
     """A run made without Ray: an untrained tiny network (seed 0; or `weights`) with fitted
     preprocessing, logged as the scoring model, with its real validation metrics logged as
-    `best/val/...` the way a training run logs its selected epoch's."""
+    `best/val/...` the way a training run logs its selected epoch's. `overrides` change the
+    tiny config."""
     from pipeline.data.fit import fit_preprocessor
     from pipeline.data.sample import raw_example
     from pipeline.data.validate import check_schema
     from pipeline.modelfile.store import log_model
     from pipeline.tracking.runs import client_for, log_metrics, start_run
 
-    config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}")
+    config = tiny_config(logs, workdir, f"tracking.tracking_uri={tracking_uri}", *overrides)
     files = check_schema(config.data)
     preprocessor = fit_preprocessor(config.data, files)
     network = untrained_network(config)

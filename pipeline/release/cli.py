@@ -146,17 +146,24 @@ def _retrain_day(
     since: str | None, days: int,
 ) -> int:  # fmt: skip
     """One day of `adatt retrain`: 0 when done (or, in a backfill, done already), else its
-    exit code after one `error:` line; a lone day's error is raised as it is."""
+    exit code after one `error:` line; a lone day's error is raised as it is. A server error
+    (`MlflowException`: planning the day, resolving the champion) fails that day only."""
+    from mlflow.exceptions import MlflowException
+
     from pipeline.errors import InputError, Stopped
     from pipeline.release.retrain import done_version
     from pipeline.release.retrain import retrain as run_retrain
     from pipeline.session import Terminated
 
-    if since and (version := done_version(session, cfg, day)):
-        typer.echo(f"retrain {day}: done already (version {version}); skipped")
-        return 0
     try:
-        outcome = run_retrain(cfg, model, day, *rule, session=session, **options)
+        try:
+            if since and (version := done_version(session, cfg, day)):
+                typer.echo(f"retrain {day}: done already (version {version}); skipped")
+                return 0
+            outcome = run_retrain(cfg, model, day, *rule, session=session, **options)
+        except MlflowException as err:
+            first = str(err).strip().splitlines()[0]
+            raise Stopped(f"the MLflow server answered {first}") from None
     except KeyboardInterrupt as err:
         raise typer.Exit(code=143 if isinstance(err, Terminated) else 130) from None
     except (InputError, Stopped) as err:

@@ -172,17 +172,35 @@ def _check_data(
     return check_schema(checked, labels=False).paths, columns
 
 
+def scoring_pool(cluster: dict[str, float]) -> tuple[int, int]:
+    """(most actors, GPUs per actor) of the scoring pool on a cluster with these resources
+    (`ray.cluster_resources()`): one actor per GPU where there are GPUs, else one per two
+    CPUs (each reserves `DATA_TASK_CPUS`, the reads the rest), at least one. Ray Data grows
+    the pool from one actor up to that as the rows wait.
+
+    Example:
+        >>> scoring_pool({"CPU": 2.0}), scoring_pool({"CPU": 16.0}), scoring_pool({"CPU": 16.0, "GPU": 4.0})
+        ((1, 0), (8, 0), (4, 1))
+    """
+    gpus = int(cluster.get("GPU", 0))
+    if gpus:
+        return gpus, 1
+    return max(1, int(cluster.get("CPU", 1)) // 2), 0
+
+
 def _scored(
     files: list[str], columns: list[str], models: list[ModelData], plan: _Plan, batch_size: int
 ):
+    actors, gpus = scoring_pool(ray.cluster_resources())
     with naming_corrupt_files(files, columns):
         scored = read_files(files, columns).map_batches(
             _MultiScorer,
             fn_constructor_args=(models, plan),
             batch_size=batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=1),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
             num_cpus=DATA_TASK_CPUS,  # a whole CPU would leave none to the reads on 2 CPUs
+            num_gpus=gpus,
         )
         return scored.materialize()  # blocks stay in the object store for the reductions
 
@@ -260,10 +278,30 @@ def _gauc_batch(batch: dict[str, np.ndarray], seed: int, replicates: int):
     return {"part": bs.gauc_sums(counts, batch["rows"].astype(np.float64), batch["auc"].T)[None]}
 
 
-# A holdout up to this many rows is reduced in one Ray task from the scored blocks: the
-# distributed reduction costs ~10 Ray Data executions (a sort per task and model, a groupby
-# per task), minutes on a small cluster for what one task sums in seconds.
-ONE_TASK_ROWS = 1_000_000
+# A holdout whose scored rows fit this share of the smallest node's memory is reduced in
+# one Ray task: the distributed reduction costs ~10 Ray Data executions (a sort per task and
+# model, a groupby per task), minutes on a small cluster for what one task sums in seconds.
+# The task holds the rows about `ONE_TASK_COPIES` times at its peak (the concatenated
+# table, its numpy arrays, one sorted or grouped copy, the chunk being summed).
+ONE_TASK_MEMORY_SHARE = 0.25
+ONE_TASK_COPIES = 4
+
+
+def one_task_fits(scored_bytes: int, node_memory: float) -> bool:
+    """Whether a holdout of `scored_bytes` scored bytes is reduced in one task on nodes with
+    at least `node_memory` bytes of memory for tasks (a memory budget, not a row count).
+
+    Example:
+        >>> one_task_fits(100 * 2**20, 8 * 2**30), one_task_fits(1 * 2**30, 8 * 2**30)
+        (True, False)
+    """
+    return scored_bytes * ONE_TASK_COPIES <= ONE_TASK_MEMORY_SHARE * node_memory
+
+
+def smallest_node_memory() -> float:
+    """The memory Ray gives tasks on the smallest live node of the cluster (bytes)."""
+    memory = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return min(memory, default=0.0)
 
 
 def _as_numpy(table: Any) -> dict[str, np.ndarray]:
@@ -312,7 +350,7 @@ def _reduce(scored: Any, plan: _Plan, models: int, seed: int, replicates: int):
     rows = scored.count()
     if not rows:
         return {"rows": 0}, {}, {}, 0
-    if rows <= ONE_TASK_ROWS:
+    if one_task_fits(scored.size_bytes(), smallest_node_memory()):
         blocks = scored.to_arrow_refs()
         return ray.get(_reduce_in_one_task.remote(plan, models, seed, replicates, *blocks))
     kwargs = {"seed": seed, "replicates": replicates}

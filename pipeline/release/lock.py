@@ -1,22 +1,28 @@
-"""The promotion lock: a lease on a registered model's aliases, held in the MLflow registry.
+"""The promotion lock: a fenced lease on a registered model's aliases, held in the MLflow
+registry.
 
-The lock is a registered model named `<name>.promotion-lock` that the registry lets only
-one process create (a unique key in its database). Its tags say who holds it and until
-when: `owner` (host:pid:random), `expires` (Unix time) and `fence`, a counter that grows by
-one with every acquisition and is kept on the registered model `<name>` itself
-(`promotion_fence`), so it outlives each lock.
+The one atomic operation the registry offers is creating a registered model under a name
+that is free (a unique key in its database). Each lease is therefore a registered model of
+its own, named by its fencing number: `<name>.promotion-lock.<fence>`. The current lease is
+the one with the highest fence. Its tags say who holds it and until when: `owner`
+(host:pid:random), `expires` (Unix time), and `released` once its holder is done.
 
-- The holder renews its lease in a background thread while it works (every third of the
-  lease).
-- A lease that has expired (its holder died or hung), or a lock seen without `owner` or
-  `expires` tags for a whole lease, is taken over: deleted and created anew.
-- Only the owner releases: the owner tag is compared before the lock is deleted.
-- A holder that lost its lease (taken over after it expired) finds out in `check()`, which
-  every alias move calls first, and aborts (`LeaseLost`) instead of moving the alias.
-
-The registry offers no compare-and-delete, so a takeover and a release can still race
-in the moment between reading the owner and deleting; the check before every move is what
-keeps a lost holder from moving an alias.
+- **Acquire**: read the current lease (fence f). When there is none, or it is released, or
+  it has expired (its holder died or hung), create `<name>.promotion-lock.<f+1>`. Of all the
+  waiters that read fence f, exactly one creates it; the others read again. Nobody deletes
+  or overwrites a lease it does not hold, so a waiter acting on a stale read cannot remove
+  a live one (the old scheme deleted an expired lock to take it over, and a second waiter
+  could delete its successor).
+- The new holder then checks that no higher fence appeared meanwhile, records its fence on
+  `<name>` (`promotion_fence`: fences keep growing past the old scheme's) and deletes the
+  leases below its own, which no one holds any more.
+- **Renew**: the holder pushes its own lease's expiry ahead in a background thread, every
+  third of the lease. It writes only its own lease, and never revives one that lapsed.
+- **Check** (before every alias move): this holder's fence is the highest, its owner tag is
+  its own, it is not released, and it expires no sooner than a third of a lease from now.
+  The alias move that follows must finish within that margin; see docs/registry.md for
+  what MLflow's API can and cannot guarantee.
+- **Release**: tag the holder's own lease `released` (kept: it carries the highest fence).
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import Stopped
 
-LOCK_SUFFIX = ".promotion-lock"
-OWNER, EXPIRES, FENCE = "owner", "expires", "fence"
-FENCE_TAG = "promotion_fence"  # on the registered model itself
+LOCK_SUFFIX = ".promotion-lock"  # a lease is `<name>.promotion-lock.<fence>`
+OWNER, EXPIRES, RELEASED = "owner", "expires", "released"
+FENCE_TAG = "promotion_fence"  # on the registered model itself: the last fence handed out
 LEASE_S = 60.0
 WAIT_S = 600.0
 # Override the lease and the wait (seconds), e.g. for tests or a slow registry.
@@ -50,47 +56,31 @@ class LockBusy(Stopped):
 
 
 class LeaseLost(Stopped):
-    """The holder's lease expired and another process took the lock over."""
+    """The holder's lease expired, or a later fence took over: it must not move an alias."""
 
 
-@dataclass
-class Lease:
-    """A held lock: its name, this holder's owner id and fencing number."""
+def lock_name(name: str, fence: int) -> str:
+    """The registered model that holds lease number `fence` of `name`."""
+    return f"{name}{LOCK_SUFFIX}.{fence}"
 
-    client: MlflowClient
-    lock: str
-    owner: str
-    fence: int
-    lease_s: float
-    lost: bool = False
 
-    def tags(self) -> dict[str, str]:
-        """The lock's current tags ({} once it is gone)."""
-        try:
-            return dict(self.client.get_registered_model(self.lock).tags)
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return {}
-            raise
-
-    def check(self) -> None:
-        """Raise `LeaseLost` unless this holder still owns an unexpired lease."""
-        tags = self.tags()
-        if self.lost or tags.get(OWNER) != self.owner or _expires(tags) < time.time():
-            self.lost = True
-            raise LeaseLost(
-                f"{self.lock}: lease of {self.owner} lost (now held by "
-                f"{tags.get(OWNER, 'nobody')}); the alias was not moved"
-            )
-
-    def renew(self) -> bool:
-        """Push the expiry one lease ahead, if still the owner; whether it was."""
-        if self.tags().get(OWNER) != self.owner:
-            self.lost = True
-            return False
-        expires = f"{time.time() + self.lease_s:.3f}"
-        self.client.set_registered_model_tag(self.lock, EXPIRES, expires)
-        return True
+def leases(client: MlflowClient, name: str) -> dict[int, dict[str, str]]:
+    """Every lease of `name` the registry holds: fence -> tags."""
+    prefix = f"{name}{LOCK_SUFFIX}."
+    pattern = prefix.replace("'", "''")
+    found, token = {}, None
+    while True:
+        page = client.search_registered_models(
+            filter_string=f"name LIKE '{pattern}%'", max_results=1000, page_token=token
+        )
+        for model in page:
+            # LIKE's `_` matches any character: keep the exact prefix only.
+            suffix = model.name[len(prefix) :] if model.name.startswith(prefix) else ""
+            if suffix.isdigit():
+                found[int(suffix)] = dict(model.tags)
+        token = page.token
+        if not token:
+            return found
 
 
 def _expires(tags: dict[str, str]) -> float:
@@ -98,6 +88,76 @@ def _expires(tags: dict[str, str]) -> float:
         return float(tags[EXPIRES])
     except (KeyError, ValueError):
         return float("-inf")
+
+
+def _recorded_fence(client: MlflowClient, name: str) -> int:
+    try:
+        return int(client.get_registered_model(name).tags.get(FENCE_TAG, "0"))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return 0
+
+
+@dataclass
+class Lease:
+    """A held lease: the model it guards, this holder's owner id and fencing number."""
+
+    client: MlflowClient
+    name: str
+    owner: str
+    fence: int
+    lease_s: float
+    lost: bool = False
+
+    @property
+    def lock(self) -> str:
+        return lock_name(self.name, self.fence)
+
+    def tags(self) -> dict[str, str]:
+        """This lease's current tags ({} once it is gone)."""
+        try:
+            return dict(self.client.get_registered_model(self.lock).tags)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+
+    def problem(self) -> str | None:
+        """Why this holder may not move an alias now, or None."""
+        tags = self.tags()
+        newest = max(leases(self.client, self.name), default=self.fence)
+        if self.lost:
+            return "it was lost earlier"
+        if newest > self.fence:
+            return f"fence {newest} took over from fence {self.fence}"
+        if tags.get(OWNER) != self.owner or RELEASED in tags:
+            return f"{self.lock} is no longer held by {self.owner}"
+        left = _expires(tags) - time.time()
+        if left < self.lease_s / 3:
+            return f"it expires in {left:.1f} s, too soon to move an alias safely"
+        return None
+
+    def check(self) -> None:
+        """Raise `LeaseLost` unless this holder may move an alias now (module docstring)."""
+        problem = self.problem()
+        if problem is not None:
+            self.lost = True
+            raise LeaseLost(f"{self.lock}: lease lost ({problem}); the alias was not moved")
+
+    def renew(self) -> bool:
+        """Push this lease's expiry one lease ahead while it is still the current one;
+        whether it was."""
+        tags = self.tags()
+        newest = max(leases(self.client, self.name), default=self.fence)
+        # A lease that lapsed may have been taken over already: it is never revived.
+        lapsed = _expires(tags) < time.time()
+        if tags.get(OWNER) != self.owner or RELEASED in tags or newest > self.fence or lapsed:
+            self.lost = True
+            return False
+        expires = f"{time.time() + self.lease_s:.3f}"
+        self.client.set_registered_model_tag(self.lock, EXPIRES, expires)
+        return True
 
 
 def new_owner() -> str:
@@ -116,70 +176,83 @@ def _try_create(client: MlflowClient, lock: str, owner: str, lease_s: float) -> 
         return False
 
 
-def _take_over_if_expired(
-    client: MlflowClient, lock: str, lease_s: float, bare_since: list[float]
-) -> None:
-    """Delete the lock when its lease has expired, naming the holder it removes. A lock
-    without `owner` and `expires` tags (left by a crash, or being created right now) is
-    taken over once this process has seen it bare for a whole lease (`bare_since` holds
-    when it first saw it so)."""
-    try:
-        tags = dict(client.get_registered_model(lock).tags)
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return
-        raise
+def _free(
+    name: str, fence: int, tags: dict[str, str] | None, bare_since: list[float], lease_s: float
+) -> bool:
+    """Whether the current lease (`fence`, `tags`; None: no such lease) can be followed by
+    the next fence: none, released, expired, or seen without owner and expiry for a whole
+    lease (`bare_since` holds when this waiter first saw it so)."""
+    if tags is None or RELEASED in tags:
+        return True
     if OWNER in tags and EXPIRES in tags:
         bare_since.clear()
         if _expires(tags) >= time.time():
-            return
+            return False
+        holder = tags[OWNER]
     else:
         bare_since[:] = bare_since or [time.monotonic()]
         if time.monotonic() - bare_since[0] < lease_s:
-            return
-    holder = tags.get(OWNER, "an unknown holder (no owner tag)")
-    print(f"{lock}: lease of {holder} expired; taking it over", file=sys.stderr, flush=True)
-    with contextlib.suppress(MlflowException):
-        client.delete_registered_model(lock)
+            return False
+        holder = "an unknown holder (no owner tag)"
+    print(
+        f"{lock_name(name, fence)}: lease of {holder} expired; taking over with fence {fence + 1}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
-def _next_fence(client: MlflowClient, name: str, lock: str) -> int:
+def _settle(client: MlflowClient, name: str, fence: int, found: dict[int, dict]) -> None:
+    """After winning `fence`: record it on `name` and delete the leases below it."""
     try:
-        current = int(client.get_registered_model(name).tags.get(FENCE_TAG, "0"))
+        client.set_registered_model_tag(name, FENCE_TAG, str(fence))
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        client.create_registered_model(name)
-        current = 0
-    fence = current + 1
-    client.set_registered_model_tag(name, FENCE_TAG, str(fence))
-    client.set_registered_model_tag(lock, FENCE, str(fence))
-    return fence
+        client.create_registered_model(name, tags={FENCE_TAG: str(fence)})
+    for old in (f for f in found if f < fence):
+        with contextlib.suppress(MlflowException):  # another holder may have deleted it
+            client.delete_registered_model(lock_name(name, old))
 
 
 def acquire(
     client: MlflowClient, name: str, lease_s: float = LEASE_S, wait_s: float = WAIT_S
 ) -> Lease:
     """Take the promotion lease of `name`, waiting up to `wait_s` (`LockBusy` after)."""
-    lock, owner = f"{name}{LOCK_SUFFIX}", new_owner()
+    owner = new_owner()
     deadline = time.monotonic() + wait_s
     bare_since: list[float] = []
-    while not _try_create(client, lock, owner, lease_s):
-        _take_over_if_expired(client, lock, lease_s, bare_since)
+    while True:
+        # The recorded fence first: any lease at or above it existed before it was recorded,
+        # so the read that follows sees one. Without leases (none yet, or only the old
+        # scheme's), fences go on from the recorded one.
+        recorded = _recorded_fence(client, name)
+        found = leases(client, name)
+        current = max(found) if found else recorded
+        if _free(name, current, found.get(current), bare_since, lease_s):
+            mine = current + 1
+            if _try_create(client, lock_name(name, mine), owner, lease_s):
+                found = leases(client, name)
+                if max(found) == mine:
+                    _settle(client, name, mine, found)
+                    return Lease(client, name, owner, mine, lease_s)
+                # A higher fence exists: this one was created from a stale read.
+                client.set_registered_model_tag(lock_name(name, mine), RELEASED, "stale")
         if time.monotonic() > deadline:
             raise LockBusy(
-                f"--name {name}: {lock} has been held for over {wait_s:.0f} s by a live "
-                "holder that keeps renewing it; wait for it, or stop that registration"
+                f"--name {name}: {lock_name(name, current)} has been held for over "
+                f"{wait_s:.0f} s by a live holder that keeps renewing it; wait for it, or "
+                "stop that registration"
             )
         time.sleep(min(0.5, lease_s / 4))
-    return Lease(client, lock, owner, _next_fence(client, name, lock), lease_s)
 
 
 def release(lease: Lease) -> None:
-    """Delete the lock if this holder still owns it (another's lock is left alone)."""
+    """Mark this holder's own lease released (it stays: it carries the highest fence).
+    Another holder's lease is never touched."""
     with contextlib.suppress(MlflowException):
         if lease.tags().get(OWNER) == lease.owner:
-            lease.client.delete_registered_model(lease.lock)
+            lease.client.set_registered_model_tag(lease.lock, RELEASED, f"{time.time():.3f}")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ alias.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, field
 
 from mlflow.entities import Run
@@ -33,7 +35,7 @@ from pipeline.metrics_vocab import (
 from pipeline.modelfile.format import schema_hash
 from pipeline.modelfile.store import ModelRef, is_absent, read_model, resolve_model
 from pipeline.release.evaluate import evaluate
-from pipeline.release.lock import promotion_lock
+from pipeline.release.lock import Lease, LeaseLost, promotion_lock
 from pipeline.tracking import tags as tag
 
 
@@ -199,11 +201,13 @@ def register_run(
         holder = alias_holder(client, name, alias)
         verdict = _judge(client, run, ref, holder, name, alias, promote_if_better, evidence)
         tags.update(verdict.tags)
+        decided = tags.get(tag.PROMOTION_DECISION)
+        if verdict.better and decided:  # "promoted" only once the alias has moved
+            tags[tag.PROMOTION_DECISION] = tag.PENDING
         tags[tag.PROMOTION_FENCE] = str(lease.fence)
         version = _create_version(client, name, run, ref, tags)
         if verdict.better:
-            lease.check()  # a holder whose lease was taken over must not move the alias
-            client.set_registered_model_alias(name, alias, version)
+            _move_alias(client, lease, name, alias, version, decided)
     done = registered.format(version=version)
     if verdict.better:
         won = f"version {version} wins, " if verdict.text else ""
@@ -211,6 +215,33 @@ def register_run(
         return Registration(name, version, alias, True, version, message)
     message = f"{done}; {verdict.text}version {holder.version} wins, @{alias} stays"
     return Registration(name, version, alias, False, holder.version, message)
+
+
+def _move_alias(
+    client: MlflowClient, lease: Lease, name: str, alias: str, version: str, decided: str | None
+) -> None:
+    """Move `alias` to `version` while this holder's fence is the current one; then write
+    the version's decision (`decided`, when the verdict has one). When the move fails (a
+    lost lease, a server error), the decision becomes `failed` if the registry still
+    answers, and stays `pending` otherwise: never `promoted` without the alias."""
+    try:
+        lease.check()  # a holder whose lease was taken over must not move the alias
+        client.set_registered_model_alias(name, alias, version)
+    except (LeaseLost, MlflowException):
+        if decided:
+            with contextlib.suppress(MlflowException):
+                client.set_model_version_tag(name, version, tag.PROMOTION_DECISION, tag.FAILED)
+        raise
+    if decided:
+        try:
+            client.set_model_version_tag(name, version, tag.PROMOTION_DECISION, decided)
+        except MlflowException as err:  # the alias moved: the registration stands
+            print(
+                f"warning: {name} version {version} holds @{alias}, but its "
+                f"{tag.PROMOTION_DECISION} tag stays {tag.PENDING}: {err.error_code}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _judge(

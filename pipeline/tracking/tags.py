@@ -42,5 +42,9 @@ PROMOTION_GAIN_LOW = "promotion.gain_low"
 PROMOTION_GAIN_HIGH = "promotion.gain_high"
 PROMOTION_MIN_GAIN = "promotion.min_gain"
 PROMOTION_EVALUATION = "promotion.evaluation_run"  # the `adatt evaluate` run
-PROMOTION_DECISION = "promotion.decision"  # promoted, kept, no holder
+# promoted | no holder (the alias moved to the version: written only after the move
+# succeeded), kept, pending (the move is under way, or failed and that could not be
+# recorded), failed (the move failed: a lost lease or a server error; the alias stayed)
+PROMOTION_DECISION = "promotion.decision"
+PENDING, FAILED = "pending", "failed"  # decisions that are not a promotion
 PROMOTION_FENCE = "promotion.fence"  # the lease's fencing number when the version was decided

@@ -22,13 +22,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BINARY = ("click", "like", "share")
 
 
-def _reference(model_uri: str, rows: pd.DataFrame, client) -> dict[str, float]:
+def _reference(
+    model_uri: str, rows: pd.DataFrame, client, groups: dict[str, str] | None = None
+) -> dict[str, float]:
+    """AUC, GAUC (each task's rows grouped by `groups[task]`, default the user) and NE of
+    each binary task, computed directly with scikit-learn."""
     scores = load_scoring_model(resolve_model(model_uri, client), client).predict(rows)
     out = {}
     for task in BINARY:
         seen = rows[task].notna()
         y, p = rows.loc[seen, task].to_numpy(), scores.loc[seen, task].to_numpy(np.float64)
-        users = rows.loc[seen, "user_id"].to_numpy()
+        users = rows.loc[seen, (groups or {}).get(task, "user_id")].to_numpy()
         total = weight = 0.0
         for user in np.unique(users):
             mine = users == user
@@ -163,3 +167,29 @@ def test_nan_scores_fail_with_the_count_of_bad_rows(mlflow_server, tiny_logs, tm
     assert str(caught.value) == (
         f"{pinned}: {labelled:,} row(s) with NaN or inf like scores; no metric is computed from them"
     )
+
+
+def test_each_task_groups_its_gauc_by_its_own_column(mlflow_server, tiny_logs, tmp_path) -> None:
+    """`like` grouped by item (its own `group_column`), the other tasks by user: each task's
+    GAUC is over its own groups, and the bootstrap still draws users."""
+    from tests.conftest import log_untrained_run
+
+    tasks = (
+        "data.tasks=[{name: click, oracle: p_click}, "
+        "{name: like, oracle: p_like, group_column: item_id}, {name: share, oracle: p_share}, "
+        "{name: watch_time, type: regression, oracle: e_watch_time, weight: 0.1}]"
+    )
+    model = log_untrained_run(mlflow_server, tiny_logs, tmp_path, overrides=(tasks,))
+    assert [t.group_column for t in model.config.data.tasks] == [
+        "user_id", "item_id", "user_id", None
+    ]  # fmt: skip
+    client = registry_client(mlflow_server)
+    result = evaluate(client, [model.model_uri] * 2, str(tiny_logs), bootstrap=20)
+    rows = pd.read_parquet(tiny_logs)
+    want = _reference(model.model_uri, rows, client, {"like": "item_id"})
+    by_user = _reference(model.model_uri, rows, client)
+    assert want["like/gauc"] != pytest.approx(by_user["like/gauc"], abs=1e-3)  # it matters
+    for task in BINARY:
+        got = result.metrics[0][f"{task}/gauc"].value
+        assert got == pytest.approx(want[f"{task}/gauc"], abs=1e-9), task
+    assert result.counts["groups"] == rows["user_id"].nunique()

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.modelfile.store import read_model, resolve_model
 from pipeline.release.evaluate import evaluate
+from pipeline.release.lock import RELEASED, leases
 from pipeline.release.registry import Evidence, register_run
 from pipeline.tracking import tags
 from tests.conftest import REPO_ROOT, log_untrained_run, registry_client
@@ -81,7 +82,7 @@ def test_promotion_needs_a_significant_gain_and_records_the_evidence(
         client.get_model_version("promo-test", kept.version).tags[tags.PROMOTION_DECISION] == "kept"
     )
     assert client.get_model_version_by_alias("promo-test", "champion").version == "2"
-    assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]
+    assert not [t for t in leases(client, "promo-test").values() if RELEASED not in t]
 
 
 def test_two_racing_registrations_leave_the_alias_on_the_best(
@@ -113,4 +114,4 @@ def test_two_racing_registrations_leave_the_alias_on_the_best(
     # One after the other: the second compared with what the first left, not with version 1.
     compared = {versions[run].tags[tags.PROMOTION_COMPARED_WITH] for run in (middle, best)}
     assert "1" in compared and compared != {"1"}, compared
-    assert not [m for m in client.search_registered_models() if m.name.endswith(".promotion-lock")]
+    assert not [t for t in leases(client, "race-test").values() if RELEASED not in t]

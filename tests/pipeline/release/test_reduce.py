@@ -36,13 +36,11 @@ def test_the_distributed_reduction_equals_the_one_task_one() -> None:
     scored = ray.data.from_pandas(blocks).materialize()  # several blocks, as a read gives
     plan = module._Plan((TaskSpec(name="click", group_column="user_id"),), "user_id", None)
 
+    assert module.one_task_fits(scored.size_bytes(), module.smallest_node_memory())
     one_task = module._reduce(scored, plan, models=2, seed=3, replicates=20)
-    old = module.ONE_TASK_ROWS
-    module.ONE_TASK_ROWS = 0
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # as if the rows outgrew the budget
+        patch.setattr(module, "smallest_node_memory", lambda: 0.0)
         distributed = module._reduce(scored, plan, models=2, seed=3, replicates=20)
-    finally:
-        module.ONE_TASK_ROWS = old
 
     (total_a, aucs_a, gaucs_a, groups_a), (total_b, aucs_b, gaucs_b, groups_b) = (
         one_task,

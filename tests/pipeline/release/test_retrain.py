@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from bench.harness import FaultyProxy
 from pipeline.cli import app
 from pipeline.errors import InputError
 from pipeline.release.registry import register_run
@@ -85,7 +86,8 @@ def test_every_check_comes_before_any_work(
 @pytest.mark.timeout(900)
 def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_factory) -> None:
     """Two days and a bad one, the logs in S3 as day partitions (`day=YYYY-MM-DD/`), the
-    checkpoints in S3, the MLflow artifacts in S3."""
+    checkpoints in S3, the MLflow artifacts in S3. Day 2's first try trains, then fails to
+    register (the server answers 500); a backfill then skips day 1 and does day 2."""
     from pipeline.datasets.synthetic import generate_logs
     from tests.conftest import s3_fs
 
@@ -111,14 +113,11 @@ def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_fac
     path = workdir / "daily.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
-    def retrain(day: str, *more: str):
-        command = ["retrain", "--config", str(path), "--model", f"models:/{NAME}@champion"]
+    def retrain(day: str, *more: str, config_path: Path = path):
+        command = ["retrain", "--config", str(config_path), "--model", f"models:/{NAME}@champion"]
         return CliRunner().invoke(app, [*command, "--day", day, "--bootstrap", "50", *more])
 
-    for day, version in (("2024-01-15", "2"), ("2024-01-16", "3")):
-        before = client.get_model_version_by_alias(NAME, "champion").version
-        result = retrain(day)
-        assert result.exit_code == 0, result.output
+    def check_day(day: str, version: str, before: str, stdout: str) -> None:
         registered = client.get_model_version(NAME, version)
         run = client.get_run(registered.run_id)
         assert run.data.tags[tags.RETRAIN_DAY] == day
@@ -132,7 +131,44 @@ def test_three_days_of_the_loop(served_training, mlflow_server, s3, tmp_path_fac
         assert registered.tags[tags.PROMOTION_COMPARED_WITH] == before
         holder = client.get_model_version_by_alias(NAME, "champion").version
         assert holder == (version if promoted else before)
-        assert f"retrain {day}: run {registered.run_id}, version {version}" in result.stdout
+        assert f"retrain {day}: run {registered.run_id}, version {version}" in stdout
+
+    before = client.get_model_version_by_alias(NAME, "champion").version
+    result = retrain("2024-01-15")
+    assert result.exit_code == 0, result.output
+    check_day("2024-01-15", "2", before, result.stdout)
+
+    # Day 2 trains, then every model-version create fails (500): exit 1, the run FINISHED and
+    # tagged why nothing was registered, no version, the alias where it was.
+    flaky = FaultyProxy(mlflow_server)
+    flaky.inject(500, -1, path="/model-versions/create")
+    broken = workdir / "flaky.yaml"
+    broken.write_text(yaml.safe_dump(tiny_config(
+        logs, workdir, f"tracking.tracking_uri={flaky.url}",
+        f"train.storage_path={s3.uri('daily-runs')}", "train.epochs=1",
+    ).model_dump(mode="json")))  # fmt: skip
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        env.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        before = client.get_model_version_by_alias(NAME, "champion").version
+        failed = retrain("2024-01-16", config_path=broken)
+    flaky.close()
+    assert failed.exit_code == 1, failed.output
+    assert flaky.injected > 0
+    (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error:")]
+    assert " trained on 2024-01-16, not registered: " in line, line
+    failed_run = client.get_run(line.split("error: run ", 1)[1].split()[0])
+    assert failed_run.info.status == "FINISHED"
+    assert failed_run.data.tags[tags.RETRAIN_OUTCOME].startswith("failed: ")
+    assert tags.REGISTERED_VERSION not in failed_run.data.tags
+    assert [v.version for v in client.search_model_versions(f"name='{NAME}'")] == ["2", "1"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == before
+
+    # The backfill skips day 1 (registered) and retrains day 2 (not registered).
+    result = retrain("2024-01-16", "--since", "2024-01-15")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"retrain 2024-01-15: done already (version {NAME}/2)")
+    check_day("2024-01-16", "3", before, result.stdout)
     assert [v.version for v in client.search_model_versions(f"name='{NAME}'")] == ["3", "2", "1"]
     # A backfill over days already done skips them, saying so, and changes nothing.
     again = retrain("2024-01-16", "--since", "2024-01-15")
@@ -161,8 +197,9 @@ def test_two_sharded_days_warm_start_on_another_world_size(
     served_training, mlflow_server, s3, tmp_path_factory
 ) -> None:
     """The loop with sharded tables (`model.embeddings: torchrec`, row-wise): day 1 on one
-    worker warm-starts from the dense champion, day 2 on two workers from day 1's model.
-    The logged model holds full tables, which each run cuts into its own shards."""
+    worker warm-starts from the dense champion, day 2 on two workers from day 1's model
+    (promoted whatever its gain: `--min-gain -1`). The logged model holds full tables,
+    which each run cuts into its own shards."""
     from pipeline.datasets.synthetic import generate_logs
 
     _, first = served_training
@@ -185,11 +222,18 @@ def test_two_sharded_days_warm_start_on_another_world_size(
         path = workdir / f"{day}.yaml"
         path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
         command = ["retrain", "--config", str(path), "--model", "models:/sharded-daily@champion"]
-        result = CliRunner().invoke(app, [*command, "--day", day, "--bootstrap", "20"])
+        champion = client.get_model_version_by_alias("sharded-daily", "champion").version
+        rule = ["--bootstrap", "20", "--min-gain", "-1"]
+        result = CliRunner().invoke(app, [*command, "--day", day, *rule])
         assert result.exit_code == 0, result.output
         run = client.get_run(result.stdout.split(": run ", 1)[1].split(",")[0])
         assert run.data.params["model.embeddings"] == "torchrec"
         assert run.data.params["train.num_workers"] == str(workers)
-        assert run.data.tags[tags.WARM_START].startswith("models:/sharded-daily/")
+        # Day 1 from the dense champion (version 1), day 2 from day 1's model (version 2).
+        assert champion == {"2024-01-20": "1", "2024-01-21": "2"}[day]
+        assert run.data.tags[tags.PARENT_VERSION] == f"sharded-daily/{champion}"
+        assert run.data.tags[tags.PARENT_MODEL] == f"models:/sharded-daily/{champion}"
+        assert run.data.tags[tags.REGISTERED_VERSION] == f"sharded-daily/{int(champion) + 1}"
+        assert "promoted" in result.stdout
     versions = client.search_model_versions("name='sharded-daily'")
     assert sorted(v.version for v in versions) == ["1", "2", "3"]
