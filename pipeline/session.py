@@ -21,6 +21,7 @@ logs, signals. Train, tune, predict, evaluate and retrain open a `Session` the s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -63,12 +64,17 @@ class Session:
     Attributes:
         command: the command's name, for the echo line.
         tracking_uri: the resolved MLflow tracking URI.
-        client: the one MLflow client of that store (runs and registry).
     """
 
     command: str
     tracking_uri: str
-    client: MlflowClient
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """The one MLflow client of the store (runs and registry), made on first use: a
+        client of a SQLite store creates the database, and a command refused for bad input
+        must leave none behind."""
+        return client_for(self.tracking_uri)
 
     def start_ray(self, num_cpus: float | None = None) -> str:
         """Start or join Ray (see the module docstring); its GCS address."""
@@ -88,7 +94,7 @@ def open_session(command: str, tracking: TrackingConfig | str | None = None) -> 
         tracking = TrackingConfig(tracking_uri=tracking)
     uri = resolve_tracking_uri(tracking)
     check_tracking_reachable(uri)
-    return Session(command, uri, client_for(uri))
+    return Session(command, uri)
 
 
 def quiet_ray_data_console() -> None:
@@ -149,7 +155,45 @@ def resolve_address(given: str) -> str:
             f"the address is wrong); start it, or unset {ADDRESS_ENV} to start a fresh "
             "local Ray instance"
         )
+    _check_admits(address, source)
     return address
+
+
+@contextlib.contextmanager
+def _stderr_dropped() -> Iterator[None]:
+    """Drop what the process writes to file descriptor 2 while inside: Ray's C++ client
+    logs each failed attempt there, above the one line that explains it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _check_admits(address: str, source: str) -> None:
+    """InputError naming `source` unless the cluster's GCS at `address` admits this process:
+    one call of Ray's own GCS client, where `ray.init` would retry for about 20 s and then
+    raise a traceback (a token the cluster wants and this process lacks, most often)."""
+    from ray._raylet import GcsClient
+
+    try:
+        with _stderr_dropped():
+            GcsClient(address=address)
+    except Exception as err:  # Ray's errors carry no stable type beyond their text
+        text = " ".join(str(err).split())
+        if "InvalidAuthToken" in text or "Unauthenticated" in text:
+            raise InputError(
+                f"{source}: the Ray cluster at {address} wants an auth token that this "
+                "process lacks or has wrong; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                "RAY_AUTH_TOKEN_PATH) to its token (`ray get-auth-token` on its head)"
+            ) from None
+        raise InputError(
+            f"{source}: could not join the Ray cluster at {address}: {text[:300]}"
+        ) from None
 
 
 def start_ray(num_cpus: float | None = None) -> str:
@@ -162,7 +206,13 @@ def start_ray(num_cpus: float | None = None) -> str:
     given = os.environ.get(ADDRESS_ENV, "").strip()
     if given and given != "local":  # `local`, as for Ray: a fresh local instance
         address = resolve_address(given)
-        ray.init(address=address, runtime_env=_job_env(address), log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=_job_env(address), log_to_driver=True)
+        except (ConnectionError, RuntimeError) as err:
+            last = " ".join(str(err).split())[:300]
+            raise InputError(
+                f"{ADDRESS_ENV}={given}: could not join the Ray cluster at {address}: {last}"
+            ) from None
         return address
     # The address Ray will give this node's head (its IP, as Ray resolves it) on a port
     # chosen here, so that it is known before any process starts.

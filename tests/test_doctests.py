@@ -17,6 +17,8 @@ PIPELINE = [
     "pipeline.config",
     "pipeline.data.hashing",
     "pipeline.data.split",
+    "pipeline.metrics_vocab",
+    "pipeline.release.evaluate",
     "pipeline.tracking.security",
     "pipeline.training.balancing",
     "pipeline.training.faults",

@@ -60,7 +60,8 @@ class GradientBalancer:
             task-specific part, every other trainable parameter is shared.
         task_weights: the config's fixed weight per task; the objectives are w_t L_t.
         seed: seeds the aggregator's own randomness (PCGrad's random task order) from
-            `seed` and the step count, on every rank alike, apart from the global RNG.
+            `seed` and the step count, on every rank alike; every global RNG (CPU and GPU)
+            is left as it was.
 
     Example:
         >>> from models import FeatureSchema, build_model
@@ -119,10 +120,13 @@ class GradientBalancer:
         )
         self._features = None
         _average_over_ranks(self.shared, self.tower_params)
-        # PCGrad projects in a random task order: drawn from a generator every rank seeds
-        # alike, so their gradients stay equal, and the global RNG (dropout) is untouched.
+        # PCGrad projects in a random task order (`torch.randperm` on the CPU's global
+        # generator, which torchjd gives no way to replace): seeded alike on every rank, so
+        # their gradients stay equal, inside a fork that restores its state. Only the CPU
+        # generator is seeded (`torch.manual_seed` would reseed every GPU's, and so the
+        # dropout masks of every rank alike): every RNG is left as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.steps)
+            torch.default_generator.manual_seed(self.seed * 1_000_003 + self.steps)
             weights = jac_to_grad(self.shared, self.aggregator)
         self.steps += 1
         self.last_weights = None if weights is None else weights.detach()

@@ -231,3 +231,32 @@ def test_submit_adatt_train_logs_to_mlflow_and_checkpoints(ray_head, mlflow_serv
     assert runs[0].info.status == "FINISHED"
     assert any(k.startswith("val/") for k in runs[0].data.metrics)
     assert [p for p in storage.rglob("checkpoint_*") if p.is_dir()]
+
+
+def test_joining_a_token_cluster_without_its_token_is_one_line(ray_head, tmp_path):
+    """`adatt train` with RAY_ADDRESS naming a cluster that wants a token this shell lacks:
+    exit 2 and one line saying what to set, within seconds, before any run or store is
+    made (b69f646 retried for ~20 s and printed a 20-line ConnectionError traceback)."""
+    from bench.harness import TINY_OVERRIDES
+    from pipeline.datasets.synthetic import generate_logs
+
+    generate_logs(tmp_path / "logs", rows=500, seed=0)
+    env = {**ray_head.client_env(), "RAY_ADDRESS": ray_head.gcs_address}
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    sets = [f"data.path={tmp_path / 'logs'}", f"train.storage_path={tmp_path / 'runs'}"]
+    sets += [f"tracking.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"]
+    (tmp_path / "store").mkdir()
+    started = time.monotonic()
+    result = adatt(
+        "train", "-c", str(REPO_ROOT / "configs" / "synthetic.yaml"),
+        *[arg for item in [*sets, *TINY_OVERRIDES] for arg in ("--set", item)],
+        env=env,
+    )  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: RAY_ADDRESS={ray_head.gcs_address}: the Ray cluster ")
+    assert "wants an auth token" in lines[-1] and "RAY_AUTH_TOKEN" in lines[-1]
+    assert "Traceback" not in result.stderr and "gcs_client" not in result.stderr
+    assert list((tmp_path / "store").iterdir()) == []  # no MLflow store, no run
+    assert not (tmp_path / "runs").exists()

@@ -311,6 +311,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("case", ["label column entirely null", "missing label column"])
+def test_bad_input_creates_no_store_where_there_was_none(
+    case: str, good_logs: Path, tmp_path: Path, no_ray
+) -> None:
+    """Refused before anything is written: no `mlflow.db` appears where none was (b69f646
+    created the store with MLflow's tables before the row check refused the data)."""
+    prepare, sets, _ = CASES[case]
+    logs = tmp_path / "logs"
+    shutil.copytree(good_logs, logs)
+    data_path = prepare(logs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sets = [f"data.path={data_path}", f"tracking.tracking_uri=sqlite:///{empty}/mlflow.db", *sets]
+    result = CliRunner().invoke(
+        app, ["train", "-c", str(CONFIG), *[arg for item in sets for arg in ("--set", item)]]
+    )
+    assert result.exit_code == 2, result.output
+    assert list(empty.iterdir()) == []
+
+
 def test_yaml_syntax_error_is_file_line_column(
     good_logs: Path, store_template: tuple[Path, str], tmp_path: Path, no_ray
 ) -> None:

@@ -107,6 +107,33 @@ def test_towers_get_their_own_gradient_and_the_rest_the_aggregate(setup, method)
     assert not torch.allclose(_grad_vector(module), jacobian.sum(dim=0), rtol=1e-3)
 
 
+def test_the_balancer_leaves_every_rng_as_it_was(setup, monkeypatch) -> None:
+    """PCGrad's random task order comes from a seeded fork of the CPU generator: the CPU
+    RNG is where it was after each step, no GPU generator is reseeded (b69f646 called
+    `torch.manual_seed`, which reseeds every GPU's, so every rank drew the same dropout
+    masks), and two balancers of one seed still pick the same order."""
+    config, batches = setup
+    weights = [t.weight for t in config.data.tasks]
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = build_training_model(config)
+        balancer = GradientBalancer("pcgrad", module, weights, seed=7)
+        torch.manual_seed(123)
+        before = torch.random.get_rng_state()
+        reseeded.clear()
+        for batch in batches:
+            _, per_task, _ = module(batch)
+            balancer.backward(per_task)
+        assert reseeded == []  # no GPU generator touched
+        assert torch.equal(torch.random.get_rng_state(), before)
+        grads.append(_grad_vector(module))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_upgrad_without_conflict_is_the_mean_of_the_task_gradients() -> None:
     # UPGrad's documented property, the scale docs/models.md warns of: gradients that do
     # not conflict are averaged, not summed.
