@@ -242,9 +242,14 @@ class TrainConfig(Strict):
     # aggregated by torchjd. Those need eager steps and dense id tables.
     loss_weighting: Literal["fixed", "uncertainty", "upgrad", "pcgrad", "mgda", "imtl_g"] = "fixed"
     seed: int = 0
-    num_workers: PositiveInt = 2
+    # `auto`: one worker per `gpus_per_worker` share of the cluster's GPUs, or 2 on CPUs
+    # (`pipeline/training/resources.py`); resolved when Ray starts, before the run exists.
+    num_workers: PositiveInt | Literal["auto"] = "auto"
     # Fractional on purpose: whole CPUs per worker starve Ray Data on small machines.
     cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    # The share of a GPU each worker reserves: below 1, workers (and a search's trials)
+    # share a GPU; a census-sized model uses a few percent of one.
+    gpus_per_worker: float = Field(default=1.0, gt=0.0, le=1.0)
     # How Ray places the workers: PACK fills a node before the next (Ray Train's default,
     # the fewest network hops); SPREAD puts them on as many nodes as it can.
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"

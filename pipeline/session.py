@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import ray
 import ray.util
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import TrackingConfig, TrainConfig
+from pipeline.config import TrackingConfig
 from pipeline.errors import InputError
 from pipeline.tracking.runs import (
     check_tracking_reachable,
@@ -241,14 +241,6 @@ def _job_env(address: str) -> dict[str, Any]:
 def storage_uri(path: str) -> str:
     """Ray Train needs an absolute path or a URI for checkpoints."""
     return path if "://" in path else str(Path(path).resolve())
-
-
-def resolve_use_gpu(train: TrainConfig, cluster: Mapping[str, float]) -> bool:
-    """Whether the workers train on GPUs: `train.use_gpu`, where `auto` means "when the
-    cluster's resources (`ray.cluster_resources()`) hold at least one GPU"."""
-    if train.use_gpu == "auto":
-        return cluster.get("GPU", 0.0) >= 1
-    return bool(train.use_gpu)
 
 
 @contextlib.contextmanager

@@ -22,10 +22,12 @@ PIPELINE = [
     "pipeline.tracking.security",
     "pipeline.training.balancing",
     "pipeline.training.faults",
+    "pipeline.training.resources",
     "pipeline.training.losses",
     "pipeline.training.metrics",
     "pipeline.ranking",
     "cluster.submit",
+    "tune.search",
 ]
 
 

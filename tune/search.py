@@ -26,11 +26,12 @@ from pipeline.data.fit import fit_preprocessor
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import ConfigError, InputError
 from pipeline.release.registry import register_run
-from pipeline.session import Session, open_session, resolve_use_gpu, storage_uri
+from pipeline.session import Session, open_session, storage_uri
 from pipeline.tracking import tags
 from pipeline.tracking.runs import ensure_experiment, log_params, run_lifecycle
 from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
 from pipeline.training.driver import RunContext, finish_run
+from pipeline.training.resources import plan_workers
 from tune.report import TrialRow, log_search_outputs, summary_table, trial_rows
 from tune.space import SearchSpec
 from tune.trial import (
@@ -68,26 +69,30 @@ class SearchOutcome:
     table: list[str] = field(default_factory=list)
 
 
-def trial_concurrency(
-    cluster: dict[str, float], config: Config, use_gpu: bool, requested: int | None
-) -> int:
-    """How many trials run at once: what the CPUs (and GPUs) allow with `DATA_CPUS` left free.
+def trial_concurrency(cluster: dict[str, float], config: Config, requested: int | None) -> int:
+    """How many trials run at once: what the CPUs allow with `DATA_CPUS` left free, and on
+    GPUs what the GPUs allow, each trial's workers reserving `train.gpus_per_worker` of one
+    (fractions let trials share a GPU). ConfigError naming the fields when not one fits.
 
     Example:
-        >>> trial_concurrency({"CPU": 2}, cfg, False, None)  # 2 workers x 0.5 CPU  # doctest: +SKIP
-        1
+        >>> from types import SimpleNamespace
+        >>> from pipeline.config import TrainConfig
+        >>> cfg = SimpleNamespace(train=TrainConfig(num_workers=1, gpus_per_worker=0.25))
+        >>> trial_concurrency({"CPU": 16.0, "GPU": 1.0}, cfg, None)  # 4 trials share the GPU
+        4
     """
+    plan = plan_workers(config.train, cluster)
     cpus = cluster.get("CPU", 0.0)
-    per_trial = config.train.num_workers * config.train.cpus_per_worker
+    per_trial = plan.num_workers * plan.cpus_per_worker
     allowed = math.floor((cpus - DATA_CPUS) / per_trial + 1e-9)
-    if use_gpu:
-        allowed = min(allowed, int(cluster.get("GPU", 0.0)) // config.train.num_workers)
     if allowed < 1:
         raise ConfigError(
             f"train.num_workers x train.cpus_per_worker = {per_trial:g} CPUs per trial: the "
             f"cluster's {cpus:g} CPUs leave none for Ray Data ({DATA_CPUS:g} kept free); "
             "lower train.cpus_per_worker"
         )
+    if plan.use_gpu:  # plan_workers refused a trial that needs more GPUs than there are
+        allowed = min(allowed, math.floor(cluster.get("GPU", 0.0) / plan.gpus + 1e-9))
     return min(allowed, requested) if requested else allowed
 
 
@@ -220,7 +225,8 @@ def run_search(
         preprocessor = Preprocessor.from_dict(state["preprocessor"])
     else:
         preprocessor = fit_preprocessor(config.data, files)
-    start_ray_and_check_cluster(session, storage)
+    # Every trial runs the base's resources (they are fixed for a search): resolved once.
+    spec.base = start_ray_and_check_cluster(session, storage, config)
     state = state or _new_search(session, spec, experiment_path, preprocessor)
     inputs = SearchInputs(
         spec=spec,
@@ -242,9 +248,8 @@ def _run_trials(
     client: MlflowClient, spec: SearchSpec, inputs: SearchInputs, storage: str, resume: bool
 ) -> list[TrialRow]:
     """Run the trials under the parent run; their rows once every trial has ended."""
-    cluster = ray.cluster_resources()
     concurrency = trial_concurrency(
-        cluster, spec.base, resolve_use_gpu(spec.base.train, cluster), spec.settings.max_concurrent
+        ray.cluster_resources(), spec.base, spec.settings.max_concurrent
     )
     experiment_path = join(storage, spec.name)
     parent = inputs.parent_run_id

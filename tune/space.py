@@ -60,6 +60,7 @@ FIXED_FIELDS = (
     "train.epochs",
     "train.num_workers",
     "train.cpus_per_worker",
+    "train.gpus_per_worker",
     "train.use_gpu",
     "train.storage_path",
     "train.early_stopping",

@@ -5,7 +5,9 @@
    footers (`check_schema`). No Ray, no writes.
 2. `pipeline.data.fit.fit_preprocessor`: one pass over the rows (NaN/inf, label values).
 3. `start_ray_and_check_cluster`: start or join Ray, then the cluster rules (shared
-   storage on several nodes, a tracking server for a remote job).
+   storage on several nodes, a tracking server for a remote job) and the workers'
+   resources (`resources.plan_workers`: GPUs enough for the workers, `cuda_graph` only
+   with a GPU; `num_workers: auto` resolved).
 
 Only then is the MLflow run created. See docs/reliability.md.
 """
@@ -21,6 +23,7 @@ from pipeline.data.validate import check_schema
 from pipeline.session import Session
 from pipeline.tracking.security import check_no_credentials
 from pipeline.training.faults import fault_from_env
+from pipeline.training.resources import plan_workers, with_workers
 
 
 def check_before_ray(config: Config) -> InputFiles:
@@ -30,8 +33,10 @@ def check_before_ray(config: Config) -> InputFiles:
     return check_schema(config.data)
 
 
-def start_ray_and_check_cluster(session: Session, storage: str) -> None:
-    """Start (or join) Ray and check the cluster rules: shared storage, a tracking server."""
+def start_ray_and_check_cluster(session: Session, storage: str, config: Config) -> Config:
+    """Start (or join) Ray and check the cluster rules (shared storage, a tracking server)
+    and that the cluster holds the workers; `config` with `train.num_workers` resolved."""
     session.start_ray()
     alive = [n for n in ray.nodes() if n["Alive"]]
     check_cluster_rules(storage, session.tracking_uri, len(alive), is_remote_submission())
+    return with_workers(config, plan_workers(config.train, ray.cluster_resources()))

@@ -22,7 +22,7 @@ from pipeline.data.fit import fit_preprocessor
 from pipeline.data.ingest import build_datasets, configure_ray_data
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import InputError, Stopped
-from pipeline.session import Session, interruptible, open_session, resolve_use_gpu, storage_uri
+from pipeline.session import Session, interruptible, open_session, storage_uri
 from pipeline.tracking import tags
 from pipeline.tracking.runs import log_metrics, run_lifecycle, start_run
 from pipeline.training.callbacks import EpochLogger
@@ -31,6 +31,7 @@ from pipeline.training.checks import check_before_ray, start_ray_and_check_clust
 from pipeline.training.faults import FAULT_ENV
 from pipeline.training.loop import NonFiniteLoss, train_loop
 from pipeline.training.outputs import log_outputs, oracle_metrics
+from pipeline.training.resources import plan_workers, with_workers
 from pipeline.training.resume import Resumed, resolve_resume
 from pipeline.training.warm_start import WarmStart, resolve_warm_start
 
@@ -113,8 +114,10 @@ def make_trainer(
     workers of a cluster read them too)."""
     task_names = [t.name for t in config.data.tasks]
     deterministic = config.train.deterministic
+    plan = plan_workers(config.train, ray.cluster_resources())
+    config = with_workers(config, plan)
     dataset_config = configure_ray_data(
-        config.train.num_workers, config.train.cpus_per_worker, preserve_order=deterministic
+        plan.num_workers, plan.cpus_per_worker, preserve_order=deterministic
     )
     datasets = build_datasets(
         config.data,
@@ -132,9 +135,9 @@ def make_trainer(
             "warm_start": ray.put(warm_start.weights) if warm_start else None,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.train.num_workers,
-            use_gpu=resolve_use_gpu(config.train, ray.cluster_resources()),
-            resources_per_worker={"CPU": config.train.cpus_per_worker},
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.resources(),
             placement_strategy=config.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -267,7 +270,7 @@ def run_training(
         raise InputError("--refit-stats applies to --warm-start (a cold start always fits)")
     session = session or open_session("train", config.tracking)
     inputs = prepare_inputs(config, session, resume, warm_start, refit_stats)
-    start_ray_and_check_cluster(session, inputs.storage)
+    inputs.config = start_ray_and_check_cluster(session, inputs.storage, inputs.config)
     run = open_run(session, inputs)
     session.echo(
         f"run {run.run_id}: {inputs.config.model.name} on {inputs.files.rows:,} rows of "

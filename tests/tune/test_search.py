@@ -37,9 +37,10 @@ def base(**train):
     ],
 )
 def test_concurrency_leaves_a_cpu_for_ray_data(cluster, train, gpu, requested, expected) -> None:
-    assert trial_concurrency(cluster, base(**train), gpu, requested) == expected
+    assert gpu == ("GPU" in cluster)  # use_gpu: auto follows the cluster
+    assert trial_concurrency(cluster, base(**train), requested) == expected
 
 
 def test_no_cpu_left_for_data_is_refused() -> None:
     with pytest.raises(ConfigError, match="train.num_workers x train.cpus_per_worker = 2 CPUs"):
-        trial_concurrency({"CPU": 2}, base(num_workers=2, cpus_per_worker=1.0), False, None)
+        trial_concurrency({"CPU": 2}, base(num_workers=2, cpus_per_worker=1.0), None)

@@ -13,9 +13,9 @@ import torch
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.sample import read_split
 from pipeline.data.validate import check_schema
-from pipeline.session import resolve_use_gpu
 from pipeline.training.losses import build_training_model
 from pipeline.training.metrics import MultiTaskMetrics
+from pipeline.training.resources import resolve_use_gpu
 from pipeline.training.step import autocast
 from tests.conftest import tiny_config
 
