@@ -17,7 +17,9 @@ proxy that can inject server errors:
 
 Prints one row per attempt: the day, the fault, the champion version it started from,
 the challenger's mean-GAUC gain with its 95 % interval, promoted or not, and the exit
-code; then `champion=<version> promotions=<n>`.
+code; then `champion=<version> promotions=<n>`. Promotions are counted from the alias's
+moves, watched while each command runs (every new `@champion` holder seen), never from the
+`promotion.decision` tag: a row says `promoted` only for a version that held the alias.
 
     python bench/retrain_days.py [--history-rows 200000] [--day-rows 30000] [--keep DIR]
 """
@@ -38,15 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import FaultyProxy, mlflow_server  # noqa: E402
+from pipeline.release.lock import RELEASED, leases  # noqa: E402
 
 NAME = "bench-daily"
 FIRST_DAY = dt.date(2024, 1, 1)
 LEASE_S = 20  # the promotion lease: a killed holder blocks the next run this long
 
 
-def adatt(args: list[str], env: dict[str, str], log: Path, kill_when=None) -> int:
+def adatt(args: list[str], env: dict[str, str], log: Path, kill_when=None, watch=None) -> int:
     """Run `adatt ARGS` in a fresh process (its own session); its exit code. With
-    `kill_when`, SIGKILL the whole process group as soon as `kill_when()` is true."""
+    `kill_when`, SIGKILL the whole process group as soon as `kill_when()` is true; `watch()`
+    is called every half second while it runs, and once after."""
     with log.open("a") as out:
         out.write(f"\n$ adatt {' '.join(args)}\n")
         out.flush()
@@ -55,6 +59,8 @@ def adatt(args: list[str], env: dict[str, str], log: Path, kill_when=None) -> in
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         while proc.poll() is None:
+            if watch is not None:
+                watch()
             if kill_when is not None and kill_when():
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -62,11 +68,16 @@ def adatt(args: list[str], env: dict[str, str], log: Path, kill_when=None) -> in
                 subprocess.run(stop, capture_output=True)  # its local Ray
                 return -signal.SIGKILL
             time.sleep(0.5)
+        if watch is not None:
+            watch()
         return proc.returncode
 
 
-def day_rows(client, experiment: str, day: str, since: float) -> list[dict[str, str]]:
-    """What the registry holds for runs of `day` started after `since` (ms)."""
+def day_rows(
+    client, experiment: str, day: str, since: float, held: list[str]
+) -> list[dict[str, str]]:
+    """What the registry holds for runs of `day` started after `since` (ms); a version is
+    `promoted` when it is among `held`, the versions seen holding `@champion`."""
     from pipeline.tracking import tags
 
     found = client.get_experiment_by_name(experiment)
@@ -87,7 +98,8 @@ def day_rows(client, experiment: str, day: str, since: float) -> list[dict[str, 
                 f"[{float(t[tags.PROMOTION_GAIN_LOW]):+.4f}, "
                 f"{float(t[tags.PROMOTION_GAIN_HIGH]):+.4f}]"
             )
-            row["decision"] = f"{t[tags.PROMOTION_DECISION]} (v{version.version})"
+            moved = version.version in held
+            row["decision"] = f"{'promoted' if moved else 'kept'} (v{version.version})"
         out.append(row)
     return out
 
@@ -144,10 +156,14 @@ def main() -> None:
 
         daily = ["retrain", *config, *sets, "--set", f"data.path={logs}", "--set", "train.epochs=1"]
         daily += ["--model", f"models:/{NAME}@champion", "--bootstrap", str(args.bootstrap)]
-        lock = f"{NAME}.promotion-lock"
+        held = [champion_of(client)]  # every @champion holder seen, in order
+
+        def watch() -> None:
+            if (now := champion_of(client)) != held[-1]:
+                held.append(now)
 
         def holding() -> bool:
-            return any(m.name == lock for m in client.search_registered_models())
+            return any(RELEASED not in t for t in leases(client, NAME).values())
 
         attempts = [
             (days[0], "500s during promotion", {}, None, "/model-versions/create"),
@@ -160,21 +176,20 @@ def main() -> None:
             if inject:
                 proxy.inject(500, 2, path=inject)
             since, holder = time.time() * 1000, champion_of(client)
-            code = adatt([*daily, "--day", day], {**env, **extra}, log, kill_when)
-            _print(day, fault, client, since, code, holder, log)
+            code = adatt([*daily, "--day", day], {**env, **extra}, log, kill_when, watch)
+            _print(day, fault, client, since, code, holder, log, held)
         # Day 5's run was missed; the next one backfills from day 1.
         since, holder = time.time() * 1000, champion_of(client)
-        code = adatt([*daily, "--day", days[4], "--since", days[0]], env, log)
+        code = adatt([*daily, "--day", days[4], "--since", days[0]], env, log, watch=watch)
         for day in days:
             label = "missed: backfilled" if day == days[4] else "  backfill --since"
-            _print(day, label, client, since, code, holder, log)
-        champion = champion_of(client)
-        promoted = sum(
-            v.tags.get("promotion.decision") == "promoted"
-            for v in client.search_model_versions(f"name='{NAME}'")
-        )
+            _print(day, label, client, since, code, holder, log, held)
         proxy.close()
-    print(f"champion={champion} promotions={promoted} (commands and output: {log})")
+    promotions = len(held) - 1  # the alias's moves after the first model's
+    print(
+        f"champion={held[-1]} promotions={promotions} (counted from alias moves: "
+        f"@champion held by {' -> '.join(held)}; commands and output: {log})"
+    )
 
 
 def champion_of(client) -> str:
@@ -194,8 +209,10 @@ def _said(log: Path, day: str) -> str:
     return "no run"
 
 
-def _print(day: str, fault: str, client, since: float, code: int, holder: str, log: Path) -> None:
-    rows = day_rows(client, "retrain-days", day, since) or [
+def _print(
+    day: str, fault: str, client, since: float, code: int, holder: str, log: Path, held: list
+) -> None:
+    rows = day_rows(client, "retrain-days", day, since, held) or [
         {"status": _said(log, day), "champion": "", "gain": "", "decision": ""}
     ]
     for row in rows:
