@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = [
+    "train.log_every=10",  # step metrics at fixed steps (the 30 s default is the clock's)
     "model.expert_dims=[16, 8]",
     "model.tower_dims=[8]",
     "model.experts_per_task=2",
@@ -238,3 +239,10 @@ def log_untrained_run(
         tasks=tasks,
         files=files,
     )
+
+
+def by_epoch(client, run_id: str, key: str) -> dict[int, float]:
+    """A training's metric at each epoch's end: the run logs every metric at its global
+    step, and `epoch` at the step that ends each epoch."""
+    ends = {m.step: int(m.value) for m in client.get_metric_history(run_id, "epoch")}
+    return {ends[m.step]: m.value for m in client.get_metric_history(run_id, key) if m.step in ends}

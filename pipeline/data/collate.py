@@ -63,10 +63,17 @@ class Layout:
             width = sum(max(w, 1) for _, w in widths)
             target = torch.empty((rows, width), dtype=torch_dtype, pin_memory=pin)
             if widths:
-                columns = [arrays[k].reshape(rows, -1) for k, _ in widths]
+                columns = [arrays[k].reshape(rows, max(w, 1)) for k, w in widths]
                 np.concatenate(columns, axis=1, out=target.numpy(), casting="same_kind")
             out[block] = target
         return out
+
+    def row_bytes(self) -> int:
+        """The bytes one packed row takes."""
+        return sum(
+            sum(max(w, 1) for _, w in widths) * np.dtype(_DTYPES[block][0]).itemsize
+            for block, widths in self.blocks
+        )
 
     def unpack(self, packed: Packed) -> dict[str, torch.Tensor]:
         """The named tensors, as views of the blocks."""

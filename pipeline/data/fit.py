@@ -1,4 +1,5 @@
-"""The driver's one pass over the rows before Ray starts: dense statistics and row checks.
+"""The driver's one pass over the rows before Ray starts: dense statistics, row checks, and
+each file's rows of each split (which plan the epochs: `pipeline.data.plan`).
 
 `fit_preprocessor` streams once over every row of the dense, label, weight and split
 columns (one 128k-row batch per thread at a time). It computes each dense feature's mean
@@ -10,6 +11,7 @@ invalid sample weights, unreadable pages, and a label that is null in every row.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from pipeline.data.files import (
     corrupt_data,
     filesystem_for,
 )
+from pipeline.data.plan import SplitRows
 from pipeline.data.preprocess import (
     DenseStats,
     Preprocessor,
@@ -33,9 +36,11 @@ from pipeline.data.preprocess import (
     check_weights,
     elementwise,
 )
-from pipeline.data.split import split_mask
+from pipeline.data.split import split_counts, split_mask, split_names
 from pipeline.errors import SchemaError
 from pipeline.progress import progress
+
+BATCH_ROWS = 131_072  # rows a pass holds per thread at a time
 
 
 @dataclass
@@ -83,36 +88,90 @@ def _check_labels_observed(data: DataConfig, observed: np.ndarray, rows: int) ->
             )
 
 
-def _file_moments(
-    footer: Footer, data: DataConfig
-) -> tuple[dict[str, _Moments], int, np.ndarray, int]:
+@dataclass
+class _FilePass:
+    """What one file's pass found: dense moments over its train rows, each row group's rows
+    of each split, its observed labels per task, and its rows."""
+
+    moments: dict[str, _Moments]
+    splits: dict[str, list[int]]  # split -> rows per row group
+    observed: np.ndarray
+    rows: int = 0
+
+
+def _file_pass(footer: Footer, data: DataConfig, fit: bool = True) -> _FilePass:
+    """One file's rows: with `fit`, the checks and moments; always, the split counts (then
+    only the split column is read)."""
     file = footer.file
     fs, fs_path = filesystem_for(file)
-    moments = {f.column: _Moments() for f in data.dense}
-    train_rows, rows = 0, 0
-    observed = np.zeros(len(data.tasks), dtype=np.int64)
+    groups = footer.metadata.num_row_groups
+    found = _FilePass(
+        {f.column: _Moments() for f in data.dense},
+        {name: [0] * groups for name in split_names(data.split)},
+        np.zeros(len(data.tasks), dtype=np.int64),
+    )
     try:
         parquet = pq.ParquetFile(fs_path, filesystem=fs, metadata=footer.metadata)
-        checked = [t.label_column for t in data.tasks] + [data.weight_column or ""]
-        checked = [c for c in checked if c in parquet.schema_arrow.names]
-        columns = [*(f.column for f in data.dense), data.split.column, *checked]
-        batches = parquet.iter_batches(batch_size=131_072, columns=list(dict.fromkeys(columns)))
-        for batch in batches:
-            rows += batch.num_rows
-            _check_rows(batch, data, file, observed)
-            keep = split_mask(batch.column(data.split.column), data.split, "train")
-            train_rows += int(keep.sum())
+        columns = [data.split.column]
+        if fit:
+            checked = [t.label_column for t in data.tasks] + [data.weight_column or ""]
+            checked = [c for c in checked if c in parquet.schema_arrow.names]
+            columns = [*(f.column for f in data.dense), data.split.column, *checked]
+        for group, batch in _batches(parquet, list(dict.fromkeys(columns))):
+            found.rows += batch.num_rows
+            split_column = batch.column(data.split.column)
+            for name, count in split_counts(split_column, data.split).items():
+                found.splits[name][group] += count
+            if not fit:
+                continue
+            _check_rows(batch, data, file, found.observed)
+            keep = split_mask(split_column, data.split, "train")
             for f in data.dense:
                 # Every row, not only train rows: a NaN in validation fails here, not later.
                 values = elementwise(as_float(batch.column(f.column)), f, file)
-                moments[f.column].add(values[keep])
+                found.moments[f.column].add(values[keep])
     except DECODE_ERRORS as err:
         raise corrupt_data(file, err) from None
-    return moments, train_rows, observed, rows
+    return found
 
 
-def fit_preprocessor(data: DataConfig, files: InputFiles) -> Preprocessor:
-    """Compute dense statistics in one streaming pass over the rows, checking every row.
+def _batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row group, batch) of every row, at most `BATCH_ROWS` at a time."""
+    for group in range(parquet.metadata.num_row_groups):
+        for batch in parquet.iter_batches(BATCH_ROWS, row_groups=[group], columns=columns):
+            yield group, batch
+
+
+def _passes(data: DataConfig, files: InputFiles, fit: bool, desc: str) -> list[_FilePass]:
+    """Every file's pass, four files at a time, with a progress bar."""
+    out = []
+    with (
+        ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool,
+        progress(len(files), desc, "file") as bar,
+    ):
+        for found in pool.map(lambda footer: _file_pass(footer, data, fit), files.footers):
+            out.append(found)
+            bar.set_postfix_str(f"{sum(f.rows for f in out):,} rows", refresh=False)
+            bar.update(1)
+    return out
+
+
+def _split_rows(files: InputFiles, passes: list[_FilePass]) -> SplitRows:
+    names = list(passes[0].splits) if passes else []
+    units = [(f.file, g) for f in files.footers for g in range(f.metadata.num_row_groups)]
+    rows = {n: [count for found in passes for count in found.splits[n]] for n in names}
+    return SplitRows(units, rows)
+
+
+def count_split_rows(data: DataConfig, files: InputFiles) -> SplitRows:
+    """The rows of each split in each file (the split column only): what a resumed run,
+    whose preprocessing is its checkpoint's, needs to plan its epochs."""
+    return _split_rows(files, _passes(data, files, fit=False, desc="counting rows"))
+
+
+def fit(data: DataConfig, files: InputFiles) -> tuple[Preprocessor, SplitRows]:
+    """Compute dense statistics in one streaming pass over the rows, checking every row,
+    and count each file's rows of each split (`pipeline.data.plan`).
 
     Args:
         data: the `data:` section of the config.
@@ -122,27 +181,18 @@ def fit_preprocessor(data: DataConfig, files: InputFiles) -> Preprocessor:
         SchemaError: naming the file and the column (see the module docstring).
 
     Example:
-        >>> pre = fit_preprocessor(cfg.data, check_schema(cfg.data))  # doctest: +SKIP
+        >>> pre, counts = fit(cfg.data, check_schema(cfg.data))  # doctest: +SKIP
     """
+    passes = _passes(data, files, fit=True, desc="checking rows")
     totals = {f.column: _Moments() for f in data.dense}
-    train_rows, all_rows = 0, 0
     observed = np.zeros(len(data.tasks), dtype=np.int64)
-    with (
-        ThreadPoolExecutor(max_workers=min(4, len(files))) as pool,
-        progress(len(files), "checking rows", "file") as bar,
-    ):
-        for moments, rows, seen, file_rows in pool.map(
-            lambda footer: _file_moments(footer, data), files.footers
-        ):
-            train_rows += rows
-            all_rows += file_rows
-            observed += seen
-            for column, m in moments.items():
-                totals[column].merge(m)
-            bar.set_postfix_str(f"{all_rows:,} rows", refresh=False)
-            bar.update(1)
-    _check_labels_observed(data, observed, all_rows)
-    if train_rows == 0:
+    for found in passes:
+        observed += found.observed
+        for column, m in found.moments.items():
+            totals[column].merge(m)
+    _check_labels_observed(data, observed, sum(f.rows for f in passes))
+    counts = _split_rows(files, passes)
+    if counts.total("train") == 0:
         raise SchemaError(
             f"data.path {data.path!r}: no rows fall in the train split "
             f"(split.method={data.split.method!r}, column {data.split.column!r})"
@@ -151,4 +201,9 @@ def fit_preprocessor(data: DataConfig, files: InputFiles) -> Preprocessor:
     for column, m in totals.items():
         std = float(np.sqrt(m.m2 / m.count)) if m.count else 1.0
         stats[column] = DenseStats(m.mean, std if std > 0 else 1.0, m.count)
-    return Preprocessor(data, stats)
+    return Preprocessor(data, stats), counts
+
+
+def fit_preprocessor(data: DataConfig, files: InputFiles) -> Preprocessor:
+    """`fit`'s preprocessing alone (for callers that do not plan epochs)."""
+    return fit(data, files)[0]

@@ -107,6 +107,25 @@ def split_mask(column: Any, split: SplitConfig, name: str) -> np.ndarray:
     return _fill(pc.less(values, pa.scalar(validation_from, values.type)))
 
 
+def split_counts(column: Any, split: SplitConfig) -> dict[str, int]:
+    """How many of the rows of `column` (the split column) fall in each split this config
+    defines.
+
+    Example:
+        >>> cfg = SplitConfig(method="cutoff", column="day", validation_from="2024-01-13")
+        >>> split_counts(["2024-01-12", "2024-01-13", None], cfg)
+        {'train': 1, 'validation': 1}
+    """
+    names = split_names(split)
+    if split.method != "hash":
+        return {name: int(split_mask(column, split, name).sum()) for name in names}
+    u = unit_interval(as_arrow(column), split_key(split.salt))  # hashed once, not per split
+    validation = int((u < split.validation_fraction).sum())
+    test = int((u < split.validation_fraction + split.test_fraction).sum()) - validation
+    counts = {"train": len(u) - validation - test, "validation": validation, "test": test}
+    return {name: counts[name] for name in names}
+
+
 def _value_range(footer: Footer, column: str) -> tuple[Any, Any] | None:
     """(min, max) of a column over a file's row groups, or None without full statistics."""
     stats_per_group = footer.row_group_stats(column)

@@ -1,0 +1,495 @@
+"""A train worker's batches: its rows of each epoch (`pipeline.data.plan`), streamed by Ray
+Data or served from an epoch cache, shuffled, on the worker's device.
+
+**Streaming.** Each worker reads its own ranges with a Ray Data dataset of its own: one
+item per Parquet row group (`ray.data.from_items`), mapped by one task each that reads the
+row group with pyarrow, keeps the rows of the split and of the worker's range, and
+preprocesses and packs them (`Layout.pack`: one float32 and one int64 2-D tensor column),
+so a block reaches the worker as two zero-copy numpy arrays: no per-column conversion, no
+re-batching by Ray. (Ray Data's `read_parquet` is not used here: it samples files with
+tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in halves
+never has, and it reads whole files.) The dataset keeps the items' order
+(`preserve_order`), so a worker's stream, and any position in it, is the same in every run.
+The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each chunk's
+rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into batches;
+with the per-epoch order of the row groups that is the shuffle.
+
+**Positions.** A worker's epoch is a fixed sequence of batches; resuming at batch k reads
+from the chunk that holds it (its row groups before are not read again) and drops the
+k mod `CHUNK_BATCHES` batches of that chunk the run already took: no row is trained twice.
+
+**Epoch cache** (`data.cache`). When the worker's rows of the train and validation splits
+fit the budget, the first pass keeps them where the step reads them: GPU memory on a GPU
+(`device`), else host memory (`host`, pinned for a GPU). Later epochs permute the cached
+rows with a seeded permutation on the device, and validation reads them again; Ray Data is
+not touched. `auto` chooses device, then host, and streams what fits neither. A resumed run
+fills the cache again from the same rows.
+
+Budgets come from the node: each worker's dataset gets its share of the CPUs the train
+workers leave, and an object-store window of two blocks per task it may run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.data.collate import FLOAT, Layout, Packed, Prefetcher
+from pipeline.data.plan import EpochPlan, Range, SplitRows
+from pipeline.data.preprocess import Preprocessor
+from pipeline.data.split import split_mask
+
+CHUNK_BATCHES = 8  # the shuffle permutes rows among this many batches of a stream
+READ_AHEAD_BLOCKS = 2  # object-store window per read task a worker's dataset may run
+
+
+READ_BATCH_ROWS = 131_072  # rows a read task holds at a time (one output block each)
+
+
+def _read_unit(
+    item: dict[str, np.ndarray], preprocessor: Preprocessor, split: str, layout: Layout
+) -> Iterator[pa.Table]:
+    """Ray Data's map over one item (a row group and a range of its rows of the split): the
+    range's raw rows, preprocessed and packed, in blocks of at most `READ_BATCH_ROWS` rows."""
+    data = preprocessor.data
+    path, group, start, stop = _item(item)
+    batches = _row_group(path, group, data.columns(labels=True, split=True))
+    for batch in _ranged(batches, start, stop, lambda b: _of_split(b, data, split)):
+        yield _packed_table(layout.pack(preprocessor.transform(batch)))
+
+
+def _read_packed(item: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Table]:
+    """Ray Data's map over one item of a search's preprocessed copy: the range as it is."""
+    path, group, start, stop = _item(item)
+    blocks = [b for b, _ in layout.blocks]
+    for batch in _ranged(_row_group(path, group, blocks), start, stop, lambda b: b):
+        yield _packed_table({k: _tensor(batch.column(k)) for k in blocks})
+
+
+def _item(item: dict[str, np.ndarray]) -> tuple[str, int, int, int]:
+    return (
+        str(item["path"][0]),
+        int(item["row_group"][0]),
+        int(item["start"][0]),
+        int(item["stop"][0]),
+    )
+
+
+def _of_split(batch: pa.RecordBatch, data: Any, split: str) -> pa.RecordBatch:
+    keep = split_mask(batch.column(data.split.column), data.split, split)
+    return batch if keep.all() else batch.filter(keep)  # a one-day row group: no copy
+
+
+def _ranged(
+    batches: Iterator[pa.RecordBatch], start: int, stop: int, keep: Any
+) -> Iterator[pa.RecordBatch]:
+    """Rows [start, stop) of what `keep` leaves of `batches` (the row group's rows of the
+    split)."""
+    seen = 0
+    for batch in batches:
+        batch = keep(batch)
+        lo, hi = max(start - seen, 0), min(stop - seen, batch.num_rows)
+        seen += batch.num_rows
+        if lo < hi:
+            yield batch.slice(lo, hi - lo)
+        if seen >= stop:
+            return
+
+
+def _packed_table(arrays: dict[str, Any]) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table(
+        {k: ArrowTensorArray.from_numpy(v if isinstance(v, np.ndarray) else v.numpy())
+         for k, v in arrays.items()}
+    )  # fmt: skip
+
+
+def _row_group(path: str, group: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """A row group's `columns`, `READ_BATCH_ROWS` rows at a time; a file that cannot be
+    decoded is named in the error."""
+    from pipeline.data.files import DECODE_ERRORS, corrupt_data, filesystem_for
+
+    fs, fs_path = filesystem_for(path)
+    try:
+        parquet = pq.ParquetFile(fs_path, filesystem=fs)
+        yield from parquet.iter_batches(READ_BATCH_ROWS, row_groups=[group], columns=columns)
+    except DECODE_ERRORS as err:
+        raise corrupt_data(path, err) from None
+
+
+def _tensor(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A packed column as Ray Data writes it (its tensor extension type, or the fixed-size
+    lists under it when the type is not registered) as a 2-D array."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        if hasattr(array, "to_numpy") and type(array) is not pa.ExtensionArray:
+            return array.to_numpy()
+        array = array.storage
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(array), -1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one worker's dataset may use of the node.
+
+    Attributes:
+        cpus: CPUs its read-and-preprocess tasks may hold at once.
+        task_cpus: CPUs each such task reserves.
+        object_store_bytes: blocks it may keep in the object store at once.
+    """
+
+    cpus: float
+    task_cpus: float
+    object_store_bytes: int
+
+    @classmethod
+    def of(
+        cls, cluster_cpus: float, workers: int, cpus_per_worker: float, block_bytes: int
+    ) -> Budget:
+        """Each worker's share of the CPUs the workers leave (at least one task's), and two
+        blocks in the object store per task it can run.
+
+        Example:
+            >>> Budget.of(2.0, 2, 0.5, 16 * 2**20)  # the 2-CPU machine: 64 MiB each
+            Budget(cpus=0.5, task_cpus=0.5, object_store_bytes=67108864)
+            >>> Budget.of(16.0, 2, 1.0, 16 * 2**20).object_store_bytes // 2**20
+            448
+        """
+        task_cpus = 0.5
+        cpus = max(task_cpus, (cluster_cpus - workers * cpus_per_worker) / max(workers, 1))
+        tasks = max(1, math.floor(cpus / task_cpus + 1e-9))
+        return cls(cpus, task_cpus, max(2, tasks * READ_AHEAD_BLOCKS) * block_bytes)
+
+
+def read_units(
+    ranges: list[Range], preprocessor: Preprocessor, split: str, layout: Layout, task_cpus: float
+) -> Any:
+    """A lazy Ray Data dataset of the rows of `ranges`, preprocessed and packed (read as they
+    are from a search's `packed` copy): one task per range, in order."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = [
+        {"path": r.path, "row_group": r.row_group, "start": r.start, "stop": r.stop} for r in ranges
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if ranges and ranges[0].packed:
+        reader, kwargs = _read_packed, {"layout": layout}
+    else:
+        reader = _read_unit
+        kwargs = {"preprocessor": preprocessor, "split": split, "layout": layout}
+    return ds.map_batches(
+        reader, batch_size=1, batch_format="numpy", num_cpus=task_cpus, fn_kwargs=kwargs
+    )
+
+
+def stream_ranges(
+    ranges: list[Range], preprocessor: Preprocessor, split: str, layout: Layout, budget: Budget
+) -> Iterator[Packed]:
+    """The rows of `ranges`, in order, as packed numpy blocks."""
+    if not ranges:
+        return
+    ds = read_units(ranges, preprocessor, split, layout, budget.task_cpus)
+    options = ds.context.execution_options
+    options.preserve_order = True  # the ranges' order: positions are the same every run
+    options.resource_limits = options.resource_limits.copy(
+        cpu=budget.cpus, object_store_memory=budget.object_store_bytes
+    )
+    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        if len(block[FLOAT]):
+            yield block
+
+
+def _chunks(blocks: Iterator[Packed], rows: int) -> Iterator[Packed]:
+    """Chunks of exactly `rows` rows (the last may be short) out of blocks of any size: views
+    of a block when the chunk lies in one, else a concatenated copy. Views are read-only
+    (Ray's store): `_torch` copies them, permuted or not."""
+    pending: list[Packed] = []
+    held = 0
+    for block in blocks:
+        pending.append(block)
+        held += len(block[FLOAT])
+        while held >= rows:
+            yield _take(pending, rows)
+            pending, held = _rest(pending, rows)
+    if held:
+        yield _take(pending, held)
+
+
+def _take(blocks: list[Packed], rows: int) -> Packed:
+    """The first `rows` rows of `blocks`: views of the first block when it holds them."""
+    if len(blocks[0][FLOAT]) >= rows:
+        return {k: v[:rows] for k, v in blocks[0].items()}
+    out = {}
+    for key in blocks[0]:
+        parts, left = [], rows
+        for block in blocks:
+            part = block[key][:left]
+            parts.append(part)
+            left -= len(part)
+            if not left:
+                break
+        out[key] = np.concatenate(parts)
+    return out
+
+
+def _rest(blocks: list[Packed], rows: int) -> tuple[list[Packed], int]:
+    """`blocks` without their first `rows` rows, and the rows left."""
+    out, left = [], rows
+    for block in blocks:
+        size = len(block[FLOAT])
+        if left >= size:
+            left -= size
+            continue
+        out.append({k: v[left:] for k, v in block.items()})
+        left = 0
+    return out, sum(len(b[FLOAT]) for b in out)
+
+
+def permutation_seed(seed: int, epoch: int, rank: int, chunk: int) -> int:
+    """The seed of one permutation of a worker's rows (a streamed chunk's, or with `chunk`
+    -1 a cached epoch's): the same in every run."""
+    return (((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_033 + chunk + 1) % 2**63
+
+
+def _torch(chunk: Packed, order: np.ndarray | None, pin: bool) -> dict[str, torch.Tensor]:
+    """A chunk's arrays as tensors of their own (one copy: permuted by `order`, or plain),
+    written straight into pinned memory for a GPU."""
+    out = {}
+    for key, value in chunk.items():
+        target = torch.empty(value.shape, dtype=_TORCH[value.dtype.str], pin_memory=pin)
+        if order is None:
+            target.numpy()[...] = value
+        else:
+            np.take(value, order, axis=0, out=target.numpy())
+        out[key] = target
+    return out
+
+
+_TORCH = {np.dtype(np.float32).str: torch.float32, np.dtype(np.int64).str: torch.int64}
+
+
+def _cut_batches(
+    chunk: dict[str, torch.Tensor], batch_size: int, skip: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    rows = len(chunk[FLOAT])
+    for start in range(skip * batch_size, rows, batch_size):
+        yield {k: v[start : start + batch_size] for k, v in chunk.items()}
+
+
+@dataclass(frozen=True)
+class CacheChoice:
+    """Where a worker keeps its rows, and why.
+
+    Attributes:
+        where: "device", "host" or "off" (streams every epoch).
+        bytes: what the rows take.
+        budget: what the chosen place allows (0 for off).
+    """
+
+    where: str
+    bytes: int
+    budget: int
+
+
+def choose_cache(
+    mode: str, need: int, device: torch.device, device_budget: int, host_budget: int
+) -> CacheChoice:
+    """Where `need` bytes of a worker's rows go under `data.cache` = `mode`: `device`
+    (GPU memory, on a GPU), `host`, or off; `auto` takes the first that fits. A place whose
+    budget the rows exceed is not taken: they stream.
+
+    Example:
+        >>> cpu = torch.device("cpu")
+        >>> choose_cache("auto", 10, cpu, 0, 100).where, choose_cache("auto", 1000, cpu, 0, 100).where
+        ('host', 'off')
+    """
+    on_gpu = device.type == "cuda"
+    places = {
+        "device": [("device", device_budget)] if on_gpu else [("host", host_budget)],
+        "host": [("host", host_budget)],
+        "auto": ([("device", device_budget)] if on_gpu else []) + [("host", host_budget)],
+    }
+    for where, budget in places.get(mode, []):
+        if need <= budget:
+            return CacheChoice(where, need, budget)
+    return CacheChoice("off", need, 0)
+
+
+class RowCache:
+    """A worker's rows of one split, kept for later epochs: one tensor per dtype, filled
+    in stream order."""
+
+    def __init__(self, layout: Layout, rows: int, device: torch.device, pin: bool) -> None:
+        self.rows, self.filled = rows, 0
+        self.tensors = {}
+        for block, widths in layout.blocks:
+            width = sum(max(w, 1) for _, w in widths)
+            dtype = torch.float32 if block == FLOAT else torch.int64
+            self.tensors[block] = torch.empty(
+                (rows, width), dtype=dtype, device=device, pin_memory=pin
+            )
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.rows
+
+    def add(self, chunk: dict[str, torch.Tensor]) -> None:
+        size = len(chunk[FLOAT])
+        for key, tensor in self.tensors.items():
+            tensor[self.filled : self.filled + size].copy_(chunk[key], non_blocking=True)
+        self.filled += size
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+CACHED_SPLITS = ("train", "validation")  # the test split is read once, at the end
+
+
+class WorkerFeed:
+    """This worker's batches of every split and epoch (see the module docstring).
+
+    Args:
+        counts: each file's rows of each split (`fit` or `count_split_rows`).
+        preprocessor: the run's preprocessing (the batches' layout).
+        rank, world: this worker and the number of workers.
+        device: where the batches go.
+        seed: the run's seed (file order, chunk permutations, cached permutations).
+        budget: this worker's share of the node for its datasets.
+        cache: where the rows are kept: "device", "host" (`choose_cache`), or "off".
+    """
+
+    def __init__(
+        self,
+        counts: SplitRows,
+        preprocessor: Preprocessor,
+        rank: int,
+        world: int,
+        device: torch.device,
+        seed: int,
+        budget: Budget,
+        cache: str = "off",
+    ) -> None:
+        self.counts, self.preprocessor = counts, preprocessor
+        self.layout = Layout.of(preprocessor.empty())
+        self.rank, self.world, self.device, self.seed = rank, world, device, seed
+        self.budget, self.cache = budget, cache
+        self.pin = device.type == "cuda"
+        self.cached: dict[str, RowCache] = {}
+
+    def plan(self, split: str, epoch: int) -> EpochPlan:
+        """The epoch's plan of `split`: the train split's file order changes every epoch,
+        the others are read as given."""
+        shuffle = split == "train"
+        return EpochPlan.of(
+            self.counts, split, self.world, self.seed, epoch if shuffle else 0, shuffle
+        )
+
+    def rows(self, split: str) -> int:
+        """This worker's rows of `split` in an epoch (the same in every epoch)."""
+        return self.plan(split, 1).worker_rows(self.rank)
+
+    def cache_bytes(self) -> int:
+        """What this worker's rows of the cached splits take, packed."""
+        return (
+            sum(self.rows(s) for s in CACHED_SPLITS if s in self.counts.rows)
+            * self.layout.row_bytes()
+        )
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """The train batches of an epoch: the same on every worker."""
+        return math.ceil(self.rows("train") / batch_size)
+
+    def cache_hit(self, split: str = "train") -> bool:
+        """Whether the next pass over `split` reads the cache."""
+        cache = self.cached.get(split)
+        return cache is not None and cache.full
+
+    def train(
+        self, epoch: int, batch_size: int, start: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The epoch's shuffled train batches on the device, from batch `start` on."""
+        if self.cache != "off" and not self.cache_hit():
+            self._fill_from_first_epoch(epoch, batch_size)
+        if self.cache_hit():
+            return self._unpacked(self._from_cache(epoch, batch_size, start))
+        return self._unpacked(self._streamed(epoch, batch_size, start))
+
+    def evaluation(self, split: str, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row of this worker's share of `split`, in order, on the device."""
+        if self.cache_hit(split):
+            return self._unpacked(_cut_batches(self.cached[split].tensors, batch_size))
+        return self._unpacked(self._streamed_eval(split, batch_size))
+
+    def _unpacked(self, batches: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
+        return (self.layout.unpack(b) for b in Prefetcher(batches, self.device))
+
+    def _stream(self, split: str, epoch: int, skip_rows: int = 0) -> Iterator[Packed]:
+        ranges = self.plan(split, epoch).ranges(self.rank, skip_rows)
+        if self.counts.packed:
+            ranges = [r.as_packed() for r in ranges]
+        return stream_ranges(ranges, self.preprocessor, split, self.layout, self.budget)
+
+    def _new_cache(self, split: str) -> RowCache:
+        on_device = self.cache == "device"
+        where = self.device if on_device else torch.device("cpu")
+        cache = RowCache(self.layout, self.rows(split), where, self.pin and not on_device)
+        self.cached[split] = cache
+        return cache
+
+    def _fill_from_first_epoch(self, epoch: int, batch_size: int) -> None:
+        """The cache holds this worker's rows of epoch 1, in its stream order. Epoch 1
+        fills it as it trains (`_streamed`); a run resumed in a later epoch fills it here
+        first, from the same rows, so its epochs permute the same rows as the first run's."""
+        if epoch == 1:
+            return
+        cache = self._new_cache("train")
+        for chunk in _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size):
+            cache.add(_torch(chunk, None, False))
+
+    def _streamed(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
+        chunk_rows = CHUNK_BATCHES * batch_size
+        first_chunk, skip = divmod(start, CHUNK_BATCHES)
+        # Epoch 1 fills the cache as it streams; resumed inside it, the worker reads the
+        # chunks before its position too, for the cache alone.
+        cache = self._new_cache("train") if self.cache != "off" and epoch == 1 else None
+        read_from = 0 if cache is not None else first_chunk
+        stream = self._stream("train", epoch, read_from * chunk_rows)
+        for index, chunk in enumerate(_chunks(stream, chunk_rows), start=read_from):
+            if cache is not None:
+                cache.add(_torch(chunk, None, False))
+            if index < first_chunk:
+                continue
+            generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
+            order = generator.permutation(len(chunk[FLOAT]))
+            tensors = _torch(chunk, order, self.pin)
+            yield from _cut_batches(tensors, batch_size, skip if index == first_chunk else 0)
+
+    def _from_cache(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
+        cache = self.cached["train"]
+        where = cache.tensors[FLOAT].device
+        generator = torch.Generator(device=where)
+        generator.manual_seed(permutation_seed(self.seed, epoch, self.rank, -1))
+        order = torch.randperm(cache.rows, generator=generator, device=where)
+        for begin in range(start * batch_size, cache.rows, batch_size):
+            rows = order[begin : begin + batch_size]
+            yield {k: v.index_select(0, rows) for k, v in cache.tensors.items()}
+
+    def _streamed_eval(self, split: str, batch_size: int) -> Iterator[dict]:
+        fills = self.cache != "off" and split in CACHED_SPLITS
+        cache = self._new_cache(split) if fills else None
+        for chunk in _chunks(self._stream(split, 0), batch_size):
+            tensors = _torch(chunk, None, self.pin)
+            if cache is not None:
+                cache.add(tensors)
+            yield tensors

@@ -1,0 +1,181 @@
+"""A train worker's batches (`pipeline.data.feed`) on the session's Ray cluster: every row of
+an epoch once, equal shares for DDP, read and preprocess fused, the shuffle, positions that
+resume exactly, and the epoch cache. Two workers' feeds are driven from this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.config import DataConfig, load_config
+from pipeline.data.feed import Budget, WorkerFeed, choose_cache
+from pipeline.data.fit import fit
+from pipeline.data.ingest import READ_BLOCK_BYTES
+from pipeline.data.split import split_mask
+from pipeline.data.validate import check_schema
+from pipeline.datasets.synthetic import generate_logs
+
+ROOT = Path(__file__).resolve().parents[3]
+ROWS = 4_000
+BATCH = 64
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture(scope="module")
+def logs(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("logs")
+    generate_logs(out, ROWS, seed=5)
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={out}"]).data
+    files = check_schema(cfg)
+    preprocessor, counts = fit(cfg, files)
+    return cfg, preprocessor, counts, pd.read_parquet(files.paths)
+
+
+def _feeds(logs, cache: str = "off") -> list[WorkerFeed]:
+    _, preprocessor, counts, _ = logs
+    budget = Budget.of(2.0, 2, 0.5, READ_BLOCK_BYTES)
+    cpu = torch.device("cpu")
+    return [WorkerFeed(counts, preprocessor, r, 2, cpu, 0, budget, cache) for r in range(2)]
+
+
+def _keys(batches) -> list[float]:
+    """A row's identity: its ids, dense values and labels, summed (rows of the synthetic
+    logs differ in them)."""
+    keys = []
+    for batch in batches:
+        key = batch["categorical"].double().sum(1) * 1e3 + batch["dense"].double().sum(1)
+        keys.extend((key + batch["labels"].double().sum(1) * 1e-3).tolist())
+    return keys
+
+
+def _expected(cfg: DataConfig, df: pd.DataFrame, name: str) -> int:
+    return int(split_mask(df[cfg.split.column], cfg.split, name).sum())
+
+
+def test_projection_leaves_out_oracle_and_passthrough(logs) -> None:
+    columns = logs[0].columns(labels=True, split=True)
+    assert "day" in columns and "click" in columns and "user_id" in columns
+    assert not {"p_click", "e_watch_time", "event_id"} & set(columns)
+
+
+def test_an_epoch_holds_every_row_once_in_equal_shares(logs) -> None:
+    cfg, _, counts, df = logs
+    assert counts.total("train") == _expected(cfg, df, "train")
+    feeds = _feeds(logs)
+    per_epoch = []
+    for epoch in (1, 2):
+        shares = [_keys(f.train(epoch, BATCH)) for f in feeds]
+        assert len(shares[0]) == len(shares[1]) == feeds[0].rows("train")  # DDP's equal steps
+        per_epoch.append(sorted(shares[0] + shares[1]))
+        assert counts.total("train") - len(per_epoch[-1]) < 2  # at most world - 1 left out
+    assert per_epoch[0] != per_epoch[1] or len(per_epoch[0]) == counts.total("train")
+    validation = [_keys(f.evaluation("validation", 100)) for f in feeds]
+    assert len(validation[0]) + len(validation[1]) == _expected(cfg, df, "validation")
+    batch = next(feeds[0].train(1, BATCH))
+    assert batch["categorical"].dtype == torch.int64 and batch["dense"].dtype == torch.float32
+    assert batch["labels"].dtype == batch["mask"].dtype == torch.float32
+    assert batch["weight"].shape == (BATCH,)
+    assert ((batch["mask"] == 0) <= (batch["labels"] == 0)).all()  # missing -> 0
+
+
+def test_read_and_preprocess_run_as_one_fused_task(logs) -> None:
+    from ray.util.state import list_tasks
+
+    for _ in _feeds(logs)[1].evaluation("test", 100):
+        pass
+    names = {t.name for t in list_tasks(limit=10_000)}
+    assert "MapBatches(_read_unit)" in names, names  # one task reads and preprocesses
+
+
+def test_the_shuffle_is_seeded_and_differs_by_epoch(logs) -> None:
+    feed = _feeds(logs)[0]
+    first, again, second = (_keys(feed.train(e, BATCH)) for e in (1, 1, 2))
+    assert first == again  # the same seed, epoch and rank: the same order
+    assert first != second
+    plain = _keys(feed._unpacked(iter(_plain_batches(feed, 1))))
+    assert sorted(first) == pytest.approx(sorted(plain)) and first != plain  # mixed rows
+
+
+def _plain_batches(feed: WorkerFeed, epoch: int):
+    """The worker's rows of the epoch in stream order, without the shuffle."""
+    from pipeline.data.feed import _chunks, _torch
+
+    for chunk in _chunks(feed._stream("train", epoch), BATCH):
+        yield _torch(chunk, None, False)
+
+
+@pytest.mark.parametrize("cache", ["off", "host"])
+def test_a_worker_resumed_at_batch_k_reads_the_rest_of_the_epoch(logs, cache) -> None:
+    """Batch k onwards, as a fresh worker resumed there reads them: the uninterrupted
+    worker's batches from k, exactly, also when it reads an epoch of the cache (refilled
+    from the first epoch's rows first)."""
+    epoch = 1 if cache == "off" else 2
+    whole = _feeds(logs, cache)[1]
+    if cache == "host":
+        list(whole.train(1, BATCH))  # epoch 1 fills the cache
+    reference = [dict(b) for b in whole.train(epoch, BATCH)]
+    for start in (0, 3, 11, len(reference) - 1):
+        resumed = _feeds(logs, cache)[1]
+        batches = list(resumed.train(epoch, BATCH, start))
+        assert len(batches) == len(reference) - start
+        for got, want in zip(batches, reference[start:], strict=True):
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        assert resumed.cache_hit() == (cache == "host")
+
+
+def test_the_cache_serves_later_epochs_and_validation(logs) -> None:
+    streamed, cached = _feeds(logs, "off")[0], _feeds(logs, "host")[0]
+    assert not cached.cache_hit()
+    first = _keys(cached.train(1, BATCH))
+    assert first == _keys(streamed.train(1, BATCH))  # the first epoch streams
+    assert cached.cache_hit() and cached.cached["train"].full
+    second = _keys(cached.train(2, BATCH))
+    assert sorted(second) == sorted(first) and second != first  # permuted on the device
+    assert _keys(cached.evaluation("validation", 100)) == _keys(
+        streamed.evaluation("validation", 100)
+    )
+    assert cached.cache_hit("validation")
+    assert _keys(cached.evaluation("validation", 100)) == _keys(
+        streamed.evaluation("validation", 100)
+    )
+    rows = cached.rows("train") + cached.rows("validation")
+    assert sum(c.nbytes() for c in cached.cached.values()) == rows * cached.layout.row_bytes()
+
+
+def test_the_cache_goes_where_it_fits() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_cache("auto", 10, cpu, 0, 100).where == "host"
+    assert choose_cache("auto", 10, gpu, 100, 100).where == "device"
+    assert choose_cache("auto", 50, gpu, 10, 100).where == "host"  # pinned host memory
+    assert choose_cache("auto", 500, gpu, 10, 100).where == "off"  # streams
+    assert choose_cache("device", 500, gpu, 10, 1000).where == "off"  # over its budget
+    assert choose_cache("off", 1, cpu, 100, 100).where == "off"
+    budget = Budget.of(16.0, 2, 1.0, 16 * 2**20)
+    assert (budget.cpus, budget.task_cpus) == (7.0, 0.5)
+    assert np.isclose(budget.object_store_bytes / 2**20, 448)
+
+
+def test_a_searchs_preprocessed_copy_serves_the_same_rows(logs, tmp_path) -> None:
+    """`materialise` writes every split preprocessed and packed once; a feed over the copy
+    reads no raw log and serves the same rows of every split (in the copy's own order)."""
+    from pipeline.data.materialise import materialise
+
+    cfg, preprocessor, counts, _ = logs
+    copy = materialise(preprocessor, counts, str(tmp_path / "copy"), 0.5)
+    assert copy.packed and all(path.startswith(str(tmp_path)) for path, _ in copy.units)
+    assert {s: copy.total(s) for s in copy.rows} == {s: counts.total(s) for s in counts.rows}
+    again = materialise(preprocessor, counts, str(tmp_path / "copy"), 0.5)
+    assert again == copy  # complete (its marker): reused as it is
+    budget = Budget.of(2.0, 1, 0.5, READ_BLOCK_BYTES)
+    cpu = torch.device("cpu")  # one worker: every row of the epoch, none left out
+    raw, packed = (WorkerFeed(c, preprocessor, 0, 1, cpu, 0, budget) for c in (counts, copy))
+    assert sorted(_keys(packed.train(1, BATCH))) == pytest.approx(
+        sorted(_keys(raw.train(1, BATCH)))
+    )
+    for split in ("validation", "test"):
+        got, want = (sorted(_keys(f.evaluation(split, 100))) for f in (packed, raw))
+        assert len(got) == counts.total(split) and got == pytest.approx(want)
