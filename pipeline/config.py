@@ -24,6 +24,7 @@ from pydantic import (
 
 from models.config import CategoricalInput, FeatureSchema, ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.intervals import parse_interval
 from pipeline.metrics_vocab import check_mode, check_validation_metric, direction
 
 # The gradient-level task balancing methods of `train.loss_weighting` (torchjd aggregators,
@@ -130,6 +131,18 @@ class DataConfig(Strict):
     group_column: str | None = None
     passthrough: list[str] = Field(default_factory=list)
     batch_size: PositiveInt = 512
+    # Where a worker keeps its preprocessed rows after the first epoch, for the later
+    # epochs and validation (`pipeline/data/feed.py`): `auto` (GPU memory on a GPU, else
+    # host memory, when they fit the budget; else they stream), `device`, `host`, `off`.
+    cache: Literal["auto", "device", "host", "off"] = "auto"
+    # GiB of a worker's cache; None: a quarter of its GPU's memory (device), or of the
+    # node's memory shared by the node's workers (host).
+    cache_budget_gb: float | None = Field(default=None, gt=0.0)
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -270,11 +283,43 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(default=None, gt=0.0)  # max total gradient norm
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_failures: int = Field(default=0, ge=-1)
-    # Same seed, data and workers -> the same metrics, also across a restart or a resume:
-    # a fixed seeded file order and blocks split among workers in order (a little slower).
+    # The data's order is always fixed by the seed (`pipeline/data/plan.py`): the same seed,
+    # data and workers give the same metrics, across a restart or a resume too. This also
+    # asks torch for its deterministic kernels (`torch.use_deterministic_algorithms`),
+    # which matters on a GPU.
     deterministic: bool = False
     storage_path: str = "runs"
     checkpoints_to_keep: PositiveInt = 2
+    # Inside an epoch (`pipeline/training/schedule.py`): a number of steps (500), a duration
+    # (30s, 15m, 1h), `epoch` (at epoch ends only) or `off`. Every epoch still ends with a
+    # validation and a checkpoint. `log_every`: step metrics to MLflow (training loss per
+    # task, samples/s, learning rate); `validate_every`: the validation pass, reported to
+    # Ray Train and Tune, may select the model; `checkpoint_every` bounds the work a failure
+    # loses (the checkpoint records each worker's position in the epoch's data).
+    log_every: int | str = "30s"
+    validate_every: int | str = "epoch"
+    checkpoint_every: int | str = "15m"
+    # A progress line on the driver's console this often when it is not a terminal (on a
+    # terminal: a live bar).
+    progress_every: int | str = "30s"
+
+    @field_validator("log_every", "validate_every", "checkpoint_every", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+    @field_validator("log_every", "validate_every", "checkpoint_every")
+    @classmethod
+    def _interval(cls, value: int | str) -> int | str:
+        parse_interval(value)  # ValueError: pydantic names the field
+        return value
+
+    @field_validator("progress_every")
+    @classmethod
+    def _duration(cls, value: int | str) -> int | str:
+        if not parse_interval(value).seconds:
+            raise ValueError(f"{value!r}: expected a duration, e.g. 30s or 2m")
+        return value
 
 
 class TrackingConfig(Strict):

@@ -50,6 +50,11 @@ from pipeline.tracking.security import redact_text
 ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a local head
 CONNECT_TIMEOUT_S = 5.0
+# A local instance keeps idle worker processes for a minute, and up to 8 of them: each
+# worker's Ray Data stream runs its read tasks in bursts (an epoch, a validation pass), and
+# with Ray's defaults (as many as CPUs, killed after 1 s idle) every burst started fresh
+# Python processes (about 2 s each on 2 CPUs). `RAY_<name>` variables still win.
+WARM_WORKERS = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 60_000}
 WORKER_SETUP_HOOK = "pipeline.session.quiet_ray_data_console"
 
 
@@ -226,6 +231,7 @@ def start_ray(num_cpus: float | None = None) -> str:
             dashboard_host="127.0.0.1",  # a local cluster's dashboard listens on loopback
             runtime_env=_job_env(address),
             log_to_driver=True,
+            _system_config=WARM_WORKERS,
         )
     finally:
         os.environ.pop(GCS_PORT_ENV, None)

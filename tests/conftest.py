@@ -18,6 +18,7 @@ from bench import harness
 from bench.harness import (  # noqa: F401
     REPO_ROOT,
     TINY_OVERRIDES,
+    by_epoch,
     free_port,
     log_untrained_run,
     stop_group,

@@ -25,14 +25,16 @@ class TrialRow:
     """One trial as the search saw it.
 
     `status`: `completed` (all epochs, selected model reported), `stopped` (by the scheduler),
-    `error`, or `unfinished` (interrupted search). `value` is the search metric of the last
-    report: for a completed trial, its selected epoch's.
+    `error`, or `unfinished` (interrupted search). `epochs` and `validations` are those of
+    the last report Tune saw (a trial stopped inside its first epoch: 0 epochs). `value` is
+    the search metric of the last report: for a completed trial, its selected model's.
     """
 
     trial_id: str
     run_id: str | None
     status: str
     epochs: int
+    validations: int
     value: float | None
     values: dict[str, Any]
     checkpoint_path: str | None = None
@@ -68,6 +70,7 @@ def trial_rows(
                 run_id=find_trial_run(client, experiment_id, parent_run_id, trial_id),
                 status=status,
                 epochs=int(metrics.get("epoch", 0)),
+                validations=int(metrics.get("validations", 0)),
                 value=float(value) if isinstance(value, int | float) else None,
                 values=spec.decode(result.config) if result.config else {},
                 checkpoint_path=metrics.get("checkpoint_path"),
@@ -99,8 +102,8 @@ def summary_table(rows: list[TrialRow], spec: SearchSpec) -> list[str]:
 
     Example:
         >>> print("\\n".join(summary_table(rows, spec)))  # doctest: +SKIP
-        rank trial       status     epochs val/mean_auc model.expert_dims ...
-           1 3f2a_00002  completed       3       0.7312 [64, 32]          ...
+        rank trial       status     epochs validations val/mean_auc model.expert_dims ...
+           1 3f2a_00002  completed       3           3       0.7312 [64, 32]          ...
     """
     table = [
         {
@@ -108,6 +111,7 @@ def summary_table(rows: list[TrialRow], spec: SearchSpec) -> list[str]:
             "trial": row.trial_id,
             "status": row.status,
             "epochs": row.epochs,
+            "validations": row.validations,
             spec.settings.metric: f"{row.value:.4f}" if row.value is not None else "-",
             **{k: json.dumps(v) if isinstance(v, list) else _fmt(v) for k, v in row.values.items()},
         }

@@ -5,6 +5,7 @@ Layout on storage (`train.storage_path` of the base config):
   <storage>/<name>/                Ray Tune experiment (what `--resume` restores)
   <storage>/<name>/adatt_search.json   the parent run id and the spec fingerprint
   <storage>/<name>-train/train-trial_id=<id>/   each trial's Ray Train run (checkpoints)
+  <storage>/<name>-preprocessed/<split>/   the logs preprocessed once, read by every trial
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config
 from pipeline.data.files import InputFiles, as_uri, exists, join, read_text, write_text
-from pipeline.data.fit import fit_preprocessor
+from pipeline.data.fit import count_split_rows, fit
+from pipeline.data.ingest import DATA_TASK_CPUS
+from pipeline.data.materialise import materialise
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import ConfigError, InputError
 from pipeline.release.registry import register_run
@@ -120,11 +123,12 @@ def _scheduler(spec: SearchSpec) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # Milestones count epochs; max_t lies past the last epoch so that ASHA never stops a
-    # trial at its last epoch, before it reports its selected model.
+    # Milestones count validations (`train.validate_every`: at epoch ends, or inside an
+    # epoch too, so a one-epoch search can stop a bad trial early). No horizon: a trial
+    # ends by itself; one stopped at a milestone is stopped, whenever that is.
     return ASHAScheduler(
-        time_attr="epoch",
-        max_t=spec.base.train.epochs + 1,
+        time_attr="validations",
+        max_t=2**31,
         grace_period=scheduler.grace_period,
         reduction_factor=scheduler.reduction_factor,
     )
@@ -223,14 +227,18 @@ def run_search(
     state = _search_state(spec, storage, resume)
     if state is not None:
         preprocessor = Preprocessor.from_dict(state["preprocessor"])
+        counts = count_split_rows(config.data, files)
     else:
-        preprocessor = fit_preprocessor(config.data, files)
+        preprocessor, counts = fit(config.data, files)
     # Every trial runs the base's resources (they are fixed for a search): resolved once.
     spec.base = start_ray_and_check_cluster(session, storage, config)
     state = state or _new_search(session, spec, experiment_path, preprocessor)
+    # The logs read and preprocessed once for every trial (`pipeline.data.materialise`).
+    counts = materialise(preprocessor, counts, _preprocessed(experiment_path), DATA_TASK_CPUS)
     inputs = SearchInputs(
         spec=spec,
         files=files,
+        counts=counts,
         preprocessor=preprocessor.to_dict(),
         tracking_uri=session.tracking_uri,
         experiment_id=state["experiment_id"],
@@ -300,6 +308,11 @@ def _fit(
             ),
         )
     return tuner.fit()
+
+
+def _preprocessed(experiment_path: str) -> str:
+    """Where the search's one preprocessed copy of its splits is kept."""
+    return f"{experiment_path.rstrip('/')}-preprocessed"
 
 
 def _train_storage(experiment_path: str) -> str:

@@ -20,6 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import Config
 from pipeline.data.files import InputFiles
+from pipeline.data.plan import SplitRows
 from pipeline.data.preprocess import Preprocessor
 from pipeline.tracking import tags
 from pipeline.tracking.runs import client_for, run_lifecycle, start_run
@@ -33,13 +34,14 @@ logger = logging.getLogger(__name__)
 class SearchInputs:
     """What every trial shares, computed once on the search driver.
 
-    `files` (schema-checked) and `preprocessor` (fitted statistics) are not recomputed per
-    trial; each trial builds its own lazy Ray Data datasets from them, which reads nothing
-    until its workers iterate.
+    `files` (schema-checked), `counts` (their rows of each split) and `preprocessor` (fitted
+    statistics) are not recomputed per trial; each trial's workers plan and read their own
+    rows from them.
     """
 
     spec: SearchSpec
     files: InputFiles
+    counts: SplitRows
     preprocessor: dict[str, Any]
     tracking_uri: str
     experiment_id: str
@@ -48,11 +50,15 @@ class SearchInputs:
 
 
 class TrialReporter(TuneReportCallback):
-    """`TuneReportCallback` whose last report carries the selected epoch's validation metrics.
+    """`TuneReportCallback` that forwards the validations (inside and at the end of epochs;
+    their count `validations` is ASHA's time axis) and a last report carrying the selected
+    model's validation metrics.
 
-    The worker loop's final report holds `best/val/...` (the selected epoch) and test
+    The worker loop's final report holds `best/val/...` (the best validation) and test
     metrics; copying `best/val/x` to `val/x` there makes every Tune result carry the search
     metric and makes a finished trial's last result the score of the model it selected.
+    Reports of step metrics or checkpoints alone are not forwarded: Tune requires the
+    search metric in every result.
     """
 
     def after_report(
@@ -62,6 +68,8 @@ class TrialReporter(TuneReportCallback):
         if report.get("final"):
             best = {k[len("best/") :]: v for k, v in report.items() if k.startswith("best/val/")}
             metrics = [{**report, **best}, *metrics[1:]]
+        elif not any(k.startswith("val/") for k in report):
+            return  # step metrics and checkpoints alone: Tune compares validations only
         super().after_report(run_context, metrics, checkpoint)
 
 
@@ -126,7 +134,7 @@ def run_trial(sample: dict[str, Any], inputs: SearchInputs) -> None:
         trainer = make_trainer(
             config,
             Preprocessor.from_dict(inputs.preprocessor),
-            inputs.files,
+            inputs.counts,
             run,
             callbacks=[TrialReporter()],
         )

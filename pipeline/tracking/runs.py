@@ -1,6 +1,6 @@
 """MLflow tracking: where runs go, their lifecycle, params and metrics. MLflow only, no Ray:
 `adatt register` and `adatt predict` use it without starting Ray Train (the per-epoch
-logging callback that runs under Ray Train is `pipeline.training.callbacks.EpochLogger`).
+logging callback that runs under Ray Train is `pipeline.training.callbacks.RunLogger`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pipeline.config import Config, TrackingConfig
 from pipeline.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-EPOCH_KEY = "epoch"
+STEP_KEY = "global_step"  # logged with every report of a training, at its own step
 
 
 def quiet_telemetry() -> None:
@@ -109,9 +109,9 @@ def start_run(client: MlflowClient, config: Config, uri: str, tags: dict[str, st
     return run.info.run_id
 
 
-def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
-    """Epochs whose metrics are already in the run."""
-    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_KEY)}
+def logged_steps(client: MlflowClient, run_id: str) -> set[int]:
+    """The global steps whose reports are already in the run."""
+    return {int(m.step) for m in client.get_metric_history(run_id, STEP_KEY)}
 
 
 @contextmanager

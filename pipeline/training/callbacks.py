@@ -1,9 +1,11 @@
-"""The Ray Train callback that logs each epoch to MLflow and prints its one-line summary.
+"""The Ray Train callback that logs a training's reports to MLflow and prints each epoch's
+one-line summary.
 
-Only rank 0's metrics reach MLflow: `EpochLogger` runs on the Ray Train controller and
-receives every worker's report, of which it logs rank 0's. Logging is keyed by epoch and
-skips epochs already in the run, so a restart after a worker failure or a `--resume` never
-logs an epoch twice.
+Only rank 0's metrics reach MLflow: `RunLogger` runs on the Ray Train controller and
+receives every worker's report, of which it logs rank 0's, at the report's `global_step`
+(the MLflow step of every metric: step metrics, validations inside an epoch, epoch ends).
+Logging skips steps already in the run, so a restart after a worker failure or a
+`--resume`, which repeats the steps after its checkpoint, never logs a step twice.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from pipeline.tracking.runs import EPOCH_KEY, log_metrics, logged_epochs
+from pipeline.tracking.runs import STEP_KEY, log_metrics, logged_steps
 
 
 def format_epoch(metrics: Mapping[str, Any], tasks: list[str]) -> str:
@@ -31,8 +33,8 @@ def format_epoch(metrics: Mapping[str, Any], tasks: list[str]) -> str:
     return " | ".join(parts)
 
 
-class EpochLogger(UserCallback):
-    """Logs rank 0's per-epoch report to MLflow once, and prints a progress line.
+class RunLogger(UserCallback):
+    """Logs rank 0's reports to MLflow once per global step; prints a line per epoch.
 
     Runs on the Ray Train controller; the final report (`final` = 1) carries test metrics
     and is logged without a step.
@@ -51,14 +53,15 @@ class EpochLogger(UserCallback):
         client = MlflowClient(self.tracking_uri)
         numeric = {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
         if report.get("final"):
-            summary = {k: v for k, v in numeric.items() if k not in ("final", EPOCH_KEY)}
-            log_metrics(client, self.run_id, summary)
+            drop = ("final", "epoch", STEP_KEY, "validations")
+            log_metrics(client, self.run_id, {k: v for k, v in numeric.items() if k not in drop})
             return
         if self._seen is None:
-            self._seen = logged_epochs(client, self.run_id)
-        epoch = int(report["epoch"])
-        if epoch in self._seen:
+            self._seen = logged_steps(client, self.run_id)
+        step = int(report[STEP_KEY])
+        if step in self._seen:
             return
-        log_metrics(client, self.run_id, numeric, step=epoch)
-        self._seen.add(epoch)
-        print(format_epoch(report, self.tasks), flush=True)
+        log_metrics(client, self.run_id, numeric, step=step)
+        self._seen.add(step)
+        if report.get("epoch_end"):
+            print(format_epoch(report, self.tasks), flush=True)

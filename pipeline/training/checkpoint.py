@@ -39,6 +39,15 @@ class TrainingState:
         sharded: the tables are sharded (`model.embeddings: torchrec`): `model`, `loss` and
             `best_model` are empty here, and every worker's shards are in the checkpoint
             folder's `sharded/` (see `pipeline.training.sharding`).
+        step_in_epoch: steps taken in epoch `epoch + 1` when the checkpoint was written
+            inside it (0 at an epoch's end): where every worker's data stands
+            (`pipeline.data.plan`: the same position on every worker).
+        global_step: steps since the run started (the MLflow step of every report).
+        validations: validation passes reported (Tune's time axis).
+        best_step: the global step of the best validation so far.
+        workers: per rank, what the step-level state of the epoch in progress needs: the
+            epoch's running sums (`tally`) and the RNG states (`rng`, `cuda_rng`).
+        best_metrics: the validation metrics of the best validation so far.
     """
 
     model: dict[str, torch.Tensor]
@@ -55,6 +64,22 @@ class TrainingState:
     final: bool = False
     restarts: int = 0
     sharded: bool = False
+    step_in_epoch: int = 0
+    global_step: int = 0
+    validations: int = 0
+    best_step: int | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+    def best_is_current(self) -> bool:
+        """Whether the best weights are the ones now: the best validation was the last
+        thing before this point, with no step since (checkpoints of earlier versions, which
+        validated at epoch ends only: by epoch)."""
+        if self.final:
+            return True
+        if self.best_step is not None:
+            return self.best_step == self.global_step
+        return self.best_epoch == self.epoch > 0 and not self.step_in_epoch
 
 
 def save_checkpoint(state: TrainingState, folder: str | Path) -> Path:

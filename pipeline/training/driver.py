@@ -6,7 +6,6 @@ and its plots (`pipeline.training.outputs`).
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,14 +17,16 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config, parse_config, upgrade_stored_config
 from pipeline.data.files import InputFiles, as_uri, file_days
-from pipeline.data.fit import fit_preprocessor
-from pipeline.data.ingest import build_datasets, configure_ray_data
+from pipeline.data.fit import count_split_rows, fit
+from pipeline.data.plan import SplitRows
 from pipeline.data.preprocess import Preprocessor
 from pipeline.errors import InputError, Stopped
+from pipeline.intervals import parse_interval
 from pipeline.session import Session, interruptible, open_session, storage_uri
 from pipeline.tracking import tags
 from pipeline.tracking.runs import log_metrics, run_lifecycle, start_run
-from pipeline.training.callbacks import EpochLogger
+from pipeline.training.board import ProgressBoard, progress_shown
+from pipeline.training.callbacks import RunLogger
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.checks import check_before_ray, start_ray_and_check_cluster
 from pipeline.training.faults import FAULT_ENV
@@ -89,50 +90,37 @@ def data_days(paths: list[str]) -> str:
     return ",".join(days)
 
 
-def training_file_order(files: InputFiles, config: Config) -> InputFiles:
-    """Files in the order Ray Data reads them: as given (shuffled anew by Ray each epoch),
-    or, with `train.deterministic`, one permutation seeded by `train.seed`."""
-    if not config.train.deterministic:
-        return files
-    order = sorted(files.paths)
-    random.Random(config.train.seed).shuffle(order)
-    return files.reordered(order)
-
-
 def make_trainer(
     config: Config,
     preprocessor: Preprocessor,
-    files: InputFiles,
+    counts: SplitRows,
     run: RunContext,
     *,
     callbacks: list[Any] | None = None,
     resume_from: str | None = None,
     warm_start: WarmStart | None = None,
+    progress: Any = None,
 ) -> TorchTrainer:
-    """The TorchTrainer for one training run; a Tune trial builds the same one. With
-    `warm_start`, the workers start from its weights (through the object store, so the
-    workers of a cluster read them too)."""
+    """The TorchTrainer for one training run; a Tune trial builds the same one. The workers
+    read their own rows of each epoch (`pipeline.data.feed`), planned from `counts`. With
+    `warm_start`, they start from its weights (through the object store, so the workers of
+    a cluster read them too); with `progress`, rank 0 posts to that board
+    (`pipeline.training.board`)."""
     task_names = [t.name for t in config.data.tasks]
-    deterministic = config.train.deterministic
-    plan = plan_workers(config.train, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    plan = plan_workers(config.train, cluster)
     config = with_workers(config, plan)
-    dataset_config = configure_ray_data(
-        plan.num_workers, plan.cpus_per_worker, preserve_order=deterministic
-    )
-    datasets = build_datasets(
-        config.data,
-        preprocessor,
-        training_file_order(files, config),
-        shuffle_files=not deterministic,
-    )
     return TorchTrainer(
         train_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "preprocessor": preprocessor.to_dict(),
+            "counts": counts.to_dict(),
+            "cluster_cpus": cluster.get("CPU", 1.0),
             "mlflow_run_id": run.run_id,
             "resume_from": resume_from,
             "warm_start": ray.put(warm_start.weights) if warm_start else None,
+            "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
@@ -147,13 +135,11 @@ def make_trainer(
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep
             ),
-            callbacks=[EpochLogger(run.tracking_uri, run.run_id, task_names), *(callbacks or [])],
+            callbacks=[RunLogger(run.tracking_uri, run.run_id, task_names), *(callbacks or [])],
             worker_runtime_env=_forwarded_env(),
             # Ray Train's INFO lines repeat every report in full; the epoch line says it once.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
-        dataset_config=dataset_config,
     )
 
 
@@ -186,10 +172,12 @@ def finish_run(
 @dataclass
 class _Inputs:
     """What a training starts from, found before Ray starts: the (stored) config, the
-    checked files, the preprocessing, and the run it continues or the model it starts from."""
+    checked files and their rows of each split, the preprocessing, and the run it continues
+    or the model it starts from."""
 
     config: Config
     files: InputFiles
+    counts: SplitRows
     preprocessor: Preprocessor
     storage: str
     resumed: Resumed | None = None
@@ -217,12 +205,13 @@ def prepare_inputs(
     parent = resolve_warm_start(warm_start, session.client, config) if warm_start else None
     if resumed is not None:
         preprocessor = Preprocessor.from_dict(resumed.state.preprocessor)
+        counts = count_split_rows(config.data, files)
     else:
         # The row pass checks the day's data even when the statistics stay the model's.
-        preprocessor = fit_preprocessor(config.data, files)
+        preprocessor, counts = fit(config.data, files)
         if parent is not None:
             preprocessor = parent.preprocessor(config, preprocessor, refit)
-    return _Inputs(config, files, preprocessor, storage, resumed, parent)
+    return _Inputs(config, files, counts, preprocessor, storage, resumed, parent)
 
 
 def open_run(session: Session, inputs: _Inputs) -> RunContext:
@@ -276,17 +265,21 @@ def run_training(
         f"run {run.run_id}: {inputs.config.model.name} on {inputs.files.rows:,} rows of "
         f"{len(inputs.files)} file(s), {inputs.config.train.num_workers} worker(s)"
     )
+    board = ProgressBoard.remote()
+    every = parse_interval(inputs.config.train.progress_every).seconds
     try:
         with interruptible(), run_lifecycle(session.client, run.run_id):
             trainer = make_trainer(
                 inputs.config,
                 inputs.preprocessor,
-                inputs.files,
+                inputs.counts,
                 run,
                 resume_from=inputs.resumed.checkpoint if inputs.resumed else None,
                 warm_start=inputs.parent,
+                progress=board,
             )
-            result = _fit(trainer)
+            with progress_shown(board, inputs.config.train.epochs, every, session.echo):
+                result = _fit(trainer)
             return finish_run(
                 session.client,
                 run,

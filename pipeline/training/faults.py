@@ -5,9 +5,10 @@ worker decides on its own whether the fault is its to fire. Forms:
 
 - `raise@2`: rank 0 raises at the start of epoch 2 (the train function fails).
 - `exit@2@1`: rank 1 calls `os._exit(1)` at the start of epoch 2, as a crash would.
-- `exit@2.5@1`: the same, halfway through epoch 2: after half as many optimiser steps as
-  the previous epoch took (at epoch 1, after the first step).
-- `hang@2`: rank 0 stops (sleeps) at epoch 2, so a test can kill the driver mid-run.
+- `exit@2.5@1`: the same, halfway through epoch 2: after half of its optimiser steps
+  (a worker knows its epoch's steps before it starts: `pipeline.data.plan`).
+- `hang@2`: rank 0 stops (sleeps) at epoch 2, so a test can kill the driver mid-run;
+  `hang@1.6`: at 60 % of epoch 1.
 - `nan@2`: rank 0's first batch of epoch 2 gets NaN labels, so the epoch's loss is NaN.
 
 A fault fires only in a worker that started without a checkpoint, so the restarted (or
@@ -51,13 +52,11 @@ class Fault:
     fraction: float = 0.0
     rank: int = 0
 
-    def step(self, previous_epoch_steps: int | None) -> int:
-        """Optimiser steps taken in the epoch before the fault fires."""
+    def step(self, epoch_steps: int) -> int:
+        """Optimiser steps taken in the epoch (of `epoch_steps`) before the fault fires."""
         if self.fraction == 0:
             return 0
-        if not previous_epoch_steps:
-            return 1
-        return max(1, math.floor(self.fraction * previous_epoch_steps))
+        return max(1, math.floor(self.fraction * epoch_steps))
 
 
 def parse_fault(spec: str) -> Fault:
@@ -106,17 +105,18 @@ def fire(fault: Fault, epoch: int, step: int, batch: dict | None = None) -> None
 
 
 def fault_trigger(
-    epoch: int, rank: int, restored: bool, previous_epoch_steps: int | None
+    epoch: int, rank: int, restored: bool, epoch_steps: int
 ) -> Callable[[int, dict], None] | None:
-    """A per-step callback that fires this worker's fault in `epoch`, or None.
+    """A per-step callback that fires this worker's fault in `epoch` (of `epoch_steps`
+    steps), or None.
 
-    Call it with the number of steps done so far and the next batch, before each step; it
-    fires when that number reaches the fault's step.
+    Call it with the number of steps done so far in the epoch and the next batch, before
+    each step; it fires when that number reaches the fault's step.
     """
     fault = fault_from_env()
     if fault is None or restored or fault.epoch != epoch or fault.rank != rank:
         return None
-    at = fault.step(previous_epoch_steps)
+    at = fault.step(epoch_steps)
 
     def trigger(steps_done: int, batch: dict) -> None:
         if steps_done == at:

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, TrainConfig
-from pipeline.data.ingest import batch_layout, iter_batches
 from pipeline.data.preprocess import Preprocessor
 from pipeline.training.checkpoint import TrainingState, save_checkpoint
 from pipeline.training.losses import TrainingModel
@@ -46,23 +45,24 @@ class Replicas(Protocol):
     base_lrs: list[float]
     network: nn.Module
 
-    def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
-        """The epoch's shuffled training batches; `seed` seeds the shuffle."""
+    def train_batches(self, batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
+        """The epoch's batches as the steps take them (`WorkerFeed.train`'s)."""
 
-    def eval_batches(self, shard: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
-        """Evaluation batches, in order."""
+    def eval_batches(self, batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
+        """Evaluation batches as the evaluation takes them (`WorkerFeed.evaluation`'s)."""
 
     def table_bytes(self) -> int:
         """What the id tables hold on this worker: weights and optimizer state."""
 
-    def end_epoch(self, improved: bool) -> None:
-        """Keep the epoch's weights as the best ones when `improved`."""
+    def validated(self, improved: bool) -> None:
+        """Keep the weights now as the best ones when `improved` (after a validation)."""
 
-    def select_best(self) -> None:
-        """Load the best epoch's weights into the network."""
+    def select_best(self, state: TrainingState) -> None:
+        """Load the best weights into the network."""
 
     def report(self, state: TrainingState, metrics: dict[str, float]) -> None:
-        """Write the checkpoint and report `metrics` with it (every worker calls this)."""
+        """Write the checkpoint of the weights now and report `metrics` with it (every
+        worker calls this)."""
 
 
 def _unwrap(module: nn.Module) -> TrainingModel:
@@ -79,7 +79,6 @@ class Replicated:
     Args:
         training_model: the network and its loss.
         train: the `train:` config section.
-        preprocessor: the run's preprocessing (the batches' layout).
         state: the checkpoint to continue from, or None.
         initial: without `state`, the network's weights to start from (a warm start).
     """
@@ -88,11 +87,9 @@ class Replicated:
         self,
         training_model: TrainingModel,
         train: TrainConfig,
-        preprocessor: Preprocessor,
         state: TrainingState | None,
         initial: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        self.layout = batch_layout(preprocessor)
         if state is not None:
             training_model.model.load_state_dict(state.model)
             training_model.loss.load_state_dict(state.loss)
@@ -106,16 +103,15 @@ class Replicated:
         if state is not None:
             self.optimizer.load_state_dict(state.optimizer)
         self.network = _unwrap(self.module).model
-        self.current = state.model if state is not None else None
         self.best = state.best_model if state is not None else None
-        if state is not None and self.best is None and state.best_epoch == state.epoch > 0:
+        if state is not None and self.best is None and state.best_is_current():
             self.best = state.model
 
-    def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
-        return iter_batches(shard, self.layout, batch_size, device, shuffle=True, seed=seed)
+    def train_batches(self, batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
+        return batches
 
-    def eval_batches(self, shard: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
-        return iter_batches(shard, self.layout, batch_size, device)
+    def eval_batches(self, batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
+        return batches
 
     def table_bytes(self) -> int:
         state = self.optimizer.state
@@ -124,19 +120,17 @@ class Replicated:
             for t in embedding_tables(self.network)
         )
 
-    def end_epoch(self, improved: bool) -> None:
-        self.current = _cpu_state(self.network)
+    def validated(self, improved: bool) -> None:
         if improved:
-            self.best = self.current
+            self.best = _cpu_state(self.network)
 
-    def select_best(self) -> None:
+    def select_best(self, state: TrainingState) -> None:
         if self.best is not None:
             self.network.load_state_dict(self.best)
-        self.current = self.best = _cpu_state(self.network)
 
     def report(self, state: TrainingState, metrics: dict[str, float]) -> None:
-        state.model = self.current
-        state.best_model = None if self.best is self.current else self.best
+        state.model = _cpu_state(self.network)
+        state.best_model = None if state.best_is_current() else self.best
         state.loss = _cpu_state(_unwrap(self.module).loss)
         state.optimizer = self.optimizer.state_dict()
         if ray.train.get_context().get_world_rank() != 0:
@@ -160,5 +154,5 @@ def make_replicas(
     `folder`) or started from `initial` weights (a warm start) or from scratch."""
     fitted = Preprocessor.from_dict(preprocessor)
     if config.model.embeddings != "torchrec":
-        return Replicated(training_model, config.train, fitted, restored, initial)
+        return Replicated(training_model, config.train, restored, initial)
     return Sharded(training_model, config.train, device, fitted, restored, folder, initial=initial)

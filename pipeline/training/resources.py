@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.training.step import check_graph_workers
 
 CPU_WORKERS = 2  # `num_workers: auto` without GPUs: two workers of `cpus_per_worker` each
 _EPS = 1e-9
@@ -93,6 +94,8 @@ def plan_workers(train: TrainConfig, cluster: Mapping[str, float]) -> WorkerPlan
             f"train.num_workers: auto ({fit} here), or share GPUs with train.gpus_per_worker: "
             f"{gpus / workers:g}, or train on CPUs with train.use_gpu: false"
         )
+    if use_gpu:
+        check_graph_workers(train.step_mode, workers)
     return WorkerPlan(workers, use_gpu, train.cpus_per_worker, share)
 
 

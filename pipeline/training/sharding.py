@@ -34,7 +34,6 @@ from models import build_model
 from models.torchrec_input import dense_names
 from pipeline.config import Config, TrainConfig
 from pipeline.data.collate import pad
-from pipeline.data.ingest import batch_layout, iter_batches
 from pipeline.data.preprocess import Preprocessor
 from pipeline.training.checkpoint import TrainingState, save_checkpoint
 from pipeline.training.losses import TrainingModel
@@ -324,20 +323,19 @@ class Sharded:
         self.base_lrs = base_rates(self.optimizer)
         self.network = self.module.module.model
         self.device = device
-        self.layout = batch_layout(preprocessor)
         empty = preprocessor.empty()
         self.empty = {k: torch.from_numpy(v).to(device) for k, v in empty.items()}
         self.best: dict[str, Any] | None = None
-        self._best_is_current = False
         if state is not None:
             if not state.sharded:
                 raise ValueError(
                     f"{folder}: a checkpoint of dense tables; it resumes with "
                     "model.embeddings: dense"
                 )
-            with_best = 0 < state.best_epoch < state.epoch
+            validated = state.best_epoch > 0 or state.best_step is not None
+            with_best = validated and not state.best_is_current()
             self.best = load_sharded(self.module, folder, with_best)
-            if state.best_epoch == state.epoch > 0:
+            if validated and state.best_is_current():
                 self.best = snapshot(self.module)
             self.optimizer.load_state_dict(state.optimizer)
         elif initial is not None:  # a dense network's weights (a warm start): cut into shards
@@ -346,13 +344,11 @@ class Sharded:
             full = {f"model.{torchrec.get(k, k)}": v for k, v in initial.items()}
             load_full_weights(self.module, full)
 
-    def train_batches(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> Any:
-        batches = iter_batches(shard, self.layout, batch_size, device, shuffle=True, seed=seed)
-        return lockstep(batches, batch_size, self.empty, device)
+    def train_batches(self, batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
+        return lockstep(batches, batch_size, self.empty, self.device)
 
-    def eval_batches(self, shard: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
-        batches = iter_batches(shard, self.layout, batch_size, device)
-        return lockstep(batches, batch_size, self.empty, device)
+    def eval_batches(self, batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
+        return lockstep(batches, batch_size, self.empty, self.device)
 
     def table_bytes(self) -> int:
         """What the id tables hold on this worker: its shards of their weights and of the
@@ -369,23 +365,18 @@ class Sharded:
         weights = {k: v for k, v in self.module.state_dict().items() if k.startswith(TABLES)}
         return local(weights) + local(self.module.fused_optimizer.state_dict()["state"])
 
-    def end_epoch(self, improved: bool) -> None:
-        self._best_is_current = improved
-        if improved:
-            self.best = None  # the current weights; copied only once a later epoch is worse
+    def validated(self, improved: bool) -> None:
+        if improved:  # this worker's shards of the weights now
+            self.best = snapshot(self.module)
 
-    def select_best(self) -> None:
+    def select_best(self, state: TrainingState) -> None:
         if self.best is not None:
             load_snapshot(self.module, self.best)
-        self.best, self._best_is_current = None, True
 
     def report(self, state: TrainingState, metrics: dict[str, float]) -> None:
         state.optimizer = self.optimizer.state_dict()
         with tempfile.TemporaryDirectory() as folder:
-            save_sharded(self.module, None if self._best_is_current else self.best, folder)
+            save_sharded(self.module, None if state.best_is_current() else self.best, folder)
             if dist.get_rank() == 0:
                 save_checkpoint(state, folder)
             report(metrics, folder)
-        if self._best_is_current and not state.final:
-            # The next epoch changes these weights: keep this worker's shards of them.
-            self.best = snapshot(self.module)

@@ -1,7 +1,7 @@
 """One training step as an object: the model, its multi-task loss, the optimizer and the
 precision, run eagerly, through `torch.compile`, or captured whole as one CUDA graph.
 
-The Ray Train loop (`pipeline.training.loop.train_epoch`) calls it once per batch, and
+The Ray Train loop (`pipeline.training.loop.WorkerRun.train_epoch`) calls it once per batch, and
 `bench/gpu_step.py` builds the same object without Ray, so a bench figure is a figure of
 the product.
 
@@ -14,11 +14,12 @@ Modes (`train.step_mode`):
 - `cuda_graph`: forward, loss, backward, clip and `Adam(capturable=True)`'s step captured
   once as one CUDA graph, then replayed for every batch: each batch is copied into static
   input buffers. Capture follows PyTorch's whole-network recipe: warm-up steps on a side
-  stream (11 under DDP, so its reducer has built its buckets), then capture; the warm-up's
+  stream, then capture; the warm-up's
   changes to weights and optimizer state are undone before the first real step, so the
   run trains exactly the steps it would eagerly. The learning rate lives in a device
   tensor, so a schedule changes it between replays without a new capture.
-- `auto`: `cuda_graph` on a GPU with dense tables, else `eager`.
+- `auto`: `cuda_graph` on one GPU worker with dense tables, else `eager` (a graph is not
+  captured under DDP: `check_graph_workers`).
 
 Shapes: graph and compile modes pad a short batch (the last of an epoch) to the captured
 number of rows with rows of weight 0 and mask 0, which change no loss or gradient.
@@ -29,27 +30,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline.data.collate import pad
 from pipeline.errors import ConfigError
-from pipeline.training.balancing import GradientBalancer
 
-DDP_WARMUP_STEPS = 11  # PyTorch's CUDA graph notes: DDP needs 11 eager steps before capture
+if TYPE_CHECKING:  # torchjd and its solvers load only where balancing is configured
+    from pipeline.training.balancing import GradientBalancer
+
 WARMUP_STEPS = 3
 
 
 def resolve_step_mode(
-    mode: str, device: torch.device, embeddings: str = "dense", balancing: bool = False
+    mode: str,
+    device: torch.device,
+    embeddings: str = "dense",
+    balancing: bool = False,
+    workers: int = 1,
 ) -> str:
     """The mode a step runs in; ConfigError naming `train.step_mode` where it cannot run.
-    `balancing`: a gradient-level loss weighting (one backward per task: eager only)."""
+    `balancing`: a gradient-level loss weighting (one backward per task: eager only);
+    `workers`: DDP's world size (a captured graph needs one GPU worker: see
+    `check_graph_workers`)."""
     sharded = embeddings == "torchrec"
     if mode == "auto":
-        return "cuda_graph" if device.type == "cuda" and not (sharded or balancing) else "eager"
+        whole = device.type == "cuda" and not (sharded or balancing) and workers == 1
+        return "cuda_graph" if whole else "eager"
+    check_graph_workers(mode, workers)
     if mode != "eager" and balancing:
         raise ConfigError(
             f"train.step_mode: {mode} runs one backward, but a gradient-level "
@@ -66,6 +76,23 @@ def resolve_step_mode(
             "tables update inside the backward pass); use eager (or auto)"
         )
     return mode
+
+
+def check_graph_workers(mode: str, workers: int) -> None:
+    """ConfigError naming `train.step_mode` for a captured graph on several workers.
+
+    PyTorch's recipe for capturing a DDP step has three parts: NCCL's asynchronous error
+    handling off before the process group starts, DDP built in a side-stream context, and
+    11 eager warm-up steps. Ray Train builds the process group and DDP
+    (`prepare_model`), so the first two are not ours to set, and no multi-GPU machine was
+    there to show the capture correct: one GPU worker only (docs/gpu.md).
+    """
+    if mode == "cuda_graph" and workers > 1:
+        raise ConfigError(
+            f"train.step_mode: cuda_graph captures one worker's step, and the run has "
+            f"{workers} GPU workers (DDP); use auto (eager steps on several workers) or "
+            "train.num_workers: 1"
+        )
 
 
 def autocast(device: torch.device, bf16: bool) -> Any:
@@ -197,11 +224,10 @@ class TrainStep:
         """Warm up on a side stream, capture one whole step, then undo the warm-up."""
         self.static = {k: v.clone() for k, v in batch.items()}
         saved = _snapshot(self.module, self.optimizer)
-        ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(DDP_WARMUP_STEPS if ddp else WARMUP_STEPS):
+            for _ in range(WARMUP_STEPS):
                 self._eager(self.static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()

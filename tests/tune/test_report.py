@@ -21,15 +21,23 @@ def spec_and_rows():
     spec = parse_search_spec(raw, "spec", REPO_ROOT / "configs", "t")
     rows = [
         TrialRow(
-            "a_00000", "r0", "completed", 3, 0.70, {"model.expert_dims": [16], "train.lr": 1e-3}
+            "a_00000", "r0", "completed", 3, 3, 0.70, {"model.expert_dims": [16], "train.lr": 1e-3}
         ),
         TrialRow(
-            "a_00001", "r1", "stopped", 1, 0.72, {"model.expert_dims": [16, 8], "train.lr": 1e-4}
+            "a_00001", "r1", "stopped", 0, 1, 0.72, {"model.expert_dims": [16, 8], "train.lr": 1e-4}
         ),
         TrialRow(
-            "a_00002", "r2", "completed", 3, 0.74, {"model.expert_dims": [16, 8], "train.lr": 5e-3}
+            "a_00002",
+            "r2",
+            "completed",
+            3,
+            3,
+            0.74,
+            {"model.expert_dims": [16, 8], "train.lr": 5e-3},
         ),
-        TrialRow("a_00003", None, "error", 0, None, {"model.expert_dims": [16], "train.lr": 2e-4}),
+        TrialRow(
+            "a_00003", None, "error", 0, 0, None, {"model.expert_dims": [16], "train.lr": 2e-4}
+        ),
     ]
     return spec, rows
 
@@ -42,6 +50,7 @@ def test_table_ranks_completed_trials_first_by_metric() -> None:
         "trial",
         "status",
         "epochs",
+        "validations",
         "val/mean_auc",
         "model.expert_dims",
         "train.lr",

@@ -1,7 +1,9 @@
 """`adatt tune` end to end on the session's two-node Ray cluster (2 CPUs) with real MLflow,
 where users run it (logs, Tune's state and the trials' checkpoints in S3): one 3-trial grid
-search with ASHA, interrupted after its first trial finished (Ctrl+C's graceful stop) and
-continued with `--resume`. The suite pays for one search; each test reads one side of it."""
+search of one epoch, validated every 2 of its 11 steps, with ASHA counting validations (so it
+stops a bad trial inside the epoch), interrupted after its first trial finished (Ctrl+C's
+graceful stop) and continued with `--resume`. The suite pays for one search; each test reads
+one side of it."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 # NE rather than AUC: on 6,000 rows AUCs after one epoch are too close to order the trials.
 LEARNING_RATES = [0.01, 0.003, 1e-7]
 METRIC = "val/mean_ne"
+VALIDATIONS = 6  # a trial's: at steps 2, 4, 6, 8, 10 and the epoch's end (11 steps)
 
 
 def tiny_spec(
@@ -44,7 +47,7 @@ def tiny_spec(
     workdir: Path,
     name: str,
     rates: list[float] = LEARNING_RATES,
-    epochs: int = 2,
+    epochs: int = 1,
     scheduler: str = "asha",
     storage: str | None = None,
     **fields: object,
@@ -56,6 +59,7 @@ def tiny_spec(
             "tracking.tracking_uri": f"sqlite:///{workdir}/mlflow.db",
             "train.storage_path": storage or str(workdir / "runs"),
             "train.epochs": epochs,
+            "train.validate_every": 2,
             "train.num_workers": 1,
             **fields,
         }
@@ -91,6 +95,7 @@ class Searched:
     again: str  # the InputError of a second start without --resume
     before: dict[str, Run]  # the trials' MLflow runs when interrupted, by trial id
     first_epochs: list[Metric]  # the epochs the first finished trial logged before the stop
+    preprocess_tasks: int  # read-and-preprocess tasks the whole search ran
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,7 @@ def searched(ray_cluster, s3, s3_logs, tmp_path_factory) -> Searched:
     workdir = tmp_path_factory.mktemp("tune")
     spec = tiny_spec(s3_logs, workdir, "grid", storage=s3.uri("tune"))
     uri = f"sqlite:///{workdir}/mlflow.db"
+    preprocessed_before = _preprocess_tasks()
     start = time.perf_counter()
     done = threading.Event()
     # A no-op handler in case the signal lands after Tune's own handler is gone.
@@ -126,7 +132,15 @@ def searched(ray_cluster, s3, s3_logs, tmp_path_factory) -> Searched:
         str(again.value),
         before,
         first_epochs,
+        _preprocess_tasks() - preprocessed_before,
     )
+
+
+def _preprocess_tasks() -> int:
+    """The read-and-preprocess tasks (`feed._read_unit`) the session's cluster ran."""
+    from ray.util.state import list_tasks
+
+    return sum("MapBatches(_read_unit)" in t.name for t in list_tasks(limit=100_000))
 
 
 def _trial_runs(client: MlflowClient) -> list[Run]:
@@ -141,16 +155,30 @@ def test_search_runs_three_trials_and_asha_stops_one(searched) -> None:
     print(f"search took {searched.seconds:.0f} s, interrupted and resumed")
     assert len(outcome.trials) == 3
     by_lr = {row.values["train.lr"]: row for row in outcome.trials}
-    assert by_lr[0.01].status == "completed" and by_lr[0.01].epochs == 2
+    assert by_lr[0.01].status == "completed" and by_lr[0.01].epochs == 1
+    assert by_lr[0.01].validations == VALIDATIONS
     assert outcome.stopped_early >= 1
+    # ASHA's milestones count validations: it stopped a trial inside its only epoch.
     stopped = [r for r in outcome.trials if r.status == "stopped"]
-    assert all(r.epochs < 2 for r in stopped)
+    assert all(r.epochs == 0 and 1 <= r.validations < VALIDATIONS for r in stopped), stopped
     assert {r.trial_id for r in stopped} >= {
         r.trial_id for r in outcome.trials if r.values["train.lr"] == 1e-7
     }
     # No placement group outlives its trial (a leak would starve later trials' Ray Data).
     table = ray.util.placement_group_table().values()
     assert [pg for pg in table if pg["state"] != "REMOVED"] == []
+
+
+def test_the_search_preprocesses_the_logs_once(searched, s3_logs) -> None:
+    """Three trials, each an epoch with 6 validations, read one preprocessed copy: the
+    logs' files were read and preprocessed once per split they hold rows of (14 days: 12
+    train, 1 validation, 1 test), not once per trial, epoch and pass; the interrupted
+    search's resume found the copy complete and reused it."""
+    assert searched.preprocess_tasks == 14, searched.preprocess_tasks
+    copy = f"{searched.outcome.experiment_path}-preprocessed"
+    from pipeline.data.files import exists
+
+    assert exists(f"{copy}/_SUCCESS.json") and exists(f"{copy}/train")
 
 
 def test_mlflow_holds_parent_and_three_children(searched) -> None:
@@ -247,7 +275,7 @@ def test_the_interrupted_search_resumes_without_repeating_finished_trials(search
     after = client.get_metric_history(kept.info.run_id, "epoch")
     before = searched.first_epochs
     assert [(m.step, m.timestamp) for m in after] == [(m.step, m.timestamp) for m in before]
-    assert [int(v) for v in _history(client, kept.info.run_id, "epoch")] == [1, 2]
+    assert [int(v) for v in _history(client, kept.info.run_id, "epoch")] == [1]
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
 
 

@@ -30,11 +30,11 @@ def test_malformed_fault_names_the_variable(spec: str) -> None:
         parse_fault(spec)
 
 
-def test_fault_step_is_a_fraction_of_the_previous_epoch() -> None:
+def test_fault_step_is_a_fraction_of_the_epoch() -> None:
     assert Fault("exit", 2, 0.0).step(16) == 0  # at the start
     assert Fault("exit", 2, 0.5).step(16) == 8
+    assert Fault("exit", 1, 0.6).step(10) == 6  # epoch 1: its steps are known beforehand
     assert Fault("exit", 2, 0.01).step(16) == 1  # never before the first step
-    assert Fault("exit", 1, 0.5).step(None) == 1  # epoch 1: no previous epoch to measure
 
 
 def _steps_until_fault(trigger, steps: int = 20) -> int | None:
@@ -48,18 +48,18 @@ def _steps_until_fault(trigger, steps: int = 20) -> int | None:
 
 def test_trigger_fires_once_in_its_epoch_rank_and_only_before_a_restore(monkeypatch) -> None:
     monkeypatch.setenv("ADATT_FAULT", "raise@2.5@1")
-    assert fault_trigger(epoch=1, rank=1, restored=False, previous_epoch_steps=None) is None
-    assert fault_trigger(epoch=2, rank=0, restored=False, previous_epoch_steps=16) is None
-    assert fault_trigger(epoch=2, rank=1, restored=True, previous_epoch_steps=16) is None
-    trigger = fault_trigger(epoch=2, rank=1, restored=False, previous_epoch_steps=16)
+    assert fault_trigger(epoch=1, rank=1, restored=False, epoch_steps=16) is None
+    assert fault_trigger(epoch=2, rank=0, restored=False, epoch_steps=16) is None
+    assert fault_trigger(epoch=2, rank=1, restored=True, epoch_steps=16) is None
+    trigger = fault_trigger(epoch=2, rank=1, restored=False, epoch_steps=16)
     assert _steps_until_fault(trigger) == 8
     monkeypatch.delenv("ADATT_FAULT")
-    assert fault_trigger(epoch=2, rank=1, restored=False, previous_epoch_steps=16) is None
+    assert fault_trigger(epoch=2, rank=1, restored=False, epoch_steps=16) is None
 
 
 def test_trigger_at_epoch_start_fires_before_the_first_step(monkeypatch) -> None:
     monkeypatch.setenv("ADATT_FAULT", "raise@3")
-    trigger = fault_trigger(epoch=3, rank=0, restored=False, previous_epoch_steps=16)
+    trigger = fault_trigger(epoch=3, rank=0, restored=False, epoch_steps=16)
     with pytest.raises(InjectedFault, match="injected failure at epoch 3"):
         trigger(0, {})
 
@@ -68,7 +68,7 @@ def test_nan_fault_spoils_the_labels_of_its_batch(monkeypatch) -> None:
     import torch
 
     monkeypatch.setenv("ADATT_FAULT", "nan@2")
-    trigger = fault_trigger(epoch=2, rank=0, restored=False, previous_epoch_steps=16)
+    trigger = fault_trigger(epoch=2, rank=0, restored=False, epoch_steps=16)
     batch = {"labels": torch.zeros(4, 2)}
     trigger(1, batch)
     assert not batch["labels"].isnan().any()  # not its step

@@ -1,13 +1,15 @@
 """Faults end to end on the session's two-node Ray cluster with real MLflow and S3: a driver
-killed mid-run and resumed from S3, SIGTERM, a lost node, a non-finite loss, and no
-credentials in what a run logs; a worker that dies mid-epoch (long tier).
+killed at 60 % of a single-epoch run and resumed from S3 in the middle of the epoch, a
+worker killed at 60 % and restarted there, SIGTERM, a lost node, a non-finite loss, and no
+credentials in what a run logs.
 
-Trained runs are shared (each tiny training costs about half a minute): one one-worker run,
-trained with fake secrets in the environment, is the reference of the driver-kill test; the
-suite's shared two-worker run (`served_training`) is the undisturbed reference of the
-node-loss test. All runs use `train.deterministic`, so "the same as an uninterrupted run" is
-checked exactly, not within noise: a resumed run equal in every figure to a separate run of
-the same seed also shows that two runs of one seed agree.
+Trained runs are shared (each tiny training costs about half a minute): one one-worker,
+one-epoch run (validating every 5 steps, checkpointing every 3), trained with fake secrets
+in the environment, is the reference of the driver-kill and worker-kill tests; the suite's
+shared two-worker run (`served_training`) is the undisturbed reference of the node-loss
+test. A run's data order is fixed by its seed (`pipeline.data.plan`), so "the same as an
+uninterrupted run" is checked exactly, not within noise: a resumed run equal in every
+figure to a separate run of the same seed also shows that two runs of one seed agree.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.tracking import tags
+from pipeline.tracking.runs import logged_steps
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.driver import run_training
-from pipeline.training.resume import checkpoint_folders
-from tests.conftest import REPO_ROOT, SERVED_OVERRIDES, TINY_OVERRIDES, tiny_config
+from pipeline.training.resume import checkpoint_folders, read_state
+from tests.conftest import REPO_ROOT, SERVED_OVERRIDES, TINY_OVERRIDES, by_epoch, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,14 +47,22 @@ NOT_COMPARED = {
     "train/samples_per_s",
     "train/restarts",
     "train/seconds",
+    "step/samples_per_s",
+    "step/seconds",
     "val/seconds",
     "best/val/seconds",
 }
-# The one-worker runs select their model by NE (lower is better; `pipeline.metrics_vocab`).
+# The one-worker runs: one epoch of 21 steps (5,144 train rows, batches of 256), validated
+# every 5 (the model selected by NE, lower is better: `pipeline.metrics_vocab`),
+# checkpointed every 3.
 ONE_WORKER = [
     "train.deterministic=true",
     "train.num_workers=1",
+    "train.epochs=1",
     "train.early_stopping.metric=val/mean_ne",
+    "train.validate_every=5",
+    "train.checkpoint_every=3",
+    "train.progress_every=1s",
 ]
 TWO_WORKERS = ["train.deterministic=true", "train.num_workers=2"]
 FAKE_SECRETS = {
@@ -70,7 +81,7 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[in
 
 
 def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
+    return sorted(int(m.value) for m in client.get_metric_history(run_id, "epoch"))
 
 
 def _logged_models(client: MlflowClient, run_id: str) -> list:
@@ -79,7 +90,7 @@ def _logged_models(client: MlflowClient, run_id: str) -> list:
 
 
 def restarts_by_epoch(client: MlflowClient, run_id: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, "train/restarts")}
+    return by_epoch(client, run_id, "train/restarts")
 
 
 @pytest.fixture(scope="module")
@@ -106,24 +117,27 @@ def two_worker_run(ray_cluster, tiny_logs, workdir) -> str:
     return run_training(tiny_config(tiny_logs, workdir, *TWO_WORKERS)).run_id
 
 
-def test_the_reference_run_logs_each_epoch_once(client, one_worker_run) -> None:
+def test_the_reference_run_logs_each_step_once(client, one_worker_run) -> None:
+    """One epoch of 21 steps: step metrics every 10 steps, a validation every 5 (steps 5,
+    10, 15, 20 and the epoch's end), a checkpoint every 3, each report logged once at its
+    global step."""
     history = metric_history(client, one_worker_run)
-    assert epochs_logged(client, one_worker_run) == [1, 2]
+    assert epochs_logged(client, one_worker_run) == [1]
     assert {"val/click/auc", "train/loss", "test/click/auc", "best/val/mean_auc"} <= set(history)
-    per_epoch = {
-        k: sorted(step for step, _ in v) for k, v in history.items() if k.startswith("val/")
-    }
-    assert per_epoch and all(steps == [1, 2] for steps in per_epoch.values()), per_epoch
+    assert [step for step, _ in history["global_step"]] == [3, 5, 6, 9, 10, 12, 15, 18, 20, 21]
+    assert [step for step, _ in history["val/click/auc"]] == [5, 10, 15, 20, 21]
+    assert [value for _, value in history["validations"]][-1] == 5
+    assert [step for step, _ in history["step/loss"]] == [10, 20]
 
 
-def test_the_model_selected_by_ne_is_the_epoch_of_lowest_ne(client, one_worker_run) -> None:
-    """The direction comes from the metric: by val/mean_ne the selected epoch is the one of
-    lowest NE (b69f646 kept mode max and selected the highest)."""
+def test_the_model_selected_by_ne_is_the_validation_of_lowest_ne(client, one_worker_run) -> None:
+    """The direction comes from the metric: by val/mean_ne the selected model is the
+    validation of lowest NE (b69f646 kept mode max and selected the highest); validations
+    inside the epoch count."""
     ne = {m.step: m.value for m in client.get_metric_history(one_worker_run, "val/mean_ne")}
     metrics = client.get_run(one_worker_run).data.metrics
-    assert len(set(ne.values())) == 2, ne  # two epochs that differ: the choice matters
-    assert ne[int(metrics["best_epoch"])] == min(ne.values()), (ne, metrics["best_epoch"])
-    assert metrics["best/val/mean_ne"] == min(ne.values())
+    assert len(set(ne.values())) == 5, ne  # five validations that differ: the choice matters
+    assert metrics["best/val/mean_ne"] == min(ne.values()) != max(ne.values())
 
 
 def test_no_credentials_in_params_tags_or_artifacts(client, one_worker_run, tmp_path) -> None:
@@ -216,31 +230,36 @@ def _run_ids(client: MlflowClient) -> set[str]:
 def test_sigkilled_driver_resumes_from_s3_into_the_same_run(
     client, one_worker_run, tiny_logs, workdir, driver, s3
 ) -> None:
-    """Checkpoints in S3; the driver SIGKILLed mid-run; its newest checkpoint truncated (an
-    upload cut short): `--resume` skips it, naming it, and continues from the one before,
-    ending equal in every figure to the reference run of the same seed."""
+    """A single-epoch run, checkpoints in S3; the driver SIGKILLed at 60 % of the epoch; its
+    newest checkpoint truncated (an upload cut short): `--resume` skips it, naming it, and
+    continues from the one before, in the middle of the epoch (step 12 of 21), ending equal
+    in every figure to the reference run of the same seed: no row skipped or trained twice
+    in what the model learned."""
     storage = s3.uri("reliability", "runs")
     before = _run_ids(client)
-    # Rank 0 stops at epoch 2, after epoch 1's checkpoint: the kill lands mid-run.
-    proc, log = driver(_train_command(tiny_logs, workdir, storage), fault="hang@2")
-    # The worker reports asynchronously: wait until the controller has also logged epoch 1
-    # (it registers the checkpoint before it calls the MLflow callback) and printed its line,
-    # which reaches the driver's log while the run goes on.
+    # Rank 0 stops after 12 steps of 21 (60 %) and the checkpoint of step 12.
+    proc, log = driver(_train_command(tiny_logs, workdir, storage), fault="hang@1.6")
+    # The worker reports asynchronously: wait until the controller has also logged step 12
+    # (it registers a checkpoint before it calls the MLflow callback), and the progress
+    # line has reached the driver's log while the run goes on.
     _wait_for(
         lambda: (
-            "hangs at epoch 2" in log.read_text()
-            and "epoch 1 | click auc=" in log.read_text()
-            and epochs_logged(client, _only_run(client, before)) == [1]
+            "hangs at epoch 1, step 12" in log.read_text()
+            and "adatt train: epoch 1/1: " in log.read_text()
+            and 12 in logged_steps(client, _only_run(client, before))
         ),
-        "epoch 1 logged and printed, and epoch 2 started",
+        "step 12 logged, a progress line, and the hang after it",
         log,
     )
+    progress = [line for line in log.read_text().splitlines() if ": epoch 1/1: " in line]
+    assert " of 5,144 rows (" in progress[0], progress
     run_id = _only_run(client, before)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody left to mark it
-    (epoch_1,) = checkpoint_folders(storage, client.get_run(run_id).data.tags[tags.RAY_RUN])
-    truncated = _truncated_copy(epoch_1)
+    newest = checkpoint_folders(storage, client.get_run(run_id).data.tags[tags.RAY_RUN])[0]
+    assert read_state(newest).step_in_epoch == 12  # inside the epoch
+    truncated = _truncated_copy(newest)
 
     command = _train_command(tiny_logs, workdir, storage, "--resume", run_id)
     result = CliRunner().invoke(app, command)
@@ -254,11 +273,13 @@ def test_sigkilled_driver_resumes_from_s3_into_the_same_run(
     assert _run_ids(client) == before | {run_id}  # no new run
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert epochs_logged(client, run_id) == [1, 2]  # each epoch once
-    assert restarts_by_epoch(client, run_id) == {1: 0, 2: 1}  # epoch 2 ran from a checkpoint
+    assert epochs_logged(client, run_id) == [1]  # each step once
+    assert restarts_by_epoch(client, run_id) == {1: 1}  # the epoch went on from a checkpoint
     assert [m.name for m in _logged_models(client, run_id)] == ["model"]
-    # The same end state as an uninterrupted run with the same seed: every value, every step.
+    # The same end state as an uninterrupted run with the same seed: every value, every step;
+    # the epoch's rows are those of the uninterrupted epoch (its sums were in the checkpoint).
     assert metric_history(client, run_id) == metric_history(client, one_worker_run)
+    assert by_epoch(client, run_id, "train/rows") == {1: 5144}
 
 
 def _truncated_copy(checkpoint: str) -> str:
@@ -275,6 +296,24 @@ def _truncated_copy(checkpoint: str) -> str:
         stream.write(data[: len(data) // 2])
     assert fs.get_file_info(f"{newer}/checkpoint.pt").type == pafs.FileType.File
     return f"s3://{newer}"
+
+
+def test_a_worker_killed_mid_epoch_restarts_there(client, one_worker_run, tiny_logs, workdir):
+    """`train.max_failures: 1`; the worker exits at 60 % of the single epoch: Ray Train
+    restarts it from the checkpoint of step 12, inside the epoch, and the run ends equal in
+    every figure to the uninterrupted one."""
+    storage = str(workdir / "worker-kill")
+    config = tiny_config(tiny_logs, workdir, *ONE_WORKER, "train.max_failures=1")
+    config = config.model_copy(
+        update={"train": config.train.model_copy(update={"storage_path": storage})}
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ADATT_FAULT", "exit@1.6")  # rank 0 dies after 12 steps of 21
+        outcome = run_training(config)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert restarts_by_epoch(client, outcome.run_id) == {1: 1}
+    assert metric_history(client, outcome.run_id) == metric_history(client, one_worker_run)
 
 
 def test_sigterm_marks_the_run_killed(client, tiny_logs, workdir, driver, s3) -> None:

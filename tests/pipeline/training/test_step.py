@@ -128,6 +128,15 @@ def test_modes_a_cpu_cannot_run_are_config_errors(tiny_logs: Path, tmp_path: Pat
     assert resolve_step_mode("auto", torch.device("cuda", 0), "torchrec") == "eager"
     with pytest.raises(ConfigError, match="train.step_mode: cuda_graph .* CPU"):
         resolve_step_mode("cuda_graph", cpu)
+    # A graph is captured on one GPU worker only (DDP's capture recipe: docs/gpu.md).
+    assert resolve_step_mode("auto", torch.device("cuda", 0), workers=2) == "eager"
+    with pytest.raises(ConfigError, match="cuda_graph captures one worker's step, and the run"):
+        resolve_step_mode("cuda_graph", torch.device("cuda", 0), workers=2)
+    from pipeline.config import TrainConfig
+    from pipeline.training.resources import plan_workers
+
+    with pytest.raises(ConfigError, match="has 2 GPU workers"):  # before the run exists
+        plan_workers(TrainConfig(step_mode="cuda_graph", num_workers=2), {"CPU": 8, "GPU": 2})
     with pytest.raises(ConfigError, match="train.step_mode: cuda_graph .*train.use_gpu is false"):
         tiny_config(tiny_logs, tmp_path, "train.step_mode=cuda_graph", "train.use_gpu=false")
     with pytest.raises(ConfigError, match="train.step_mode: compile does not apply"):

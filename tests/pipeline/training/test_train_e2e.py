@@ -26,7 +26,7 @@ from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.driver import run_training
 from pipeline.training.optim import lr_factor
 from pipeline.training.resume import checkpoint_folders, read_state
-from tests.conftest import tiny_config
+from tests.conftest import by_epoch, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -40,9 +40,14 @@ def test_run_has_params_metrics_plots_and_model(served_training) -> None:
     assert run.data.params["train.epochs"] == "2"
     for task in config.data.tasks:
         metric = "auc" if task.type == "binary" else "mse"
-        history = client.get_metric_history(outcome.run_id, f"val/{task.name}/{metric}")
-        assert sorted(m.step for m in history) == [1, 2], task.name
-    assert [m.step for m in client.get_metric_history(outcome.run_id, "epoch")] == [1, 2]
+        history = by_epoch(client, outcome.run_id, f"val/{task.name}/{metric}")
+        assert sorted(history) == [1, 2], task.name
+    epochs = client.get_metric_history(outcome.run_id, "epoch")
+    assert [m.value for m in epochs] == [1, 2]
+    # Every metric is logged at its global step: step metrics every `log_every` steps.
+    steps = [m.step for m in client.get_metric_history(outcome.run_id, "step/loss")]
+    assert steps == list(range(10, epochs[-1].step + 1, 10))
+    assert epochs[1].step == 2 * epochs[0].step
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "fusion_weights")}
     assert artifacts == {f"fusion_weights/level_{i}.png" for i in range(1, config.model.levels + 1)}
     assert outcome.model_uri is not None
@@ -115,22 +120,22 @@ def test_failed_run_is_marked_failed_and_resume_continues(
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("adatt").experiment_id])
     assert run.info.status == "FAILED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
 
     outcome = run_training(config, resume=run.info.run_id)
     assert outcome.run_id == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
-    assert sorted(steps) == [1, 2, 3]
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch")]
+    assert sorted(epochs) == [1, 2, 3]
     # Adam's step count continued from epoch 1's checkpoint: 3 epochs' worth of steps.
     final = load_checkpoint(Path(outcome.checkpoint_path))
     per_epoch = _optimizer_steps(Path(run.data.tags[tags.STORAGE]) / run.data.tags[tags.RAY_RUN])
     assert _adam_step(final.optimizer) == 3 * per_epoch
     # The resumed epochs continue the cosine schedule where epoch 1 left it.
-    lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/lr"))
+    lrs = by_epoch(client, run.info.run_id, "train/lr")
     expected = [config.train.lr * lr_factor("cosine", e, 3) for e in (1, 2, 3)]
-    assert [step for step, _ in lrs] == [1, 2, 3]
-    assert [value for _, value in lrs] == pytest.approx(expected)
+    assert sorted(lrs) == [1, 2, 3]
+    assert [lrs[e] for e in (1, 2, 3)] == pytest.approx(expected)
     assert final.optimizer["param_groups"][0]["lr"] == pytest.approx(expected[-1])
 
     # A console a person can read: one summary line per epoch, not Ray's report dicts.
