@@ -1,13 +1,15 @@
-"""Ingest benchmark: synthetic logs -> read + preprocess + iter_torch_batches on local Ray.
+"""Feed memory benchmark: the input pipeline's memory against the data's size.
 
-Generates 1M and then 10M rows (`--rows` to change), streams every row of each through the
-train, validation and test datasets (after a one-batch warm-up that starts Ray's workers) of `configs/synthetic.yaml`, and prints rows/s and the
-peak memory of the whole process tree (this process, Ray's raylet/GCS and all workers;
-proportional set size, so shared object-store pages count once). Last line:
-`ingest_rows_per_s=<x> mem_growth_10x=<ratio>` (rows/s of the largest run; peak memory of
-the largest run over the smallest).
+Generates 1M and then 10M rows (`--rows` to change) and runs the product's feed on each
+(`bench/feed.py`'s product path: 2 train workers streaming every split of three epochs
+through their own Ray Data streams) with an epoch cache budget far below the data, so every
+epoch streams (`data.cache_budget_gb: 0.001`), on a fresh local Ray, sampling the memory of
+the whole process tree (this process, Ray's raylet/GCS and all workers; proportional set
+size, so shared object-store pages count once). Last line: `ingest_rows_per_s=<x>
+mem_growth_10x=<ratio>` (rows/s of the largest run's first epoch; peak memory of the
+largest run over the smallest). Memory must stay flat in the data's size.
 
-    python bench/ingest.py [--rows 1000000 10000000] [--batch-size 1024] [--keep DIR]
+    python bench/ingest.py [--rows 1000000 10000000] [--batch-size 4096] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -66,51 +68,23 @@ class PeakMemory:
 
 
 def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
-    """Generate `rows` rows (in a subprocess), then time the ingest on a fresh local Ray."""
-    import ray
-
-    from pipeline.config import load_config
-    from pipeline.data.fit import fit_preprocessor
-    from pipeline.data.ingest import batch_layout, build_datasets, iter_batches
-    from pipeline.data.validate import check_schema
+    """Generate `rows` rows (in a subprocess), then run the feed on a fresh local Ray."""
+    from bench.feed import product
 
     if not any(data_dir.glob("*.parquet")):  # --keep reuses logs from an earlier run
         command = ["generate", "--out", str(data_dir), "--rows", str(rows), "--seed", "0"]
         subprocess.run([sys.executable, "-m", "pipeline.cli", *command], check=True, cwd=ROOT)
-    cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={data_dir}"]).data
-    files = check_schema(cfg)
-    started = time.perf_counter()
-    preprocessor = fit_preprocessor(cfg, files)
-    fit_s = time.perf_counter() - started
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        with PeakMemory() as memory:
-            datasets = build_datasets(cfg, preprocessor, files)
-            # Warm-up outside the timer: start Ray's worker processes and their imports.
-            layout = batch_layout(preprocessor)
-            for _ in iter_batches(datasets["test"].limit(1), layout, batch_size, "cpu"):
-                pass
-            started = time.perf_counter()
-            seen = 0
-            for name, ds in datasets.items():
-                batches = iter_batches(ds, layout, batch_size, "cpu", shuffle=name == "train")
-                for batch in batches:
-                    seen += len(batch["weight"])
-            seconds = time.perf_counter() - started
-    finally:
-        ray.shutdown()
-    assert seen == rows, (seen, rows)
-    rate = rows / seconds
+    overrides = [
+        f"data.path={data_dir}",
+        f"data.batch_size={batch_size}",
+        "data.cache_budget_gb=0.001",  # the data is far above the budget: it streams
+    ]
+    with tempfile.TemporaryDirectory(prefix="adatt-ingest-") as out, PeakMemory() as memory:
+        figures = product(overrides, ROOT / "configs" / "synthetic.yaml", 2, Path(out))
+    assert figures["cache"] == "off", figures
+    rate = figures["epoch1"]["rows_per_s"]
     print(
-        f"rows={rows:,} fit_s={fit_s:.2f} ingest_s={seconds:.2f} rows_per_s={rate:,.0f} "
-        f"peak_mem_mib={memory.peak / 2**20:,.0f}",
+        f"rows={rows:,} feed_rows_per_s={rate:,.0f} peak_mem_mib={memory.peak / 2**20:,.0f}",
         flush=True,
     )
     return rate, memory.peak
@@ -119,7 +93,7 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--keep", type=Path, help="write the logs here instead of a temp dir")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

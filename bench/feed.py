@@ -1,0 +1,296 @@
+"""Feed benchmark: the input pipeline as `adatt train` runs it, with no model.
+
+For each schema (synthetic; Census-Income when `../shared/data` has it; a wide production-like
+log of this bench's making: 200 dense, 30 categorical of 1e6-1e7 distinct ids, 2 multi-hot,
+6 tasks), over the same Parquet files:
+
+- **product**: Parquet -> the driver's row pass and epoch plan (`fit`) -> Ray Train's
+  workers (2 x 0.5 CPU on a 2-CPU machine) -> each worker's `WorkerFeed`, built by the
+  training loop's own `make_feed` (per-worker Ray Data streams, read and preprocess fused,
+  packed blocks, shuffle) -> batches on the worker's device: epoch 1's train batches, then
+  the validation and test passes, timed from the first batch (the workers and Ray Data's
+  processes are started by an untimed pass over the train and test rows first). Epochs 2 and 3 follow, from the epoch
+  cache (`data.cache: auto`) where the worker's rows fit.
+- **one core**: one process, one core, no Ray: pyarrow reads the config's columns of each
+  file, the product's `Preprocessor.transform`, `Layout.pack`.
+
+Prints rows/s and rows/s per CPU of each, then `cache_epoch2_vs_epoch1=` (synthetic: epochs
+2 and 3 together over epoch 1), and last `feed_vs_single_core=`: the product on all the
+machine's CPUs over the one-core pipeline, synthetic schema.
+
+    python bench/feed.py [--rows 1000000] [--wide-rows 200000] [--batch-size 4096] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RAW_CENSUS = ROOT.parent / "shared" / "data" / "census-income"
+WIDE_DENSE, WIDE_CATEGORICAL, WIDE_TASKS = 200, 30, 6
+
+
+def single_core(config_overrides: list[str], config_path: Path) -> dict:
+    """The one-core pipeline over every file of the config: read, transform, pack."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data.collate import Layout
+    from pipeline.data.fit import fit_preprocessor
+    from pipeline.data.validate import check_schema
+
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    torch.set_num_threads(1)
+    config = load_config(config_path, config_overrides)
+    files = check_schema(config.data)
+    preprocessor = fit_preprocessor(config.data, files)
+    layout = Layout.of(preprocessor.empty())
+    columns = config.data.columns(labels=True, split=True)
+    started, rows = time.perf_counter(), 0
+    for path in files.paths:
+        table = pq.read_table(path, columns=columns, use_threads=False)
+        packed = layout.pack(preprocessor.transform(table))
+        rows += len(packed["float32"])
+    seconds = time.perf_counter() - started
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+
+
+def _feed_loop(loop_config: dict) -> None:
+    """A train worker that only takes batches: the product's `make_feed`, as `train_loop`."""
+    import ray.train
+    import torch
+
+    from pipeline.config import parse_config
+    from pipeline.training.loop import EVAL_BATCHES_PER_TRAIN_BATCH, make_feed
+
+    config = parse_config(loop_config["config"])
+    device = ray.train.torch.get_device()
+    feed = make_feed(loop_config, config, device)
+    batch = config.data.batch_size
+    eval_rows = batch * EVAL_BATCHES_PER_TRAIN_BATCH
+
+    def rows_of(batches) -> int:
+        total = 0
+        for b in batches:
+            total += len(b["weight"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return total
+
+    # Warm-up, untimed: a pass over the train rows (of another epoch, not cached) and the
+    # test rows starts Ray Data's processes, as a run's first minutes do.
+    warm = make_feed(
+        loop_config,
+        config.model_copy(update={"data": config.data.model_copy(update={"cache": "off"})}),
+        device,
+    )
+    rows_of(warm.train(0, batch))
+    rows_of(feed.evaluation("test", eval_rows))
+    figures = {"cache": feed.cache}
+    for epoch in (1, 2, 3):
+        started = time.perf_counter()
+        rows = rows_of(feed.train(epoch, batch))
+        rows += rows_of(feed.evaluation("validation", eval_rows))
+        if epoch == 1:
+            rows += rows_of(feed.evaluation("test", eval_rows))
+        figures[f"epoch{epoch}"] = [rows, time.perf_counter() - started]
+    context = ray.train.get_context()
+    out = Path(loop_config["out"]) / f"rank{context.get_world_rank()}.json"
+    out.write_text(json.dumps(figures))
+
+
+def product(config_overrides: list[str], config_path: Path, workers: int, out: Path) -> dict:
+    """The product's feed on a fresh local Ray with every CPU of the machine."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.config import load_config
+    from pipeline.data.fit import fit
+    from pipeline.data.validate import check_schema
+    from pipeline.session import start_ray
+    from pipeline.training.resources import plan_workers, with_workers
+
+    config = load_config(config_path, [*config_overrides, f"train.num_workers={workers}"])
+    files = check_schema(config.data)
+    preprocessor, counts = fit(config.data, files)
+    start_ray()
+    cluster = ray.cluster_resources()
+    plan = plan_workers(config.train, cluster)
+    config = with_workers(config, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    TorchTrainer(
+        _feed_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "preprocessor": preprocessor.to_dict(),
+            "counts": counts.to_dict(),
+            "cluster_cpus": cluster.get("CPU", 1.0),
+            "out": str(out),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.resources(),
+        ),
+        run_config=ray.train.RunConfig(storage_path=str(out / "runs"), name="feed"),
+    ).fit()
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    figures = {"cpus": cluster.get("CPU", 1.0), "cache": ranks[0]["cache"]}
+    for epoch in ("epoch1", "epoch2", "epoch3"):
+        rows = sum(r[epoch][0] for r in ranks)
+        seconds = max(r[epoch][1] for r in ranks)  # the slowest worker ends the epoch
+        figures[epoch] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+    ray.shutdown()
+    return figures
+
+
+def write_wide_logs(out: Path, rows: int, seed: int = 0) -> None:
+    """A production-width ranking log: 200 dense, 30 categorical (1e6-1e7 distinct ids), 2
+    multi-hot lists, 6 binary tasks, a user id and a day; 16 files."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = 16
+    for f in range(files):
+        n = rows // files + (f < rows % files)
+        columns = {
+            "user_id": rng.integers(0, 2_000_000, n),
+            "day": np.full(n, f"2024-01-{f + 1:02d}"),
+        }
+        for j in range(WIDE_DENSE):
+            columns[f"d{j}"] = rng.standard_normal(n).astype(np.float32)
+        for j in range(WIDE_CATEGORICAL):
+            cardinality = int(10 ** (6 + j / (WIDE_CATEGORICAL - 1)))  # 1e6 .. 1e7
+            columns[f"c{j}"] = rng.integers(0, cardinality, n)
+        for j in range(2):
+            lengths = rng.integers(0, 9, n)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            values = pa.array(rng.integers(0, 5_000_000, offsets[-1]))
+            columns[f"m{j}"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+        for j in range(WIDE_TASKS):
+            columns[f"t{j}"] = (rng.random(n) < 0.1 + 0.05 * j).astype(np.int8)
+        pq.write_table(pa.table(columns), out / f"part-{f:02d}.parquet", row_group_size=65_536)
+
+
+def wide_config(out: Path, logs: Path, buckets: int = 2_000_000) -> Path:
+    """The wide schema's training config (`buckets` per categorical table)."""
+    import yaml
+
+    config = {
+        "data": {
+            "path": str(logs),
+            "dense": [{"column": f"d{j}"} for j in range(WIDE_DENSE)],
+            "categorical": [
+                {"column": f"c{j}", "buckets": 2_000_000, "dim": 16}
+                for j in range(WIDE_CATEGORICAL)
+            ],
+            "multi_hot": [{"column": f"m{j}", "buckets": 1_000_000, "dim": 16} for j in range(2)],
+            "tasks": [{"name": f"t{j}"} for j in range(WIDE_TASKS)],
+            "split": {"method": "hash", "column": "user_id", "validation_fraction": 0.1},
+            "group_column": "user_id",
+        }
+    }
+    path = out / "wide.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def schemas(args: argparse.Namespace, work: Path) -> list[tuple[str, Path, list[str]]]:
+    """(name, config, overrides) of each schema, its logs written under `work` once."""
+    from pipeline.datasets.synthetic import generate_logs
+
+    batch = f"data.batch_size={args.batch_size}"
+    synthetic = work / "synthetic"
+    if not any(synthetic.glob("*.parquet")):
+        generate_logs(synthetic, rows=args.rows, seed=0)
+    out = [("synthetic", ROOT / "configs" / "synthetic.yaml", [f"data.path={synthetic}", batch])]
+    census = work / "census"
+    if any(RAW_CENSUS.glob("census-income.data*")):
+        if not any(census.rglob("*.parquet")):
+            from pipeline.datasets.census import convert_census
+
+            convert_census(RAW_CENSUS, census)
+        out.append(("census", ROOT / "configs" / "census.yaml", [f"data.path={census}", batch]))
+    wide = work / "wide"
+    if not any(wide.glob("*.parquet")):
+        write_wide_logs(wide, args.wide_rows)
+    out.append(("wide", wide_config(work, wide), [batch]))
+    return out
+
+
+def _in_subprocess(function: str, *args: str) -> dict:
+    """Run one measurement in a fresh process (its own Ray, its own thread settings)."""
+    command = [sys.executable, __file__, "--measure", function, *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"{function} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows")
+    parser.add_argument("--wide-rows", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="write the logs here instead of a temp dir")
+    parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    if args.measure:
+        function, config, overrides, *rest = args.measure
+        if function == "single_core":
+            result = single_core(json.loads(overrides), Path(config))
+        else:
+            result = product(json.loads(overrides), Path(config), int(rest[0]), Path(rest[1]))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="adatt-feed-") as tmp:
+        work = args.keep or Path(tmp)
+        ratios = {}
+        for name, config, overrides in schemas(args, work):
+            encoded = json.dumps(overrides)
+            one = _in_subprocess("single_core", str(config), encoded)
+            feed = _in_subprocess(
+                "product", str(config), encoded, str(args.workers), str(work / f"out-{name}")
+            )
+            first = feed["epoch1"]
+            later = [feed["epoch2"], feed["epoch3"]]  # from the cache where it fits
+            rows, seconds = sum(e["rows"] for e in later), sum(e["seconds"] for e in later)
+            second = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+            cpus = feed["cpus"]
+            print(
+                f"{name:<9} one_core={one['rows_per_s']:>11,.0f} rows/s   "
+                f"product={first['rows_per_s']:>11,.0f} rows/s on {cpus:g} CPUs "
+                f"({first['rows_per_s'] / cpus:,.0f} per CPU)   "
+                f"cached epochs={second['rows_per_s']:>13,.0f} rows/s "
+                f"(cache: {feed['cache']})   product/one_core={first['rows_per_s'] / one['rows_per_s']:.2f}",
+                flush=True,
+            )
+            ratios[name] = (
+                first["rows_per_s"] / one["rows_per_s"],
+                second["rows_per_s"] / first["rows_per_s"],
+            )
+    print(f"cache_epoch2_vs_epoch1={ratios['synthetic'][1]:.1f}")
+    print(f"feed_vs_single_core={ratios['synthetic'][0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
