@@ -68,9 +68,7 @@ def make_step(replicas: Replicas, config: Config, device: torch.device) -> Train
     train = config.train
     balancing = train.loss_weighting in GRADIENT_METHODS
     workers = ray.train.get_context().get_world_size()
-    mode = resolve_step_mode(
-        train.step_mode, device, config.model.embeddings, balancing, workers
-    )
+    mode = resolve_step_mode(train.step_mode, device, config.model.embeddings, balancing, workers)
     balancer = None
     if balancing:
         from pipeline.training.balancing import GradientBalancer  # torchjd: only when asked
