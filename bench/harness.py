@@ -185,8 +185,9 @@ def untrained_network(config, seed: int = 0):
 
 
 def split_metrics(config, network, preprocessor, files, split: str) -> dict[str, float]:
-    """`network`'s metrics over one split's rows (`<split>/<task>/auc`, `logloss`, `ne`,
-    ...), computed in this process (no Ray), GAUC left out."""
+    """`network`'s metrics over one split's rows (`val/<task>/auc` for the validation
+    split, `test/...`; `logloss`, `ne`, ...), computed in this process (no Ray), GAUC left
+    out."""
     import torch
 
     from pipeline.data.sample import read_split
@@ -198,7 +199,7 @@ def split_metrics(config, network, preprocessor, files, split: str) -> dict[str,
     metrics = MultiTaskMetrics(tasks, torch.device("cpu"))
     with torch.no_grad():
         metrics.update(network(batch), batch["labels"], batch["mask"])
-    return metrics.compute(split)
+    return metrics.compute("val" if split == "validation" else split)
 
 
 def log_untrained_run(

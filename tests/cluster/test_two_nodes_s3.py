@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,8 @@ def test_train_workers_and_read_tasks_ran_on_both_nodes(served_training, ray_clu
     assert len(nodes) == 2
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)
     assert {w.node_id for w in workers} == nodes, workers
-    reads = [t for t in list_tasks(limit=10_000, detail=True) if "ReadParquet" in t.name]
-    assert reads and {t.node_id for t in reads} == nodes, {t.name for t in reads}
+    reads = list_tasks(filters=[("name", "=", "MapBatches(_read_unit)")], limit=10_000)
+    assert reads and {t.node_id for t in reads} == nodes, {t.node_id for t in reads}
 
 
 def test_no_secret_in_params_tags_or_ray_logs(served_training, mlflow_server, ray_cluster):
@@ -100,20 +101,9 @@ def untrained_test_metrics(config) -> dict[str, float]:
     return split_metrics(config, network, fit_preprocessor(config.data, files), files, "test")
 
 
-def test_train_tune_and_predict_beside_another_ray_cluster(
-    ray_cluster, tiny_logs, tmp_path
-) -> None:
-    """Without RAY_ADDRESS each command starts a fresh local Ray instance of its own, by its
-    address, while the session's cluster runs on the same machine; `train` and `tune` run at
-    the same time, so three instances run at once. Both kinds of Ray helper that used to
-    guess the address from the machine's processes (Train's placement-group cleaner, the
-    state API) find their own.
-
-    The training is also the end-to-end check of gradient-level task balancing: UPGrad on
-    2 DDP workers (the loss falls, the test AUCs are those of a model that learned); the
-    search's one trial picks another method as a Tune categorical."""
+def _beside(tiny_logs: Path, tmp_path: Path) -> tuple[dict, str, Callable[[str], list[str]]]:
+    """The environment without RAY_ADDRESS, the config, and the overrides of one store."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    config = str(REPO_ROOT / "configs" / "synthetic.yaml")
 
     def common(store: str) -> list[str]:
         return [
@@ -123,18 +113,21 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
             *TINY_OVERRIDES,  # 2 epochs, 2 workers
         ]
 
-    spec = tmp_path / "tune.yaml"
-    spec.write_text(
-        f"base: {config}\n"
-        "search:\n  train.loss_weighting: {choice: [pcgrad, mgda, imtl_g]}\n"
-        "tune: {searcher: random, num_samples: 1, scheduler: {type: none}}\n"
-    )
+    return env, str(REPO_ROOT / "configs" / "synthetic.yaml"), common
+
+
+def test_train_and_predict_beside_another_ray_cluster(ray_cluster, tiny_logs, tmp_path) -> None:
+    """Without RAY_ADDRESS each command starts a fresh local Ray instance of its own, by its
+    address, while the session's cluster runs on the same machine. Both kinds of Ray helper
+    that used to guess the address from the machine's processes (Train's placement-group
+    cleaner, the state API) find their own. (Three instances at once, with a search beside
+    the training, is the long tier's `test_train_and_tune_at_once_beside_another_ray_cluster`.)
+
+    The training is also the end-to-end check of gradient-level task balancing: UPGrad on
+    2 DDP workers (the loss falls, the test log losses are those of a model that learned)."""
+    env, config, common = _beside(tiny_logs, tmp_path)
     balanced = [*common("train"), "train.loss_weighting=upgrad"]
-    training = _start("train", "-c", config, *_sets(*balanced), env=env, cwd=tmp_path)
-    tuning = _start(
-        "tune", "-c", str(spec), *_sets(*common("tune"), "train.epochs=1"), env=env, cwd=tmp_path
-    )
-    trained, tuned = _finish(training), _finish(tuning)
+    trained = _adatt("train", "-c", config, *_sets(*balanced), env=env, cwd=tmp_path)
 
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_id = trained.stdout.split("MLflow run: ", 1)[1].split()[0]
@@ -156,15 +149,6 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
         print(f"{key}: {run.data.metrics[key]:.4f} trained, {before[key]:.4f} untrained")
         assert run.data.metrics[key] < before[key], task
 
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert "best trial" in tuned.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path}/tune.db")
-    experiment = client.get_experiment_by_name("adatt").experiment_id
-    (trial,) = [r for r in client.search_runs([experiment]) if tags.PARENT in r.data.tags]
-    assert trial.info.status == "FINISHED"
-    assert trial.data.params["train.loss_weighting"] in {"pcgrad", "mgda", "imtl_g"}
-    assert 0.0 < trial.data.metrics["val/mean_auc"] < 1.0
-
     scores = tmp_path / "scores"
     predicted = _adatt(
         *("predict", "--model", f"runs:/{run_id}/model", "--input", str(tiny_logs)),
@@ -174,10 +158,44 @@ def test_train_tune_and_predict_beside_another_ray_cluster(
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert "scored 6,000 rows" in predicted.stdout and (scores / "_SUCCESS").is_file()
-    for done in (trained, tuned, predicted):  # the console shows no secret
+    for done in (trained, predicted):  # the console shows no secret
         assert FAKE_AWS_SECRET not in done.stdout + done.stderr
         assert "Execution plan of Dataset" not in done.stdout + done.stderr
         assert "Progress bars disabled" not in done.stdout + done.stderr
+
+
+@pytest.mark.long
+def test_train_and_tune_at_once_beside_another_ray_cluster(
+    ray_cluster, tiny_logs, tmp_path
+) -> None:
+    """`train` and `tune` at the same time beside the session's cluster: three Ray instances
+    at once, each command on its own. The search's one trial picks a gradient-balancing
+    method as a Tune categorical."""
+    env, config, common = _beside(tiny_logs, tmp_path)
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(
+        f"base: {config}\n"
+        "search:\n  train.loss_weighting: {choice: [pcgrad, mgda, imtl_g]}\n"
+        "tune: {searcher: random, num_samples: 1, scheduler: {type: none}}\n"
+    )
+    training = _start("train", "-c", config, *_sets(*common("train")), env=env, cwd=tmp_path)
+    tuning = _start(
+        "tune", "-c", str(spec), *_sets(*common("tune"), "train.epochs=1"), env=env, cwd=tmp_path
+    )
+    trained, tuned = _finish(training), _finish(tuning)
+
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Found multiple active Ray instances" not in trained.stderr
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "best trial" in tuned.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/tune.db")
+    experiment = client.get_experiment_by_name("adatt").experiment_id
+    (trial,) = [r for r in client.search_runs([experiment]) if tags.PARENT in r.data.tags]
+    assert trial.info.status == "FINISHED"
+    assert trial.data.params["train.loss_weighting"] in {"pcgrad", "mgda", "imtl_g"}
+    assert 0.0 < trial.data.metrics["val/mean_auc"] < 1.0
+    for done in (trained, tuned):
+        assert FAKE_AWS_SECRET not in done.stdout + done.stderr
 
 
 def test_a_dead_head_in_the_address_file_fails_fast_naming_it(

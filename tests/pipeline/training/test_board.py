@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import ray
 
 from pipeline.training.board import ProgressBoard, duration, progress_shown
 
@@ -14,12 +15,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 def test_a_log_gets_one_line_per_interval_with_rows_rate_and_etas(ray_cluster) -> None:
     board = ProgressBoard.remote()
+    ray.get(board.read.remote())  # the actor is up: its start-up is not the board's interval
     lines: list[tuple[float, str]] = []
     per_epoch = 1_000_000
     with progress_shown(board, 2, 2.0, lambda line: lines.append((time.monotonic(), line))):
         started = time.monotonic()
-        for tick in range(1, 33):  # 8 s of posts: 25,000 rows every 0.25 s (100,000 rows/s)
-            board.update.remote(epoch=1, rows=tick * 25_000, rows_per_epoch=per_epoch)
+        # 8 s of posts at 100,000 rows/s, counted by the clock so a slow sleep does not
+        # change the rate the board should report
+        while (elapsed := time.monotonic() - started) < 8.0:
+            board.update.remote(epoch=1, rows=int(elapsed * 100_000), rows_per_epoch=per_epoch)
             time.sleep(0.25)
     assert 3 <= len(lines) <= 5, lines  # every 2 s, from the thread's start
     gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:], strict=False)]
