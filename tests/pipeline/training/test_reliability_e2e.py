@@ -350,6 +350,7 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(
     assert storage.is_dir()
 
 
+@pytest.mark.long
 def test_a_lost_node_restarts_the_workers_from_the_s3_checkpoint(
     client, served_training, s3_logs, workdir, ray_cluster, s3
 ) -> None:
