@@ -33,6 +33,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # (measured: 44 s -> 33 s). The runs themselves do not change.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+# Ray Train's controller takes a worker's report when it polls the workers, every 2 s by
+# default, and a worker's next report waits until the last one was taken (a queue of one).
+# A real run reports every `train.log_every` (30 s); the suite's tiny runs report every few
+# steps (checkpoints every 3, validations every 5), so each report waited up to 2 s: an
+# epoch of 21 steps with 7 checkpoints took 16 s, 3 s with a 0.2 s poll (measured). The
+# runs themselves do not change.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Ray workers import the project from the checkout even when it is not pip-installed.
