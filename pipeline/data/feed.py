@@ -343,11 +343,20 @@ class RowCache:
     def full(self) -> bool:
         return self.filled == self.rows
 
-    def add(self, chunk: dict[str, torch.Tensor]) -> None:
+    def add(self, chunk: Packed) -> dict[str, torch.Tensor]:
+        """Append a chunk (numpy arrays, as streamed) in one copy; returns the cache's views
+        of it."""
         size = len(chunk[FLOAT])
+        lo, hi = self.filled, self.filled + size
+        on_host = self.tensors[FLOAT].device.type == "cpu"
+        source = chunk if on_host else _torch(chunk, None, pin=True)
         for key, tensor in self.tensors.items():
-            tensor[self.filled : self.filled + size].copy_(chunk[key], non_blocking=True)
-        self.filled += size
+            if on_host:
+                tensor[lo:hi].numpy()[...] = source[key]
+            else:
+                tensor[lo:hi].copy_(source[key], non_blocking=True)
+        self.filled = hi
+        return {k: t[lo:hi] for k, t in self.tensors.items()}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -455,7 +464,7 @@ class WorkerFeed:
             return
         cache = self._new_cache("train")
         for chunk in _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size):
-            cache.add(_torch(chunk, None, False))
+            cache.add(chunk)
 
     def _streamed(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         chunk_rows = CHUNK_BATCHES * batch_size
@@ -467,7 +476,7 @@ class WorkerFeed:
         stream = self._stream("train", epoch, read_from * chunk_rows)
         for index, chunk in enumerate(_chunks(stream, chunk_rows), start=read_from):
             if cache is not None:
-                cache.add(_torch(chunk, None, False))
+                cache.add(chunk)
             if index < first_chunk:
                 continue
             generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
@@ -489,7 +498,5 @@ class WorkerFeed:
         fills = self.cache != "off" and split in CACHED_SPLITS
         cache = self._new_cache(split) if fills else None
         for chunk in _chunks(self._stream(split, 0), batch_size):
-            tensors = _torch(chunk, None, self.pin)
-            if cache is not None:
-                cache.add(tensors)
-            yield tensors
+            # Filling the cache, the batch is the cache's view of its rows: one copy.
+            yield cache.add(chunk) if cache is not None else _torch(chunk, None, self.pin)
