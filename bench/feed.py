@@ -120,25 +120,17 @@ def product(config_overrides: list[str], config_path: Path, workers: int, out: P
     from pipeline.data.fit import fit
     from pipeline.data.validate import check_schema
     from pipeline.session import start_ray
-    from pipeline.training.resources import plan_workers, with_workers
+    from pipeline.training.driver import plan_loop
 
     config = load_config(config_path, [*config_overrides, f"train.num_workers={workers}"])
     files = check_schema(config.data)
     preprocessor, counts = fit(config.data, files)
     start_ray()
-    cluster = ray.cluster_resources()
-    plan = plan_workers(config.train, cluster)
-    config = with_workers(config, plan)
+    _, plan, loop_config = plan_loop(config, preprocessor, counts)
     out.mkdir(parents=True, exist_ok=True)
     TorchTrainer(
         _feed_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "preprocessor": preprocessor.to_dict(),
-            "counts": counts.to_dict(),
-            "cluster_cpus": cluster.get("CPU", 1.0),
-            "out": str(out),
-        },
+        train_loop_config={**loop_config, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=plan.use_gpu,
@@ -147,7 +139,7 @@ def product(config_overrides: list[str], config_path: Path, workers: int, out: P
         run_config=ray.train.RunConfig(storage_path=str(out / "runs"), name="feed"),
     ).fit()
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    figures = {"cpus": cluster.get("CPU", 1.0), "cache": ranks[0]["cache"]}
+    figures = {"cpus": loop_config["cluster_cpus"], "cache": ranks[0]["cache"]}
     for epoch in ("epoch1", "epoch2", "epoch3"):
         rows = sum(r[epoch][0] for r in ranks)
         seconds = max(r[epoch][1] for r in ranks)  # the slowest worker ends the epoch

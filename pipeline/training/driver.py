@@ -32,7 +32,7 @@ from pipeline.training.checks import check_before_ray, start_ray_and_check_clust
 from pipeline.training.faults import FAULT_ENV
 from pipeline.training.loop import NonFiniteLoss, train_loop
 from pipeline.training.outputs import log_outputs, oracle_metrics
-from pipeline.training.resources import plan_workers, with_workers
+from pipeline.training.resources import WorkerPlan, plan_workers, with_workers
 from pipeline.training.resume import Resumed, resolve_resume
 from pipeline.training.warm_start import WarmStart, resolve_warm_start
 
@@ -90,6 +90,24 @@ def data_days(paths: list[str]) -> str:
     return ",".join(days)
 
 
+def plan_loop(
+    config: Config, preprocessor: Preprocessor, counts: SplitRows
+) -> tuple[Config, WorkerPlan, dict[str, Any]]:
+    """The run's worker plan on the connected cluster, its config with the planned workers,
+    and what every worker's loop needs to build its feed (`loop.make_feed`): the config,
+    the preprocessing, each file's rows of each split, the cluster's CPUs."""
+    cluster = ray.cluster_resources()
+    plan = plan_workers(config.train, cluster)
+    config = with_workers(config, plan)
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "preprocessor": preprocessor.to_dict(),
+        "counts": counts.to_dict(),
+        "cluster_cpus": cluster.get("CPU", 1.0),
+    }
+    return config, plan, loop_config
+
+
 def make_trainer(
     config: Config,
     preprocessor: Preprocessor,
@@ -107,16 +125,11 @@ def make_trainer(
     a cluster read them too); with `progress`, rank 0 posts to that board
     (`pipeline.training.board`)."""
     task_names = [t.name for t in config.data.tasks]
-    cluster = ray.cluster_resources()
-    plan = plan_workers(config.train, cluster)
-    config = with_workers(config, plan)
+    config, plan, loop_config = plan_loop(config, preprocessor, counts)
     return TorchTrainer(
         train_loop,
         train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "preprocessor": preprocessor.to_dict(),
-            "counts": counts.to_dict(),
-            "cluster_cpus": cluster.get("CPU", 1.0),
+            **loop_config,
             "mlflow_run_id": run.run_id,
             "resume_from": resume_from,
             "warm_start": ray.put(warm_start.weights) if warm_start else None,
