@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.data.collate import FLOAT, Layout, Packed, Prefetcher
+from pipeline.data.ingest import DATA_TASK_CPUS
 from pipeline.data.plan import EpochPlan, Range, SplitRows
 from pipeline.data.preprocess import Preprocessor
 from pipeline.data.split import split_mask
@@ -164,7 +165,7 @@ class Budget:
             >>> Budget.of(16.0, 2, 1.0, 16 * 2**20).object_store_bytes // 2**20
             448
         """
-        task_cpus = 0.5
+        task_cpus = DATA_TASK_CPUS
         cpus = max(task_cpus, (cluster_cpus - workers * cpus_per_worker) / max(workers, 1))
         tasks = max(1, math.floor(cpus / task_cpus + 1e-9))
         return cls(cpus, task_cpus, max(2, tasks * READ_AHEAD_BLOCKS) * block_bytes)

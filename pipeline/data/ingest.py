@@ -1,6 +1,7 @@
-"""Ray Data reads of Parquet logs: every read of logs in the project goes through
-`read_files` (training's per-worker streams in `pipeline.data.feed`, `predict`, `evaluate`),
-and a file Ray cannot decode is named in the error (`naming_corrupt_files`).
+"""Ray Data reads of whole Parquet files for scoring (`predict`, `evaluate`) through
+`read_files`; a file Ray cannot decode is named in the error (`naming_corrupt_files`).
+Training reads row groups with its own tasks (`pipeline.data.feed`), which reserve
+`DATA_TASK_CPUS` each and count the object store in blocks of `READ_BLOCK_BYTES`.
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ def _read_settings() -> Iterator[None]:
         ctx.use_datasource_v2, ctx.target_max_block_size = before
 
 
-def read_files(
-    files: list[str], columns: list[str], shuffle: bool = False, task_cpus: float = DATA_TASK_CPUS
-) -> Any:
+def read_files(files: list[str], columns: list[str], task_cpus: float = DATA_TASK_CPUS) -> Any:
     """A lazy Ray Data read of `columns` of `files`: one task each (reserving `task_cpus`),
     bounded blocks, Ray's V1 Parquet reader (`_read_settings`), no progress bars."""
     with _read_settings():
@@ -61,7 +60,6 @@ def read_files(
             # Arrow decodes at most this many batches (each up to READ_BLOCK_BYTES) ahead of
             # the preprocess (Ray's default: 8).
             batch_readahead=READ_AHEAD_BATCHES,
-            shuffle="files" if shuffle else None,
             file_extensions=None,  # check_schema already chose the files
             # Columns come from the files: a `day=...` folder is a name, not a column.
             partitioning=None,
