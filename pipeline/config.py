@@ -266,8 +266,9 @@ class TrainConfig(Strict):
     # How Ray places the workers: PACK fills a node before the next (Ray Train's default,
     # the fewest network hops); SPREAD puts them on as many nodes as it can.
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
-    # torch threads of a CPU worker; None keeps Ray's choice (its CPUs rounded down, at
-    # least 1). More threads than reserved CPUs pays off when Ray Data needs little CPU.
+    # torch threads of a CPU worker; None: its reserved CPUs rounded down, at least 1 (set
+    # by the worker: torch sizes its pool from the node's cores before Ray's
+    # OMP_NUM_THREADS applies). More threads than CPUs pays off when Ray Data needs little.
     threads_per_worker: PositiveInt | None = None
     # How TorchRec lays the id tables out over the workers (`model.embeddings: torchrec`):
     # `auto` lets its planner choose per table; `row_wise` splits every table's rows among
