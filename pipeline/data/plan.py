@@ -10,8 +10,10 @@ given for evaluation), read one after the other: one stream of rows. Worker r of
   the same number of steps (DDP needs it) and at most n - 1 rows are left out of an epoch.
   A range starts and ends inside units: the worker reads those row groups and keeps its
   rows (so at most n - 1 row groups of an epoch are read twice);
-- evaluation: whole units, each to the worker with the fewest rows so far: every row
-  exactly once, no row group read twice (evaluation needs no equal shares).
+- evaluation: rows [r T // n, (r + 1) T // n) of the stream of all T rows: every row
+  exactly once, shares that differ by at most one row (the slowest worker ends an
+  evaluation pass, so a split of one file is read by all workers, not by one), and again
+  at most n - 1 row groups read by two workers.
 
 Since the plan is a function of (seed, epoch, rank, world size) and the counts, a position
 in an epoch is one number (rows of the worker's share taken), and a resumed worker reads
@@ -141,13 +143,16 @@ class EpochPlan:
         """How many rows worker `rank` takes."""
         return sum(r.rows for r in self.ranges(rank))
 
+    def share(self, rank: int) -> tuple[int, int]:
+        """Worker `rank`'s rows [first, last) of the epoch's stream."""
+        if self.equal:
+            size = self.rows_per_worker
+            return rank * size, (rank + 1) * size
+        return rank * self.total // self.world, (rank + 1) * self.total // self.world
+
     def ranges(self, rank: int, skip: int = 0) -> list[Range]:
         """The ranges worker `rank` reads, in order, after `skip` rows of its share."""
-        if not self.equal:
-            whole = [Range(p, g, 0, rows, rows) for (p, g), rows in self._whole_units()[rank]]
-            return _skipped(whole, skip)
-        size = self.rows_per_worker
-        first, last = rank * size, (rank + 1) * size
+        first, last = self.share(rank)
         first = min(first + skip, last)
         out, offset = [], 0
         for (path, group), rows in self.units:
@@ -158,25 +163,3 @@ class EpochPlan:
             if offset >= last:
                 break
         return out
-
-    def _whole_units(self) -> list[list[tuple[Unit, int]]]:
-        """Evaluation: each unit, in order, to the worker with the fewest rows so far."""
-        shares: list[list[tuple[Unit, int]]] = [[] for _ in range(self.world)]
-        held = [0] * self.world
-        for unit, rows in self.units:
-            rank = min(range(self.world), key=lambda r: (held[r], r))
-            shares[rank].append((unit, rows))
-            held[rank] += rows
-        return shares
-
-
-def _skipped(ranges: list[Range], skip: int) -> list[Range]:
-    """`ranges` without their first `skip` rows."""
-    out = []
-    for r in ranges:
-        if skip >= r.rows:
-            skip -= r.rows
-            continue
-        out.append(Range(r.path, r.row_group, r.start + skip, r.stop, r.unit_rows))
-        skip = 0
-    return out
