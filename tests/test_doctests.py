@@ -15,7 +15,10 @@ MODELS = sorted(m.name for m in pkgutil.iter_modules(models.__path__, "models.")
 PIPELINE = [
     "pipeline.cluster_rules",
     "pipeline.config",
+    "pipeline.data.collate",
+    "pipeline.data.feed",
     "pipeline.data.hashing",
+    "pipeline.data.plan",
     "pipeline.data.split",
     "pipeline.metrics_vocab",
     "pipeline.release.evaluate",

@@ -2,11 +2,14 @@
 Data or served from an epoch cache, shuffled, on the worker's device.
 
 **Streaming.** Each worker reads its own ranges with a Ray Data dataset of its own: one
-item per Parquet row group (`ray.data.from_items`), mapped by one task each that reads the
-row group with pyarrow, keeps the rows of the split and of the worker's range, and
-preprocesses and packs them (`Layout.pack`: one float32 and one int64 2-D tensor column),
-so a block reaches the worker as two zero-copy numpy arrays: no per-column conversion, no
-re-batching by Ray. (Ray Data's `read_parquet` is not used here: it samples files with
+item per range of a Parquet row group (`ray.data.from_items`), mapped by tasks
+(`MapBatches(_read_unit)`) that read each row group with pyarrow, keep the rows of the
+split and of the worker's range, and preprocess and pack them (`Layout.pack`: one float32
+and one int64 2-D tensor column), so a block reaches the worker as two zero-copy numpy
+arrays: no per-column conversion, no re-batching by Ray. A worker whose budget runs one
+task at a time reads a pass in one task (no pause between row groups); with more, each
+range is a task and they run side by side. The tasks run beside the worker where they can
+(`locality_with_output`), so its blocks are local and need no prefetch. (Ray Data's `read_parquet` is not used here: it samples files with
 tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in halves
 never has, and it reads whole files.) The dataset keeps the items' order
 (`preserve_order`), so a worker's stream, and any position in it, is the same in every run.
@@ -20,13 +23,15 @@ k mod `CHUNK_BATCHES` batches of that chunk the run already took: no row is trai
 
 **Epoch cache** (`data.cache`). When the worker's rows of the train and validation splits
 fit the budget, the first pass keeps them where the step reads them: GPU memory on a GPU
-(`device`), else host memory (`host`, pinned for a GPU). Later epochs permute the cached
+(`device`), else host memory (`host`, pinned for a GPU); epoch 1 writes each chunk into it
+already permuted and trains on the cache's views (one copy per row). Later epochs permute the cached
 rows with a seeded permutation on the device, and validation reads them again; Ray Data is
 not touched. `auto` chooses device, then host, and streams what fits neither. A resumed run
-fills the cache again from the same rows.
+fills the cache again from the same rows, in the same order.
 
 Budgets come from the node: each worker's dataset gets its share of the CPUs the train
-workers leave, and an object-store window of two blocks per task it may run.
+workers leave, and an object-store window of two blocks per task it may run (at least
+four blocks).
 """
 
 from __future__ import annotations
@@ -55,32 +60,35 @@ READ_BATCH_ROWS = 131_072  # rows a read task holds at a time (one output block 
 
 
 def _read_unit(
-    item: dict[str, np.ndarray], preprocessor: Preprocessor, split: str, layout: Layout
+    items: dict[str, np.ndarray], preprocessor: Preprocessor, split: str, layout: Layout
 ) -> Iterator[pa.Table]:
-    """Ray Data's map over one item (a row group and a range of its rows of the split): the
-    range's raw rows, preprocessed and packed, in blocks of at most `READ_BATCH_ROWS` rows."""
+    """Ray Data's map over a block of items (each a row group and a range of its rows of the
+    split), in order: each range's raw rows, preprocessed and packed, in blocks of at most
+    `READ_BATCH_ROWS` rows."""
     data = preprocessor.data
-    path, group, start, stop = _item(item)
-    batches = _row_group(path, group, data.columns(labels=True, split=True))
-    for batch in _ranged(batches, start, stop, lambda b: _of_split(b, data, split)):
-        yield _packed_table(layout.pack(preprocessor.transform(batch)))
+    for path, group, start, stop in _items(items):
+        batches = _row_group(path, group, data.columns(labels=True, split=True))
+        for batch in _ranged(batches, start, stop, lambda b: _of_split(b, data, split)):
+            yield _packed_table(layout.pack(preprocessor.transform(batch)))
 
 
-def _read_packed(item: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Table]:
-    """Ray Data's map over one item of a search's preprocessed copy: the range as it is."""
-    path, group, start, stop = _item(item)
+def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Table]:
+    """Ray Data's map over a block of items of a search's preprocessed copy: the ranges as
+    they are."""
     blocks = [b for b, _ in layout.blocks]
-    for batch in _ranged(_row_group(path, group, blocks), start, stop, lambda b: b):
-        yield _packed_table({k: _tensor(batch.column(k)) for k in blocks})
+    for path, group, start, stop in _items(items):
+        for batch in _ranged(_row_group(path, group, blocks), start, stop, lambda b: b):
+            yield _packed_table({k: _tensor(batch.column(k)) for k in blocks})
 
 
-def _item(item: dict[str, np.ndarray]) -> tuple[str, int, int, int]:
-    return (
-        str(item["path"][0]),
-        int(item["row_group"][0]),
-        int(item["start"][0]),
-        int(item["stop"][0]),
-    )
+def _items(items: dict[str, np.ndarray]) -> Iterator[tuple[str, int, int, int]]:
+    for i in range(len(items["path"])):
+        yield (
+            str(items["path"][i]),
+            int(items["row_group"][i]),
+            int(items["start"][i]),
+            int(items["stop"][i]),
+        )
 
 
 def _of_split(batch: pa.RecordBatch, data: Any, split: str) -> pa.RecordBatch:
@@ -121,7 +129,9 @@ def _row_group(path: str, group: int, columns: list[str]) -> Iterator[pa.RecordB
     fs, fs_path = filesystem_for(path)
     try:
         parquet = pq.ParquetFile(fs_path, filesystem=fs)
-        yield from parquet.iter_batches(READ_BATCH_ROWS, row_groups=[group], columns=columns)
+        yield from parquet.iter_batches(
+            READ_BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False
+        )
     except DECODE_ERRORS as err:
         raise corrupt_data(path, err) from None
 
@@ -146,66 +156,93 @@ class Budget:
         cpus: CPUs its read-and-preprocess tasks may hold at once.
         task_cpus: CPUs each such task reserves.
         object_store_bytes: blocks it may keep in the object store at once.
+        block_bytes: the size a task's packed rows are gathered into blocks of.
     """
 
     cpus: float
     task_cpus: float
     object_store_bytes: int
+    block_bytes: int
+
+    @property
+    def tasks(self) -> int:
+        """Read tasks it may run at once."""
+        return max(1, math.floor(self.cpus / self.task_cpus + 1e-9))
 
     @classmethod
     def of(
         cls, cluster_cpus: float, workers: int, cpus_per_worker: float, block_bytes: int
     ) -> Budget:
         """Each worker's share of the CPUs the workers leave (at least one task's), and two
-        blocks in the object store per task it can run.
+        blocks of `block_bytes` in the object store per task it can run (at least four).
 
         Example:
             >>> Budget.of(2.0, 2, 0.5, 16 * 2**20)  # the 2-CPU machine: 64 MiB each
-            Budget(cpus=0.5, task_cpus=0.5, object_store_bytes=67108864)
+            Budget(cpus=0.5, task_cpus=0.5, object_store_bytes=67108864, block_bytes=16777216)
             >>> Budget.of(16.0, 2, 1.0, 16 * 2**20).object_store_bytes // 2**20
             448
         """
         task_cpus = DATA_TASK_CPUS
         cpus = max(task_cpus, (cluster_cpus - workers * cpus_per_worker) / max(workers, 1))
-        tasks = max(1, math.floor(cpus / task_cpus + 1e-9))
-        return cls(cpus, task_cpus, max(2, tasks * READ_AHEAD_BLOCKS) * block_bytes)
+        tasks = cls(cpus, task_cpus, 0, block_bytes).tasks
+        window = max(4, tasks * READ_AHEAD_BLOCKS) * block_bytes
+        return cls(cpus, task_cpus, window, block_bytes)
 
 
 def read_units(
-    ranges: list[Range], preprocessor: Preprocessor, split: str, layout: Layout, task_cpus: float
+    ranges: list[Range],
+    preprocessor: Preprocessor,
+    split: str,
+    layout: Layout,
+    task_cpus: float,
+    tasks: int | None = None,
 ) -> Any:
     """A lazy Ray Data dataset of the rows of `ranges`, preprocessed and packed (read as they
-    are from a search's `packed` copy): one task per range, in order."""
+    are from a search's `packed` copy), in order: `tasks` tasks (each a run of consecutive
+    ranges), one per range when None."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [
         {"path": r.path, "row_group": r.row_group, "start": r.start, "stop": r.stop} for r in ranges
     ]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    tasks = len(items) if tasks is None else max(1, min(tasks, len(items)))
+    ds = ray.data.from_items(items, override_num_blocks=tasks)
     if ranges and ranges[0].packed:
         reader, kwargs = _read_packed, {"layout": layout}
     else:
         reader = _read_unit
         kwargs = {"preprocessor": preprocessor, "split": split, "layout": layout}
-    return ds.map_batches(
-        reader, batch_size=1, batch_format="numpy", num_cpus=task_cpus, fn_kwargs=kwargs
+    return ds.map_batches(  # batch_size None: a task's whole block of items
+        reader, batch_size=None, batch_format="numpy", num_cpus=task_cpus, fn_kwargs=kwargs
     )
 
 
 def stream_ranges(
     ranges: list[Range], preprocessor: Preprocessor, split: str, layout: Layout, budget: Budget
 ) -> Iterator[Packed]:
-    """The rows of `ranges`, in order, as packed numpy blocks."""
+    """The rows of `ranges`, in order, as packed numpy blocks.
+
+    A dataset that may run one task at a time reads all the ranges in that one task, a
+    stream with no pause between row groups (each new task costs tens of milliseconds to
+    start); with more, each range is a task of its own, and they run side by side.
+    """
     if not ranges:
         return
-    ds = read_units(ranges, preprocessor, split, layout, budget.task_cpus)
+    tasks = 1 if budget.tasks == 1 else len(ranges)
+    ds = read_units(ranges, preprocessor, split, layout, budget.task_cpus, tasks)
+    # A task's packed tables are gathered into blocks of this size (Ray's default, 128 MiB,
+    # would hand a worker its whole share of a one-task pass as one block, at the end).
+    ds.context.target_max_block_size = budget.block_bytes
     options = ds.context.execution_options
     options.preserve_order = True  # the ranges' order: positions are the same every run
+    # The read tasks run beside the worker where they can, so its blocks are local: no
+    # prefetch is needed (Ray's prefetch holds each block back until two more are read).
+    options.locality_with_output = True
     options.resource_limits = options.resource_limits.copy(
         cpu=budget.cpus, object_store_memory=budget.object_store_bytes
     )
-    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         if len(block[FLOAT]):
             yield block
 
@@ -344,18 +381,20 @@ class RowCache:
     def full(self) -> bool:
         return self.filled == self.rows
 
-    def add(self, chunk: Packed) -> dict[str, torch.Tensor]:
-        """Append a chunk (numpy arrays, as streamed) in one copy; returns the cache's views
-        of it."""
+    def add(self, chunk: Packed, order: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Append a chunk (numpy arrays, as streamed), its rows permuted by `order` if given,
+        in one copy on the host; returns the cache's views of it."""
         size = len(chunk[FLOAT])
         lo, hi = self.filled, self.filled + size
         on_host = self.tensors[FLOAT].device.type == "cpu"
-        source = chunk if on_host else _torch(chunk, None, pin=True)
+        source = chunk if on_host else _torch(chunk, order, pin=True)
         for key, tensor in self.tensors.items():
-            if on_host:
+            if not on_host:
+                tensor[lo:hi].copy_(source[key], non_blocking=True)
+            elif order is None:
                 tensor[lo:hi].numpy()[...] = source[key]
             else:
-                tensor[lo:hi].copy_(source[key], non_blocking=True)
+                np.take(source[key], order, axis=0, out=tensor[lo:hi].numpy())
         self.filled = hi
         return {k: t[lo:hi] for k, t in self.tensors.items()}
 
@@ -458,32 +497,40 @@ class WorkerFeed:
         return cache
 
     def _fill_from_first_epoch(self, epoch: int, batch_size: int) -> None:
-        """The cache holds this worker's rows of epoch 1, in its stream order. Epoch 1
-        fills it as it trains (`_streamed`); a run resumed in a later epoch fills it here
-        first, from the same rows, so its epochs permute the same rows as the first run's."""
+        """The cache holds this worker's rows of epoch 1 in that epoch's order (its stream,
+        each chunk permuted). Epoch 1 fills it as it trains (`_streamed`); a run resumed in
+        a later epoch fills it here first, from the same rows in the same order, so its
+        epochs permute the same cache as the first run's."""
         if epoch == 1:
             return
         cache = self._new_cache("train")
-        for chunk in _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size):
-            cache.add(chunk)
+        for index, chunk in enumerate(
+            _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size)
+        ):
+            cache.add(chunk, self._order(1, index, chunk))
+
+    def _order(self, epoch: int, index: int, chunk: Packed) -> np.ndarray:
+        """The permutation of a streamed chunk's rows (seeded: the same in every run)."""
+        generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
+        return generator.permutation(len(chunk[FLOAT]))
 
     def _streamed(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         chunk_rows = CHUNK_BATCHES * batch_size
         first_chunk, skip = divmod(start, CHUNK_BATCHES)
-        # Epoch 1 fills the cache as it streams; resumed inside it, the worker reads the
-        # chunks before its position too, for the cache alone.
+        # Epoch 1 fills the cache as it streams, each chunk written permuted, and its batches
+        # are the cache's views: one copy per row. Resumed inside epoch 1, the worker reads
+        # the chunks before its position too, for the cache alone.
         cache = self._new_cache("train") if self.cache != "off" and epoch == 1 else None
         read_from = 0 if cache is not None else first_chunk
         stream = self._stream("train", epoch, read_from * chunk_rows)
         for index, chunk in enumerate(_chunks(stream, chunk_rows), start=read_from):
+            order = self._order(epoch, index, chunk)
             if cache is not None:
-                cache.add(chunk)
-            if index < first_chunk:
-                continue
-            generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
-            order = generator.permutation(len(chunk[FLOAT]))
-            tensors = _torch(chunk, order, self.pin)
-            yield from _cut_batches(tensors, batch_size, skip if index == first_chunk else 0)
+                tensors = cache.add(chunk, order)
+            elif index >= first_chunk:
+                tensors = _torch(chunk, order, self.pin)
+            if index >= first_chunk:
+                yield from _cut_batches(tensors, batch_size, skip if index == first_chunk else 0)
 
     def _from_cache(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         cache = self.cached["train"]

@@ -83,12 +83,12 @@ def fault_from_env() -> Fault | None:
 
 
 def fire(fault: Fault, epoch: int, step: int, batch: dict | None = None) -> None:
-    """Carry out `fault` (does not return for `exit`; raises for `raise`; `nan` spoils the
-    batch's labels in place)."""
+    """Carry out `fault` (does not return for `exit`; raises for `raise`; `nan` gives the
+    batch NaN labels: a new tensor, since the batch may be a view of the epoch cache)."""
     where = f"epoch {epoch}, step {step}"
     if fault.kind == "nan":
         print(f"{FAULT_ENV}: rank {fault.rank} feeds NaN labels at {where}", flush=True)
-        batch["labels"].fill_(float("nan"))
+        batch["labels"] = batch["labels"].clone().fill_(float("nan"))
         return
     if fault.kind == "exit":
         print(f"{FAULT_ENV}: rank {fault.rank} exits at {where}", flush=True)

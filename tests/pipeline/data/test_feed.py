@@ -135,6 +135,9 @@ def test_the_cache_serves_later_epochs_and_validation(logs) -> None:
     assert cached.cache_hit() and cached.cached["train"].full
     second = _keys(cached.train(2, BATCH))
     assert sorted(second) == sorted(first) and second != first  # permuted on the device
+    resumed = _feeds(logs, "host")[0]  # resumed inside epoch 1: the same cache, same order
+    assert _keys(resumed.train(1, BATCH, 5)) == first[5 * BATCH :]
+    assert _keys(resumed.train(2, BATCH)) == second
     assert _keys(cached.evaluation("validation", 100)) == _keys(
         streamed.evaluation("validation", 100)
     )
