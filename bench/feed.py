@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,9 @@ RAW_CENSUS = ROOT.parent / "shared" / "data" / "census-income"
 WIDE_DENSE, WIDE_CATEGORICAL, WIDE_TASKS = 200, 30, 6
 
 
-def single_core(config_overrides: list[str], config_path: Path) -> dict:
-    """The one-core pipeline over every file of the config: read, transform, pack."""
+def single_core(config_overrides: list[str], config_path: Path, repeats: int) -> dict:
+    """The one-core pipeline over every file of the config: read, transform, pack; the
+    median of `repeats` passes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -57,26 +59,29 @@ def single_core(config_overrides: list[str], config_path: Path) -> dict:
     preprocessor = fit_preprocessor(config.data, files)
     layout = Layout.of(preprocessor.empty())
     columns = config.data.columns(labels=True, split=True)
-    started, rows = time.perf_counter(), 0
-    for path in files.paths:
-        table = pq.read_table(path, columns=columns, use_threads=False)
-        packed = layout.pack(preprocessor.transform(table))
-        rows += len(packed["float32"])
-    seconds = time.perf_counter() - started
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+    passes = []
+    for _ in range(repeats):
+        started, rows = time.perf_counter(), 0
+        for path in files.paths:
+            table = pq.read_table(path, columns=columns, use_threads=False)
+            packed = layout.pack(preprocessor.transform(table))
+            rows += len(packed["float32"])
+        passes.append(rows / (time.perf_counter() - started))
+    return {"rows_per_s": statistics.median(passes), "passes": passes}
 
 
 def _feed_loop(loop_config: dict) -> None:
-    """A train worker that only takes batches: the product's `make_feed`, as `train_loop`."""
+    """A train worker that only takes batches: the product's `make_feed`, as `train_loop`.
+    The workers start each timed pass together (a barrier), as DDP's steps keep them."""
     import ray.train
     import torch
+    import torch.distributed as dist
 
     from pipeline.config import parse_config
-    from pipeline.training.loop import EVAL_BATCHES_PER_TRAIN_BATCH, make_feed
+    from pipeline.training.loop import EVAL_BATCHES_PER_TRAIN_BATCH, make_feed, worker_device
 
     config = parse_config(loop_config["config"])
-    device = ray.train.torch.get_device()
-    feed = make_feed(loop_config, config, device)
+    device = worker_device(config.train)
     batch = config.data.batch_size
     eval_rows = batch * EVAL_BATCHES_PER_TRAIN_BATCH
 
@@ -88,30 +93,39 @@ def _feed_loop(loop_config: dict) -> None:
             torch.cuda.synchronize(device)
         return total
 
-    # Warm-up, untimed: a pass over the train rows (of another epoch, not cached) and the
-    # test rows starts Ray Data's processes, as a run's first minutes do.
-    warm = make_feed(
-        loop_config,
-        config.model_copy(update={"data": config.data.model_copy(update={"cache": "off"})}),
-        device,
-    )
-    rows_of(warm.train(0, batch))
-    rows_of(feed.evaluation("test", eval_rows))
-    figures = {"cache": feed.cache}
-    for epoch in (1, 2, 3):
+    def timed(feed, epoch: int, evaluations: tuple[str, ...]) -> list[float]:
+        """An epoch's train batches, then the evaluation passes: [rows, seconds]."""
+        dist.barrier()
         started = time.perf_counter()
         rows = rows_of(feed.train(epoch, batch))
-        rows += rows_of(feed.evaluation("validation", eval_rows))
-        if epoch == 1:
-            rows += rows_of(feed.evaluation("test", eval_rows))
-        figures[f"epoch{epoch}"] = [rows, time.perf_counter() - started]
+        rows += sum(rows_of(feed.evaluation(split, eval_rows)) for split in evaluations)
+        return [rows, time.perf_counter() - started]
+
+    # Warm-up, untimed: a pass over the train rows (of another epoch, not cached) and the
+    # test rows starts Ray Data's processes, as a run's first minutes do.
+    uncached = config.model_copy(update={"data": config.data.model_copy(update={"cache": "off"})})
+    warm = make_feed(loop_config, uncached, device)
+    rows_of(warm.train(0, batch))
+    rows_of(warm.evaluation("test", eval_rows))
+    figures: dict = {"first": []}
+    for _ in range(loop_config["repeats"]):
+        # A run's first epoch: the train rows (filling the cache where they fit), then the
+        # validation and test passes; a new feed each time, so each fills its cache again.
+        feed = make_feed(loop_config, config, device)
+        figures["cache"] = feed.cache
+        figures["first"].append(timed(feed, 1, ("validation", "test")))
+    # Epochs 2 and 3 of the last feed: from its cache where the rows fit.
+    figures["later"] = [timed(feed, epoch, ("validation",)) for epoch in (2, 3)]
     context = ray.train.get_context()
     out = Path(loop_config["out"]) / f"rank{context.get_world_rank()}.json"
     out.write_text(json.dumps(figures))
 
 
-def product(config_overrides: list[str], config_path: Path, workers: int, out: Path) -> dict:
-    """The product's feed on a fresh local Ray with every CPU of the machine."""
+def product(
+    config_overrides: list[str], config_path: Path, workers: int, out: Path, repeats: int
+) -> dict:
+    """The product's feed on a fresh local Ray with every CPU of the machine: the median of
+    `repeats` first epochs, and the two cached epochs after them."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -130,7 +144,7 @@ def product(config_overrides: list[str], config_path: Path, workers: int, out: P
     out.mkdir(parents=True, exist_ok=True)
     TorchTrainer(
         _feed_loop,
-        train_loop_config={**loop_config, "out": str(out)},
+        train_loop_config={**loop_config, "out": str(out), "repeats": repeats},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=plan.use_gpu,
@@ -139,13 +153,23 @@ def product(config_overrides: list[str], config_path: Path, workers: int, out: P
         run_config=ray.train.RunConfig(storage_path=str(out / "runs"), name="feed"),
     ).fit()
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    figures = {"cpus": loop_config["cluster_cpus"], "cache": ranks[0]["cache"]}
-    for epoch in ("epoch1", "epoch2", "epoch3"):
-        rows = sum(r[epoch][0] for r in ranks)
-        seconds = max(r[epoch][1] for r in ranks)  # the slowest worker ends the epoch
-        figures[epoch] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
     ray.shutdown()
-    return figures
+
+    def together(passes: list[list[float]]) -> dict:
+        rows = sum(rows for rows, _ in passes)
+        seconds = max(seconds for _, seconds in passes)  # the slowest worker ends the pass
+        return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+
+    firsts = [together([r["first"][i] for r in ranks]) for i in range(repeats)]
+    later = [together([r["later"][i] for r in ranks]) for i in range(2)]
+    rows, seconds = sum(e["rows"] for e in later), sum(e["seconds"] for e in later)
+    return {
+        "cpus": loop_config["cluster_cpus"],
+        "cache": ranks[0]["cache"],
+        "first": statistics.median(e["rows_per_s"] for e in firsts),
+        "firsts": [e["rows_per_s"] for e in firsts],
+        "later": rows / seconds,
+    }
 
 
 def write_wide_logs(out: Path, rows: int, seed: int = 0) -> None:
@@ -225,9 +249,9 @@ def schemas(args: argparse.Namespace, work: Path) -> list[tuple[str, Path, list[
     return out
 
 
-def _in_subprocess(function: str, *args: str) -> dict:
+def _in_subprocess(function: str, repeats: int, *args: str) -> dict:
     """Run one measurement in a fresh process (its own Ray, its own thread settings)."""
-    command = [sys.executable, __file__, "--measure", function, *args]
+    command = [sys.executable, __file__, "--repeats", str(repeats), "--measure", function, *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -241,6 +265,7 @@ def main() -> None:
     parser.add_argument("--wide-rows", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per figure (median)")
     parser.add_argument("--keep", type=Path, help="write the logs here instead of a temp dir")
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,9 +274,11 @@ def main() -> None:
     if args.measure:
         function, config, overrides, *rest = args.measure
         if function == "single_core":
-            result = single_core(json.loads(overrides), Path(config))
+            result = single_core(json.loads(overrides), Path(config), args.repeats)
         else:
-            result = product(json.loads(overrides), Path(config), int(rest[0]), Path(rest[1]))
+            result = product(
+                json.loads(overrides), Path(config), int(rest[0]), Path(rest[1]), args.repeats
+            )
         print("RESULT " + json.dumps(result), flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="adatt-feed-") as tmp:
@@ -259,27 +286,20 @@ def main() -> None:
         ratios = {}
         for name, config, overrides in schemas(args, work):
             encoded = json.dumps(overrides)
-            one = _in_subprocess("single_core", str(config), encoded)
+            one = _in_subprocess("single_core", args.repeats, str(config), encoded)
+            out = str(work / f"out-{name}")
             feed = _in_subprocess(
-                "product", str(config), encoded, str(args.workers), str(work / f"out-{name}")
+                "product", args.repeats, str(config), encoded, str(args.workers), out
             )
-            first = feed["epoch1"]
-            later = [feed["epoch2"], feed["epoch3"]]  # from the cache where it fits
-            rows, seconds = sum(e["rows"] for e in later), sum(e["seconds"] for e in later)
-            second = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
-            cpus = feed["cpus"]
+            first, later, cpus = feed["first"], feed["later"], feed["cpus"]
             print(
                 f"{name:<9} one_core={one['rows_per_s']:>11,.0f} rows/s   "
-                f"product={first['rows_per_s']:>11,.0f} rows/s on {cpus:g} CPUs "
-                f"({first['rows_per_s'] / cpus:,.0f} per CPU)   "
-                f"cached epochs={second['rows_per_s']:>13,.0f} rows/s "
-                f"(cache: {feed['cache']})   product/one_core={first['rows_per_s'] / one['rows_per_s']:.2f}",
+                f"product={first:>11,.0f} rows/s on {cpus:g} CPUs ({first / cpus:,.0f} per CPU)   "
+                f"cached epochs={later:>13,.0f} rows/s (cache: {feed['cache']})   "
+                f"product/one_core={first / one['rows_per_s']:.2f}",
                 flush=True,
             )
-            ratios[name] = (
-                first["rows_per_s"] / one["rows_per_s"],
-                second["rows_per_s"] / first["rows_per_s"],
-            )
+            ratios[name] = (first / one["rows_per_s"], later / first)
     print(f"cache_epoch2_vs_epoch1={ratios['synthetic'][1]:.1f}")
     print(f"feed_vs_single_core={ratios['synthetic'][0]:.3f}")
 
