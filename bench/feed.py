@@ -7,18 +7,22 @@ log of this bench's making: 200 dense, 30 categorical of 1e6-1e7 distinct ids, 2
 - **product**: Parquet -> the driver's row pass and epoch plan (`fit`) -> Ray Train's
   workers (2 x 0.5 CPU on a 2-CPU machine) -> each worker's `WorkerFeed`, built by the
   training loop's own `make_feed` (per-worker Ray Data streams, read and preprocess fused,
-  packed blocks, shuffle) -> batches on the worker's device: epoch 1's train batches, then
-  the validation and test passes, timed from the first batch (the workers and Ray Data's
-  processes are started by an untimed pass over the train and test rows first). Epochs 2 and 3 follow, from the epoch
-  cache (`data.cache: auto`) where the worker's rows fit.
+  packed blocks, shuffle) -> batches on the worker's device: a first epoch (its train
+  batches, filling the epoch cache where the rows fit, then the validation and test passes),
+  the workers starting it together (a barrier, as DDP's steps keep them), after an untimed
+  pass over the train and test rows that starts the workers' and Ray Data's processes. The
+  figure is the median of `--repeats` first epochs (a new feed each, so each fills its
+  cache). Epochs 2 and 3 (train and validation) follow from the cache (`data.cache: auto`).
 - **one core**: one process, one core, no Ray: pyarrow reads the config's columns of each
-  file, the product's `Preprocessor.transform`, `Layout.pack`.
+  file, the product's `Preprocessor.transform`, `Layout.pack`; the median of `--repeats`
+  passes.
 
 Prints rows/s and rows/s per CPU of each, then `cache_epoch2_vs_epoch1=` (synthetic: epochs
-2 and 3 together over epoch 1), and last `feed_vs_single_core=`: the product on all the
+2 and 3 together over the first), and last `feed_vs_single_core=`: the product on all the
 machine's CPUs over the one-core pipeline, synthetic schema.
 
-    python bench/feed.py [--rows 1000000] [--wide-rows 200000] [--batch-size 4096] [--keep DIR]
+    python bench/feed.py [--rows 1000000] [--wide-rows 200000] [--batch-size 4096]
+                         [--repeats 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def _feed_loop(loop_config: dict) -> None:
 
 
 def product(
-    config_overrides: list[str], config_path: Path, workers: int, out: Path, repeats: int
+    config_overrides: list[str], config_path: Path, workers: int, out: Path, repeats: int = 1
 ) -> dict:
     """The product's feed on a fresh local Ray with every CPU of the machine: the median of
     `repeats` first epochs, and the two cached epochs after them."""
