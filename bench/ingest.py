@@ -79,8 +79,12 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
         f"data.batch_size={batch_size}",
         "data.cache_budget_gb=0.001",  # the data is far above the budget: it streams
     ]
+    address = os.environ.get("RAY_ADDRESS")
     with tempfile.TemporaryDirectory(prefix="adatt-ingest-") as out, PeakMemory() as memory:
         figures = product(overrides, ROOT / "configs" / "synthetic.yaml", 2, Path(out))
+    # start_ray put the instance's address in RAY_ADDRESS; the next size starts its own.
+    if address is None:
+        os.environ.pop("RAY_ADDRESS", None)
     assert figures["cache"] == "off", figures
     rate = figures["first"]
     print(
