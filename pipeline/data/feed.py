@@ -9,9 +9,10 @@ and one int64 2-D tensor column), so a block reaches the worker as two zero-copy
 arrays: no per-column conversion, no re-batching by Ray. A worker whose budget runs one
 task at a time reads a pass in one task (no pause between row groups); with more, each
 range is a task and they run side by side. The tasks run beside the worker where they can
-(`locality_with_output`), so its blocks are local and need no prefetch. (Ray Data's `read_parquet` is not used here: it samples files with
-tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in halves
-never has, and it reads whole files.) The dataset keeps the items' order
+(`locality_with_output`), so its blocks are local and need no prefetch. (Ray Data's
+`read_parquet` is not used here: it samples files with tasks that reserve a whole CPU,
+which a node whose CPUs the train workers hold in halves never has, and it reads whole
+files.) The dataset keeps the items' order
 (`preserve_order`), so a worker's stream, and any position in it, is the same in every run.
 The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each chunk's
 rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into batches;
@@ -24,10 +25,10 @@ k mod `CHUNK_BATCHES` batches of that chunk the run already took: no row is trai
 **Epoch cache** (`data.cache`). When the worker's rows of the train and validation splits
 fit the budget, the first pass keeps them where the step reads them: GPU memory on a GPU
 (`device`), else host memory (`host`, pinned for a GPU); epoch 1 writes each chunk into it
-already permuted and trains on the cache's views (one copy per row). Later epochs permute the cached
-rows with a seeded permutation on the device, and validation reads them again; Ray Data is
-not touched. `auto` chooses device, then host, and streams what fits neither. A resumed run
-fills the cache again from the same rows, in the same order.
+already permuted and trains on the cache's views (one copy per row). Later epochs permute
+the cached rows with a seeded permutation on the device, and validation reads them again;
+Ray Data is not touched. `auto` chooses device, then host, and streams what fits neither. A
+resumed run fills the cache again from the same rows, in the same order.
 
 Budgets come from the node: each worker's dataset gets its share of the CPUs the train
 workers leave, and an object-store window of two blocks per task it may run (at least
