@@ -24,10 +24,10 @@ k mod `CHUNK_BATCHES` batches of that chunk the run already took: no row is trai
 
 **Epoch cache** (`data.cache`). When the worker's rows of the train and validation splits
 fit the budget, the first pass keeps them where the step reads them: GPU memory on a GPU
-(`device`), else host memory (`host`, pinned for a GPU); epoch 1 writes each chunk into it
-already permuted and trains on the cache's views (one copy per row). Later epochs permute
-the cached rows with a seeded permutation on the device, and validation reads them again;
-Ray Data is not touched. `auto` chooses device, then host, and streams what fits neither. A
+(`device`), else host memory (`host`, pinned for a GPU). The train rows are read into it
+before the first epoch's first step, at the stream's full speed; every epoch, the first
+too, permutes the cached rows with a seeded permutation on the device, and validation reads
+them again; Ray Data is not touched. `auto` chooses device, then host, and streams what fits neither. A
 resumed run fills the cache again from the same rows, in the same order.
 
 Budgets come from the node: each worker's dataset gets its share of the CPUs the train
@@ -382,20 +382,18 @@ class RowCache:
     def full(self) -> bool:
         return self.filled == self.rows
 
-    def add(self, chunk: Packed, order: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        """Append a chunk (numpy arrays, as streamed), its rows permuted by `order` if given,
-        in one copy on the host; returns the cache's views of it."""
+    def add(self, chunk: Packed) -> dict[str, torch.Tensor]:
+        """Append a chunk (numpy arrays, as streamed) in one copy; returns the cache's views
+        of it."""
         size = len(chunk[FLOAT])
         lo, hi = self.filled, self.filled + size
         on_host = self.tensors[FLOAT].device.type == "cpu"
-        source = chunk if on_host else _torch(chunk, order, pin=True)
+        source = chunk if on_host else _torch(chunk, None, pin=True)
         for key, tensor in self.tensors.items():
-            if not on_host:
-                tensor[lo:hi].copy_(source[key], non_blocking=True)
-            elif order is None:
+            if on_host:
                 tensor[lo:hi].numpy()[...] = source[key]
             else:
-                np.take(source[key], order, axis=0, out=tensor[lo:hi].numpy())
+                tensor[lo:hi].copy_(source[key], non_blocking=True)
         self.filled = hi
         return {k: t[lo:hi] for k, t in self.tensors.items()}
 
@@ -470,7 +468,7 @@ class WorkerFeed:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's shuffled train batches on the device, from batch `start` on."""
         if self.cache != "off" and not self.cache_hit():
-            self._fill_from_first_epoch(epoch, batch_size)
+            self._fill(batch_size)
         if self.cache_hit():
             return self._unpacked(self._from_cache(epoch, batch_size, start))
         return self._unpacked(self._streamed(epoch, batch_size, start))
@@ -497,41 +495,26 @@ class WorkerFeed:
         self.cached[split] = cache
         return cache
 
-    def _fill_from_first_epoch(self, epoch: int, batch_size: int) -> None:
-        """The cache holds this worker's rows of epoch 1 in that epoch's order (its stream,
-        each chunk permuted). Epoch 1 fills it as it trains (`_streamed`); a run resumed in
-        a later epoch fills it here first, from the same rows in the same order, so its
-        epochs permute the same cache as the first run's."""
-        if epoch == 1:
-            return
+    def _fill(self, batch_size: int) -> None:
+        """The cache takes this worker's rows of epoch 1, in stream order, before the
+        epoch's first step; every epoch, the first too, then permutes the cache. A resumed
+        run fills it from the same rows, so its epochs permute the same cache as the first
+        run's. (Filled beside the steps instead, the stream ran ahead of a CPU step and Ray
+        Data's executor spun on its full window: the demo's first epoch ran at half the
+        cached epochs' samples/s.)"""
         cache = self._new_cache("train")
-        for index, chunk in enumerate(
-            _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size)
-        ):
-            cache.add(chunk, self._order(1, index, chunk))
-
-    def _order(self, epoch: int, index: int, chunk: Packed) -> np.ndarray:
-        """The permutation of a streamed chunk's rows (seeded: the same in every run)."""
-        generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
-        return generator.permutation(len(chunk[FLOAT]))
+        for chunk in _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size):
+            cache.add(chunk)
 
     def _streamed(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         chunk_rows = CHUNK_BATCHES * batch_size
         first_chunk, skip = divmod(start, CHUNK_BATCHES)
-        # Epoch 1 fills the cache as it streams, each chunk written permuted, and its batches
-        # are the cache's views: one copy per row. Resumed inside epoch 1, the worker reads
-        # the chunks before its position too, for the cache alone.
-        cache = self._new_cache("train") if self.cache != "off" and epoch == 1 else None
-        read_from = 0 if cache is not None else first_chunk
-        stream = self._stream("train", epoch, read_from * chunk_rows)
-        for index, chunk in enumerate(_chunks(stream, chunk_rows), start=read_from):
-            order = self._order(epoch, index, chunk)
-            if cache is not None:
-                tensors = cache.add(chunk, order)
-            elif index >= first_chunk:
-                tensors = _torch(chunk, order, self.pin)
-            if index >= first_chunk:
-                yield from _cut_batches(tensors, batch_size, skip if index == first_chunk else 0)
+        stream = self._stream("train", epoch, first_chunk * chunk_rows)
+        for index, chunk in enumerate(_chunks(stream, chunk_rows), start=first_chunk):
+            generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
+            order = generator.permutation(len(chunk[FLOAT]))
+            tensors = _torch(chunk, order, self.pin)
+            yield from _cut_batches(tensors, batch_size, skip if index == first_chunk else 0)
 
     def _from_cache(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         cache = self.cached["train"]

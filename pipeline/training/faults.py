@@ -84,7 +84,7 @@ def fault_from_env() -> Fault | None:
 
 def fire(fault: Fault, epoch: int, step: int, batch: dict | None = None) -> None:
     """Carry out `fault` (does not return for `exit`; raises for `raise`; `nan` gives the
-    batch NaN labels: a new tensor, since the batch may be a view of the epoch cache)."""
+    batch NaN labels in a new tensor, never writing into what the batch views: the cache)."""
     where = f"epoch {epoch}, step {step}"
     if fault.kind == "nan":
         print(f"{FAULT_ENV}: rank {fault.rank} feeds NaN labels at {where}", flush=True)
