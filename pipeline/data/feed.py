@@ -27,8 +27,8 @@ fit the budget, the first pass keeps them where the step reads them: GPU memory 
 (`device`), else host memory (`host`, pinned for a GPU). The train rows are read into it
 before the first epoch's first step, at the stream's full speed; every epoch, the first
 too, permutes the cached rows with a seeded permutation on the device, and validation reads
-them again; Ray Data is not touched. `auto` chooses device, then host, and streams what fits neither. A
-resumed run fills the cache again from the same rows, in the same order.
+them again; Ray Data is not touched. `auto` chooses device, then host, and streams what
+fits neither. A resumed run fills the cache again from the same rows, in the same order.
 
 Budgets come from the node: each worker's dataset gets its share of the CPUs the train
 workers leave, and an object-store window of two blocks per task it may run (at least
@@ -168,7 +168,7 @@ class Budget:
     @property
     def tasks(self) -> int:
         """Read tasks it may run at once."""
-        return max(1, math.floor(self.cpus / self.task_cpus + 1e-9))
+        return _tasks_in(self.cpus, self.task_cpus)
 
     @classmethod
     def of(
@@ -185,9 +185,12 @@ class Budget:
         """
         task_cpus = DATA_TASK_CPUS
         cpus = max(task_cpus, (cluster_cpus - workers * cpus_per_worker) / max(workers, 1))
-        tasks = cls(cpus, task_cpus, 0, block_bytes).tasks
-        window = max(4, tasks * READ_AHEAD_BLOCKS) * block_bytes
+        window = max(4, _tasks_in(cpus, task_cpus) * READ_AHEAD_BLOCKS) * block_bytes
         return cls(cpus, task_cpus, window, block_bytes)
+
+
+def _tasks_in(cpus: float, task_cpus: float) -> int:
+    return max(1, math.floor(cpus / task_cpus + 1e-9))
 
 
 def read_units(
