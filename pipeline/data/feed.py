@@ -8,15 +8,15 @@ split and of the worker's range, and preprocess and pack them (`Layout.pack`: on
 and one int64 2-D tensor column), so a block reaches the worker as two zero-copy numpy
 arrays: no per-column conversion, no re-batching by Ray. A worker whose budget runs one
 task at a time reads a pass in one task (no pause between row groups); with more, each
-range is a task and they run side by side. The tasks run beside the worker where they can
-(`locality_with_output`), so its blocks are local and need no prefetch. (Ray Data's
-`read_parquet` is not used here: it samples files with tasks that reserve a whole CPU,
-which a node whose CPUs the train workers hold in halves never has, and it reads whole
-files.) The dataset keeps the items' order
-(`preserve_order`), so a worker's stream, and any position in it, is the same in every run.
-The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each chunk's
-rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into batches;
-with the per-epoch order of the row groups that is the shuffle.
+range is a task and they run side by side. The worker takes each block as it comes (no
+prefetch: Ray's holds a block back until two more are read). (Ray Data's `read_parquet`
+is not used here: it samples files with tasks that reserve a whole CPU, which a node whose
+CPUs the train workers hold in halves never has, and it reads whole files.) The dataset
+keeps the items' order (`preserve_order`), so a worker's stream, and any position in it,
+is the same in every run. The worker gathers the rows into chunks of `CHUNK_BATCHES`
+batches, permutes each chunk's rows (a generator seeded by seed, epoch, rank and chunk),
+and cuts the chunk into batches; with the per-epoch order of the row groups that is the
+shuffle.
 
 **Positions.** A worker's epoch is a fixed sequence of batches; resuming at batch k reads
 from the chunk that holds it (its row groups before are not read again) and drops the
@@ -24,11 +24,12 @@ k mod `CHUNK_BATCHES` batches of that chunk the run already took: no row is trai
 
 **Epoch cache** (`data.cache`). When the worker's rows of the train and validation splits
 fit the budget, the first pass keeps them where the step reads them: GPU memory on a GPU
-(`device`), else host memory (`host`, pinned for a GPU). The train rows are read into it
-before the first epoch's first step, at the stream's full speed; every epoch, the first
-too, permutes the cached rows with a seeded permutation on the device, and validation reads
-them again; Ray Data is not touched. `auto` chooses device, then host, and streams what
-fits neither. A resumed run fills the cache again from the same rows, in the same order.
+(`device`), else host memory (`host`, pinned for a GPU). The train and validation rows are
+read into it in one stream before the first epoch's first step, at the stream's full
+speed; every epoch, the first too, permutes the cached train rows with a seeded
+permutation on the device, and validation reads its rows again; Ray Data is not touched.
+`auto` chooses device, then host, and streams what fits neither. A resumed run fills the
+cache again from the same rows, in the same order.
 
 Budgets come from the node: each worker's dataset gets its share of the CPUs the train
 workers leave, and an object-store window of two blocks per task it may run (at least
@@ -61,15 +62,15 @@ READ_BATCH_ROWS = 131_072  # rows a read task holds at a time (one output block 
 
 
 def _read_unit(
-    items: dict[str, np.ndarray], preprocessor: Preprocessor, split: str, layout: Layout
+    items: dict[str, np.ndarray], preprocessor: Preprocessor, layout: Layout
 ) -> Iterator[pa.Table]:
-    """Ray Data's map over a block of items (each a row group and a range of its rows of the
-    split), in order: each range's raw rows, preprocessed and packed, in blocks of at most
-    `READ_BATCH_ROWS` rows."""
+    """Ray Data's map over a block of items (each a split, a row group and a range of its
+    rows of that split), in order: each range's raw rows, preprocessed and packed, in blocks
+    of at most `READ_BATCH_ROWS` rows."""
     data = preprocessor.data
-    for path, group, start, stop in _items(items):
+    for split, path, group, start, stop in _items(items):
         batches = _row_group(path, group, data.columns(labels=True, split=True))
-        for batch in _ranged(batches, start, stop, lambda b: _of_split(b, data, split)):
+        for batch in _ranged(batches, start, stop, lambda b, s=split: _of_split(b, data, s)):
             yield _packed_table(layout.pack(preprocessor.transform(batch)))
 
 
@@ -77,14 +78,15 @@ def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Ta
     """Ray Data's map over a block of items of a search's preprocessed copy: the ranges as
     they are."""
     blocks = [b for b, _ in layout.blocks]
-    for path, group, start, stop in _items(items):
+    for _, path, group, start, stop in _items(items):
         for batch in _ranged(_row_group(path, group, blocks), start, stop, lambda b: b):
             yield _packed_table({k: _tensor(batch.column(k)) for k in blocks})
 
 
-def _items(items: dict[str, np.ndarray]) -> Iterator[tuple[str, int, int, int]]:
+def _items(items: dict[str, np.ndarray]) -> Iterator[tuple[str, str, int, int, int]]:
     for i in range(len(items["path"])):
         yield (
+            str(items["split"][i]),
             str(items["path"][i]),
             int(items["row_group"][i]),
             int(items["start"][i]),
@@ -193,62 +195,68 @@ def _tasks_in(cpus: float, task_cpus: float) -> int:
     return max(1, math.floor(cpus / task_cpus + 1e-9))
 
 
+Part = tuple[str, list[Range]]  # a split and ranges of its rows
+
+
 def read_units(
-    ranges: list[Range],
+    parts: list[Part],
     preprocessor: Preprocessor,
-    split: str,
     layout: Layout,
     task_cpus: float,
     tasks: int | None = None,
 ) -> Any:
-    """A lazy Ray Data dataset of the rows of `ranges`, preprocessed and packed (read as they
-    are from a search's `packed` copy), in order: `tasks` tasks (each a run of consecutive
-    ranges), one per range when None."""
+    """A lazy Ray Data dataset of the rows of the ranges of each (split, ranges) part,
+    preprocessed and packed (read as they are from a search's `packed` copy), in order:
+    `tasks` tasks (each a run of consecutive ranges), one per range when None."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [
-        {"path": r.path, "row_group": r.row_group, "start": r.start, "stop": r.stop} for r in ranges
+        {"split": split, "path": r.path, "row_group": r.row_group, "start": r.start, "stop": r.stop}
+        for split, ranges in parts
+        for r in ranges
     ]
     tasks = len(items) if tasks is None else max(1, min(tasks, len(items)))
     ds = ray.data.from_items(items, override_num_blocks=tasks)
-    if ranges and ranges[0].packed:
+    if any(r.packed for _, ranges in parts for r in ranges):
         reader, kwargs = _read_packed, {"layout": layout}
     else:
-        reader = _read_unit
-        kwargs = {"preprocessor": preprocessor, "split": split, "layout": layout}
+        reader, kwargs = _read_unit, {"preprocessor": preprocessor, "layout": layout}
     return ds.map_batches(  # batch_size None: a task's whole block of items
         reader, batch_size=None, batch_format="numpy", num_cpus=task_cpus, fn_kwargs=kwargs
     )
 
 
 def stream_ranges(
-    ranges: list[Range], preprocessor: Preprocessor, split: str, layout: Layout, budget: Budget
+    parts: list[Part], preprocessor: Preprocessor, layout: Layout, budget: Budget
 ) -> Iterator[Packed]:
-    """The rows of `ranges`, in order, as packed numpy blocks.
+    """The rows of the ranges of each (split, ranges) part, in order, as packed numpy
+    blocks (a block may hold rows of two parts).
 
     A dataset that may run one task at a time reads all the ranges in that one task, a
     stream with no pause between row groups (each new task costs tens of milliseconds to
     start); with more, each range is a task of its own, and they run side by side.
     """
+    ranges = sum(len(r) for _, r in parts)
     if not ranges:
         return
-    tasks = 1 if budget.tasks == 1 else len(ranges)
-    ds = read_units(ranges, preprocessor, split, layout, budget.task_cpus, tasks)
+    tasks = 1 if budget.tasks == 1 else ranges
+    ds = read_units(parts, preprocessor, layout, budget.task_cpus, tasks)
     # A task's packed tables are gathered into blocks of this size (Ray's default, 128 MiB,
     # would hand a worker its whole share of a one-task pass as one block, at the end).
     ds.context.target_max_block_size = budget.block_bytes
     options = ds.context.execution_options
     options.preserve_order = True  # the ranges' order: positions are the same every run
-    # The read tasks run beside the worker where they can, so its blocks are local: no
-    # prefetch is needed (Ray's prefetch holds each block back until two more are read).
-    options.locality_with_output = True
     options.resource_limits = options.resource_limits.copy(
         cpu=budget.cpus, object_store_memory=budget.object_store_bytes
     )
-    for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        if len(block[FLOAT]):
-            yield block
+    # No prefetch: Ray's prefetch holds each block back until two more are read. A block
+    # gathers several of a task's tables; each is taken as it is (zero-copy numpy views),
+    # since Ray's numpy format would concatenate them first, a copy the worker never needs.
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for batch in block.to_batches():
+            if batch.num_rows:
+                yield {name: _tensor(batch.column(name)) for name in batch.schema.names}
 
 
 def _chunks(blocks: Iterator[Packed], rows: int) -> Iterator[Packed]:
@@ -471,13 +479,15 @@ class WorkerFeed:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's shuffled train batches on the device, from batch `start` on."""
         if self.cache != "off" and not self.cache_hit():
-            self._fill(batch_size)
+            self._fill([s for s in CACHED_SPLITS if s in self.counts.rows and s not in self.cached])
         if self.cache_hit():
             return self._unpacked(self._from_cache(epoch, batch_size, start))
         return self._unpacked(self._streamed(epoch, batch_size, start))
 
     def evaluation(self, split: str, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Every row of this worker's share of `split`, in order, on the device."""
+        if self.cache != "off" and split in CACHED_SPLITS and split not in self.cached:
+            self._fill([split])
         if self.cache_hit(split):
             return self._unpacked(_cut_batches(self.cached[split].tensors, batch_size))
         return self._unpacked(self._streamed_eval(split, batch_size))
@@ -485,11 +495,14 @@ class WorkerFeed:
     def _unpacked(self, batches: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
         return (self.layout.unpack(b) for b in Prefetcher(batches, self.device))
 
-    def _stream(self, split: str, epoch: int, skip_rows: int = 0) -> Iterator[Packed]:
-        ranges = self.plan(split, epoch).ranges(self.rank, skip_rows)
-        if self.counts.packed:
-            ranges = [r.as_packed() for r in ranges]
-        return stream_ranges(ranges, self.preprocessor, split, self.layout, self.budget)
+    def _stream(self, splits: list[str], epoch: int, skip_rows: int = 0) -> Iterator[Packed]:
+        """The worker's rows of each of `splits` in `epoch`, one after the other, from
+        `skip_rows` rows into the first split's share."""
+        parts = []
+        for i, split in enumerate(splits):
+            ranges = self.plan(split, epoch).ranges(self.rank, 0 if i else skip_rows)
+            parts.append((split, [r.as_packed() for r in ranges] if self.counts.packed else ranges))
+        return stream_ranges(parts, self.preprocessor, self.layout, self.budget)
 
     def _new_cache(self, split: str) -> RowCache:
         on_device = self.cache == "device"
@@ -498,21 +511,28 @@ class WorkerFeed:
         self.cached[split] = cache
         return cache
 
-    def _fill(self, batch_size: int) -> None:
-        """The cache takes this worker's rows of epoch 1, in stream order, before the
-        epoch's first step; every epoch, the first too, then permutes the cache. A resumed
-        run fills it from the same rows, so its epochs permute the same cache as the first
-        run's. (Filled beside the steps instead, the stream ran ahead of a CPU step and Ray
-        Data's executor spun on its full window: the demo's first epoch ran at half the
-        cached epochs' samples/s.)"""
-        cache = self._new_cache("train")
-        for chunk in _chunks(self._stream("train", 1), CHUNK_BATCHES * batch_size):
-            cache.add(chunk)
+    def _fill(self, splits: list[str]) -> None:
+        """The caches of `splits` take this worker's rows of each (the train split's of
+        epoch 1), in stream order, in one pass before the first step; every epoch, the first
+        too, then permutes the train cache. A resumed run fills them from the same rows, so
+        its epochs permute the same cache as the first run's. (Filled beside the steps
+        instead, the stream ran ahead of a CPU step and Ray Data's executor spun on its full
+        window: the demo's first epoch ran at half the cached epochs' samples/s. One pass
+        for both splits starts Ray Data once.)"""
+        caches = [self._new_cache(split) for split in splits]
+        for block in self._stream(splits, 1):
+            while len(block[FLOAT]):  # a block may end one split's rows and begin the next's
+                cache = next((c for c in caches if not c.full), None)
+                if cache is None:
+                    break  # more rows than counted: the files changed; `cache_hit` decides
+                size = min(cache.rows - cache.filled, len(block[FLOAT]))
+                cache.add({k: v[:size] for k, v in block.items()})
+                block = {k: v[size:] for k, v in block.items()}
 
     def _streamed(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         chunk_rows = CHUNK_BATCHES * batch_size
         first_chunk, skip = divmod(start, CHUNK_BATCHES)
-        stream = self._stream("train", epoch, first_chunk * chunk_rows)
+        stream = self._stream(["train"], epoch, first_chunk * chunk_rows)
         for index, chunk in enumerate(_chunks(stream, chunk_rows), start=first_chunk):
             generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
             order = generator.permutation(len(chunk[FLOAT]))
@@ -530,8 +550,5 @@ class WorkerFeed:
             yield {k: v.index_select(0, rows) for k, v in cache.tensors.items()}
 
     def _streamed_eval(self, split: str, batch_size: int) -> Iterator[dict]:
-        fills = self.cache != "off" and split in CACHED_SPLITS
-        cache = self._new_cache(split) if fills else None
-        for chunk in _chunks(self._stream(split, 0), batch_size):
-            # Filling the cache, the batch is the cache's view of its rows: one copy.
-            yield cache.add(chunk) if cache is not None else _torch(chunk, None, self.pin)
+        for chunk in _chunks(self._stream([split], 0), batch_size):
+            yield _torch(chunk, None, self.pin)

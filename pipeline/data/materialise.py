@@ -51,7 +51,7 @@ def materialise(
         if not ranges:
             continue
         out = join(folder, split)
-        read_units(ranges, preprocessor, split, layout, task_cpus).write_parquet(out)
+        read_units([(split, ranges)], preprocessor, layout, task_cpus).write_parquet(out)
         for footer in InputFiles.read(resolve_files(out)).footers:
             for group in range(footer.metadata.num_row_groups):
                 size = footer.metadata.row_group(group).num_rows
