@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import signal
 import socket
@@ -46,6 +45,7 @@ from pipeline.tracking.runs import (
     resolve_tracking_uri,
 )
 from pipeline.tracking.security import redact_text
+from pipeline.worker_setup import quiet_ray_data_console
 
 ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a local head
@@ -55,7 +55,8 @@ CONNECT_TIMEOUT_S = 5.0
 # with Ray's defaults (as many as CPUs, killed after 1 s idle) every burst started fresh
 # Python processes (about 2 s each on 2 CPUs). `RAY_<name>` variables still win.
 WARM_WORKERS = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 60_000}
-WORKER_SETUP_HOOK = "pipeline.session.quiet_ray_data_console"
+# Light on purpose: every worker process of the job imports it (see the module).
+WORKER_SETUP_HOOK = "pipeline.worker_setup.quiet_ray_data_console"
 
 
 class Terminated(KeyboardInterrupt):
@@ -100,19 +101,6 @@ def open_session(command: str, tracking: TrackingConfig | str | None = None) -> 
     uri = resolve_tracking_uri(tracking)
     check_tracking_reachable(uri)
     return Session(command, uri)
-
-
-def quiet_ray_data_console() -> None:
-    """Ray Data's INFO lines to its log file only (`ray-data.log`), warnings still shown.
-    Runs in the driver and, as Ray's worker setup hook, in every worker of the job."""
-    import ray.data  # noqa: F401  (configures Ray Data's loggers first)
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
-    # Progress bars are off on purpose (`ingest.configure_ray_data`); without this each
-    # new process of the job (every epoch's split coordinator) warns once that they are.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _free_port() -> int:
