@@ -393,9 +393,8 @@ class RowCache:
     def full(self) -> bool:
         return self.filled == self.rows
 
-    def add(self, chunk: Packed) -> dict[str, torch.Tensor]:
-        """Append a chunk (numpy arrays, as streamed) in one copy; returns the cache's views
-        of it."""
+    def add(self, chunk: Packed) -> None:
+        """Append a chunk (numpy arrays, as streamed) in one copy."""
         size = len(chunk[FLOAT])
         lo, hi = self.filled, self.filled + size
         on_host = self.tensors[FLOAT].device.type == "cpu"
@@ -406,7 +405,6 @@ class RowCache:
             else:
                 tensor[lo:hi].copy_(source[key], non_blocking=True)
         self.filled = hi
-        return {k: t[lo:hi] for k, t in self.tensors.items()}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
