@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import GRADIENT_METHODS, Config, EarlyStopping, TrainConfig, parse_config
-from pipeline.data.feed import Budget, WorkerFeed, choose_cache
+from pipeline.data.feed import Budget, WorkerFeed
 from pipeline.data.ingest import READ_BLOCK_BYTES
 from pipeline.data.plan import SplitRows
 from pipeline.data.preprocess import Preprocessor
@@ -245,8 +245,7 @@ def make_feed(loop_config: dict[str, Any], config: Config, device: torch.device)
         budget,
     )
     device_budget, host_budget = cache_budgets(config, device, context.get_local_world_size())
-    choice = choose_cache(config.data.cache, feed.cache_bytes(), device, device_budget, host_budget)
-    feed.cache = choice.where
+    feed.keep_what_fits(config.data.cache, device_budget, host_budget)
     return feed
 
 

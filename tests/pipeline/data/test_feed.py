@@ -131,8 +131,9 @@ def test_the_cache_serves_later_epochs_and_validation(logs) -> None:
     streamed, cached = _feeds(logs, "off")[0], _feeds(logs, "host")[0]
     assert not cached.cache_hit()
     first = _keys(cached.train(1, BATCH))  # the rows are cached before its first step
-    # One pass filled both splits' caches: validation reads no Ray Data, even the first time.
-    assert cached.cache_hit() and cached.cache_hit("validation")
+    # One pass filled every split's cache: validation and test read no Ray Data, even the
+    # first time.
+    assert all(cached.cache_hit(split) for split in ("train", "validation", "test"))
     plain = _keys(streamed.train(1, BATCH))
     assert sorted(first) == sorted(plain) and first != plain  # the same rows, all mixed
     second = _keys(cached.train(2, BATCH))
@@ -148,8 +149,28 @@ def test_the_cache_serves_later_epochs_and_validation(logs) -> None:
         streamed.evaluation("validation", 100)
     )
     assert alone.cache_hit("validation") and "train" not in alone.cached
-    rows = cached.rows("train") + cached.rows("validation")
+    assert _keys(cached.evaluation("test", 100)) == _keys(streamed.evaluation("test", 100))
+    rows = sum(cached.rows(split) for split in ("train", "validation", "test"))
     assert sum(c.nbytes() for c in cached.cached.values()) == rows * cached.layout.row_bytes()
+
+
+def test_the_test_split_is_kept_only_when_all_three_fit(logs) -> None:
+    feed = _feeds(logs, "host")[0]
+    row = feed.layout.row_bytes()
+    rows = {split: feed.rows(split) for split in ("train", "validation", "test")}
+    assert min(rows.values()) > 0
+    everything = sum(rows.values()) * row
+    assert feed.keep_what_fits("auto", 0, everything).where == "host"
+    assert feed.keep == ("train", "validation", "test")
+    without_test = everything - rows["test"] * row
+    choice = feed.keep_what_fits("auto", 0, without_test)
+    assert (choice.where, choice.bytes) == ("host", without_test)
+    assert feed.keep == ("train", "validation")
+    list(feed.train(1, BATCH))
+    assert set(feed.cached) == {"train", "validation"}  # the test split streams at the end
+    assert len(_keys(feed.evaluation("test", 100))) == rows["test"]
+    assert "test" not in feed.cached
+    assert feed.keep_what_fits("auto", 0, without_test - 1).where == "off"
 
 
 def test_the_cache_goes_where_it_fits() -> None:
