@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig, load_config
-from pipeline.data.feed import Budget, WorkerFeed, choose_cache
+from pipeline.data.feed import Budget, RowCache, WorkerFeed, choose_cache
 from pipeline.data.fit import fit
 from pipeline.data.ingest import READ_BLOCK_BYTES
 from pipeline.data.split import split_mask
@@ -171,6 +171,36 @@ def test_the_test_split_is_kept_only_when_all_three_fit(logs) -> None:
     assert len(_keys(feed.evaluation("test", 100))) == rows["test"]
     assert "test" not in feed.cached
     assert feed.keep_what_fits("auto", 0, without_test - 1).where == "off"
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_a_host_cache_is_private_memory_advised_for_huge_pages(logs) -> None:
+    """Anonymous private pages (a shared map would be shared memory, outside the huge-page
+    advice), marked `hg` (MADV_HUGEPAGE) in the kernel's view of the mapping."""
+    layout = _feeds(logs)[0].layout
+    cache = RowCache(layout, 100_000, torch.device("cpu"), pin=False)
+    tensor = cache.tensors["float32"]
+    tensor.fill_(1.0)  # touch every page
+    mapping = _smaps_entry(tensor.data_ptr())
+    assert int(mapping["Anonymous"].split()[0]) * 1024 >= tensor.numel() * 4 - 4096
+    assert "hg" in mapping["VmFlags"].split()
+
+
+def _smaps_entry(address: int) -> dict[str, str]:
+    """The fields of the /proc/self/smaps entry whose range holds `address`."""
+    entry: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if entry is not None:
+                break
+            entry = {} if lo <= address < hi else None
+        elif entry is not None:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+    assert entry is not None, f"no mapping holds {address:#x}"
+    return entry
 
 
 def test_the_cache_goes_where_it_fits() -> None:
