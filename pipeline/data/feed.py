@@ -444,8 +444,8 @@ class WorkerFeed:
         device: where the batches go.
         seed: the run's seed (file order, chunk permutations, cached permutations).
         budget: this worker's share of the node for its datasets.
-        cache: where the rows are kept: "device", "host" (`choose_cache`), or "off".
-        keep: the splits the cache keeps (`keep_what_fits`).
+        cache: where the rows are kept: "device", "host" (`choose_cache`), or "off"; with
+            the splits it keeps, `keep_what_fits` sets it from the budgets.
     """
 
     def __init__(
@@ -458,12 +458,11 @@ class WorkerFeed:
         seed: int,
         budget: Budget,
         cache: str = "off",
-        keep: tuple[str, ...] = CACHED_SPLITS,
     ) -> None:
         self.counts, self.preprocessor = counts, preprocessor
         self.layout = Layout.of(preprocessor.empty())
         self.rank, self.world, self.device, self.seed = rank, world, device, seed
-        self.budget, self.cache, self.keep = budget, cache, keep
+        self.budget, self.cache, self.keep = budget, cache, CACHED_SPLITS
         self.pin = device.type == "cuda"
         self.cached: dict[str, RowCache] = {}
 
@@ -479,7 +478,7 @@ class WorkerFeed:
         """This worker's rows of `split` in an epoch (the same in every epoch)."""
         return self.plan(split, 1).worker_rows(self.rank)
 
-    def cache_bytes(self, splits: tuple[str, ...] = CACHED_SPLITS) -> int:
+    def cache_bytes(self, splits: tuple[str, ...]) -> int:
         """What this worker's rows of `splits` take, packed."""
         return sum(self.rows(s) for s in splits if s in self.counts.rows) * self.layout.row_bytes()
 
