@@ -8,7 +8,8 @@ split and of the worker's range, and preprocess and pack them (`Layout.pack`: on
 and one int64 2-D tensor column), so a block reaches the worker as two zero-copy numpy
 arrays: no per-column conversion, no re-batching by Ray. A worker whose budget runs one
 task at a time reads a pass in one task (no pause between row groups); with more, each
-range is a task and they run side by side. The worker takes each block as it comes (no
+range is a task and they run side by side. A task that reads one row group for two splits
+in a row (a file holding train and validation rows, as the Census files do) decodes it once. The worker takes each block as it comes (no
 prefetch: Ray's holds a block back until two more are read). (Ray Data's `read_parquet`
 is not used here: it samples files with tasks that reserve a whole CPU, which a node whose
 CPUs the train workers hold in halves never has, and it reads whole files.) The dataset
@@ -69,10 +70,40 @@ def _read_unit(
     rows of that split), in order: each range's raw rows, preprocessed and packed, in blocks
     of at most `READ_BATCH_ROWS` rows."""
     data = preprocessor.data
-    for split, path, group, start, stop in _items(items):
-        batches = _row_group(path, group, data.columns(labels=True, split=True))
+    columns = data.columns(labels=True, split=True)
+    units = list(_items(items))
+    decoded: _Decoded | None = None
+    for i, (split, path, group, start, stop) in enumerate(units):
+        unit = (path, group)
+        if decoded is not None and decoded.unit != unit:
+            decoded = None  # done with the row group before
+        if decoded is None and i + 1 < len(units) and units[i + 1][1:3] == unit:
+            # The next item reads this row group too (its rows of the next split: a row
+            # group that holds rows of two splits, as a file split by a column's values or
+            # a hash does): decoded once for both.
+            decoded = _Decoded(unit, _row_group(path, group, columns))
+        batches = iter(decoded) if decoded is not None else _row_group(path, group, columns)
         for batch in _ranged(batches, start, stop, lambda b, s=split: _of_split(b, data, s)):
             yield _packed_table(layout.pack(preprocessor.transform(batch)))
+
+
+class _Decoded:
+    """A row group's batches, decoded as far as a reader asks and kept, so that the items
+    of a task that read the same row group one after the other decode it once."""
+
+    def __init__(self, unit: tuple[str, int], batches: Iterator[pa.RecordBatch]) -> None:
+        self.unit, self._source, self._kept = unit, batches, []
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        index = 0
+        while True:
+            if index == len(self._kept):
+                batch = next(self._source, None)
+                if batch is None:
+                    return
+                self._kept.append(batch)
+            yield self._kept[index]
+            index += 1
 
 
 def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Table]:

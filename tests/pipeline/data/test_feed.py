@@ -236,3 +236,50 @@ def test_a_searchs_preprocessed_copy_serves_the_same_rows(logs, tmp_path) -> Non
     for split in ("validation", "test"):
         got, want = (sorted(_keys(f.evaluation(split, 100))) for f in (packed, raw))
         assert len(got) == counts.total(split) and got == pytest.approx(want)
+
+
+def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monkeypatch) -> None:
+    """A task whose ranges of two splits lie in one row group (logs split by a hash, as the
+    Census files are by a column's values) decodes it once, and yields what reading it for
+    each range apart yields."""
+    from pipeline.data import feed
+    from pipeline.data.collate import Layout
+
+    generate_logs(tmp_path / "logs", 3_000, seed=1)
+    cfg = load_config(
+        ROOT / "configs" / "synthetic.yaml",
+        [f"data.path={tmp_path / 'logs'}", "data.split.method=hash", "data.split.column=user_id"],
+    ).data
+    preprocessor, counts = fit(cfg, check_schema(cfg))
+    layout = Layout.of(preprocessor.empty())
+    path, group = counts.units[0]
+    train, validation = counts.rows["train"][0], counts.rows["validation"][0]
+    assert train and validation  # the row group holds rows of both splits
+    items = [("train", 0, train - 7), ("validation", 3, validation), ("train", train - 7, train)]
+    reads = []
+    row_group = feed._row_group
+    monkeypatch.setattr(
+        feed, "_row_group", lambda *args: reads.append(args[:2]) or row_group(*args)
+    )
+
+    def read(chosen) -> list[dict[str, np.ndarray]]:
+        columns = {
+            "split": [s for s, _, _ in chosen],
+            "path": [path] * len(chosen),
+            "row_group": [group] * len(chosen),
+            "start": [a for _, a, _ in chosen],
+            "stop": [b for _, _, b in chosen],
+        }
+        tables = feed._read_unit({k: np.array(v) for k, v in columns.items()}, preprocessor, layout)
+        return [{k: feed._tensor(t.column(k)) for k in t.column_names} for t in tables]
+
+    together = read(items)
+    assert reads == [(path, group)]  # three ranges in a row of one row group: one decode
+    reads.clear()
+    apart = [block for item in items for block in read([item])]
+    assert len(reads) == 3
+    for key in ("float32", "int64"):
+        np.testing.assert_array_equal(
+            np.concatenate([b[key] for b in together]), np.concatenate([b[key] for b in apart])
+        )
+    assert sum(len(b["float32"]) for b in together) == train + validation - 3
