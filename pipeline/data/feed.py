@@ -9,12 +9,13 @@ and one int64 2-D tensor column), so a block reaches the worker as two zero-copy
 arrays: no per-column conversion, no re-batching by Ray. A worker whose budget runs one
 task at a time reads a pass in one task (no pause between row groups); with more, each
 range is a task and they run side by side. A task that reads one row group for two splits
-in a row (a file holding train and validation rows, as the Census files do) decodes it once. The worker takes each block as it comes (no
-prefetch: Ray's holds a block back until two more are read). (Ray Data's `read_parquet`
-is not used here: it samples files with tasks that reserve a whole CPU, which a node whose
-CPUs the train workers hold in halves never has, and it reads whole files.) The dataset
-keeps the items' order (`preserve_order`), so a worker's stream, and any position in it,
-is the same in every run. The worker gathers the rows into chunks of `CHUNK_BATCHES`
+in a row (a file holding train and validation rows, as the Census files do) decodes it
+once. The worker takes each block as it comes (no prefetch: Ray's holds a block back until
+two more are read). (Ray Data's `read_parquet` is not used here: it samples files with
+tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in halves
+never has, and it reads whole files.) The dataset keeps the items' order
+(`preserve_order`), so a worker's stream, and any position in it, is the same in every
+run. The worker gathers the rows into chunks of `CHUNK_BATCHES`
 batches, permutes each chunk's rows (a generator seeded by seed, epoch, rank and chunk),
 and cuts the chunk into batches; with the per-epoch order of the row groups that is the
 shuffle.
