@@ -15,10 +15,9 @@ two more are read). (Ray Data's `read_parquet` is not used here: it samples file
 tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in halves
 never has, and it reads whole files.) The dataset keeps the items' order
 (`preserve_order`), so a worker's stream, and any position in it, is the same in every
-run. The worker gathers the rows into chunks of `CHUNK_BATCHES`
-batches, permutes each chunk's rows (a generator seeded by seed, epoch, rank and chunk),
-and cuts the chunk into batches; with the per-epoch order of the row groups that is the
-shuffle.
+run. The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each
+chunk's rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into
+batches; with the per-epoch order of the row groups that is the shuffle.
 
 **Positions.** A worker's epoch is a fixed sequence of batches; resuming at batch k reads
 from the chunk that holds it (its row groups before are not read again) and drops the
@@ -40,6 +39,7 @@ four blocks).
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 from collections.abc import Iterator
@@ -72,39 +72,14 @@ def _read_unit(
     of at most `READ_BATCH_ROWS` rows."""
     data = preprocessor.data
     columns = data.columns(labels=True, split=True)
-    units = list(_items(items))
-    decoded: _Decoded | None = None
-    for i, (split, path, group, start, stop) in enumerate(units):
-        unit = (path, group)
-        if decoded is not None and decoded.unit != unit:
-            decoded = None  # done with the row group before
-        if decoded is None and i + 1 < len(units) and units[i + 1][1:3] == unit:
-            # The next item reads this row group too (its rows of the next split: a row
-            # group that holds rows of two splits, as a file split by a column's values or
-            # a hash does): decoded once for both.
-            decoded = _Decoded(unit, _row_group(path, group, columns))
-        batches = iter(decoded) if decoded is not None else _row_group(path, group, columns)
-        for batch in _ranged(batches, start, stop, lambda b, s=split: _of_split(b, data, s)):
-            yield _packed_table(layout.pack(preprocessor.transform(batch)))
-
-
-class _Decoded:
-    """A row group's batches, decoded as far as a reader asks and kept, so that the items
-    of a task that read the same row group one after the other decode it once."""
-
-    def __init__(self, unit: tuple[str, int], batches: Iterator[pa.RecordBatch]) -> None:
-        self.unit, self._source, self._kept = unit, batches, []
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        index = 0
-        while True:
-            if index == len(self._kept):
-                batch = next(self._source, None)
-                if batch is None:
-                    return
-                self._kept.append(batch)
-            yield self._kept[index]
-            index += 1
+    for (path, group), run in itertools.groupby(_items(items), key=lambda item: item[1:3]):
+        # Items in a row of one row group (its rows of two splits, as in a file split by a
+        # column's values or a hash) share one decode: each reader takes what it needs.
+        run = list(run)
+        readers = itertools.tee(_row_group(path, group, columns), len(run))
+        for (split, _, _, start, stop), batches in zip(run, readers, strict=True):
+            for batch in _ranged(batches, start, stop, lambda b, s=split: _of_split(b, data, s)):
+                yield _packed_table(layout.pack(preprocessor.transform(batch)))
 
 
 def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Table]:
