@@ -5,7 +5,6 @@ global batch's Jacobian), and the configs it cannot run are refused naming the f
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchjd.aggregation import IMTLG, MGDA, PCGrad, UPGrad
 
-from bench.harness import free_port, tiny_config
+from bench.harness import tiny_config
 from pipeline.config import GRADIENT_METHODS, check_across_sections
 from pipeline.data.fit import fit_preprocessor
 from pipeline.data.sample import read_split
@@ -163,12 +162,14 @@ def test_the_methods_need_eager_steps_and_dense_tables(setup) -> None:
         TrainStep(module, optimizer, cpu, "compile", rows=1, num_tasks=4, balancer=balancer)
 
 
-def _rank(rank: int, port: int, config_json: dict, batches: list, out: str, method: str) -> None:
-    """One DDP rank: the balanced step on its own batch; saves its gradient and weights."""
+def _rank(rank: int, config_json: dict, batches: list, out: str, method: str) -> None:
+    """One DDP rank: the balanced step on its own batch; saves its gradient and weights.
+    The ranks meet through a file in `out` (a port found free can be taken before rank 0
+    listens on it)."""
     from pipeline.config import parse_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    rendezvous = f"file://{out}/rendezvous"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     torch.set_num_threads(1)
     config = parse_config(config_json)
     torch.manual_seed(rank)  # different initial weights: DDP broadcasts rank 0's
@@ -194,10 +195,9 @@ def test_two_ddp_ranks_write_the_same_aggregate_of_the_global_jacobian(
     setup, tmp_path, method
 ) -> None:
     config, batches = setup
-    port = free_port()
     mp.start_processes(
         _rank,
-        args=(port, config.model_dump(mode="json"), batches, str(tmp_path), method),
+        args=(config.model_dump(mode="json"), batches, str(tmp_path), method),
         nprocs=2,
         start_method="spawn",
     )

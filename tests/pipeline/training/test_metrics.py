@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
+import time
+from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import pytest
@@ -15,7 +17,6 @@ from sklearn.metrics import log_loss, mean_squared_error, roc_auc_score
 from pipeline.config import TaskSpec
 from pipeline.ranking import binary_entropy, grouped_auc_sums
 from pipeline.training.metrics import MultiTaskMetrics
-from tests.conftest import free_port
 
 TASKS = [TaskSpec(name="click"), TaskSpec(name="like"), TaskSpec(name="watch", type="regression")]
 
@@ -86,9 +87,8 @@ def test_binary_entropy() -> None:
     assert binary_entropy(0.0) == 0.0
 
 
-def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, rendezvous: str, queue: mp.Queue, cut: int = 1000) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     logits, labels, mask = _data(2)
     # Uneven shards with different score distributions: per-worker AUCs would not average
     # to the global AUC.
@@ -101,23 +101,41 @@ def _worker(rank: int, port: int, queue: mp.Queue, cut: int = 1000) -> None:
     dist.destroy_process_group()
 
 
-def _on_two_workers(worker, cut: int) -> dict[int, dict[str, float]]:
-    """Each rank's `compute()` from `worker(rank, port, queue, cut)` in two processes."""
+def _on_two_workers(worker, cut: int, folder: Path) -> dict[int, dict[str, float]]:
+    """Each rank's `compute()` from `worker(rank, rendezvous, queue, cut)` in two processes.
+
+    The ranks meet through a file in `folder`, not a TCP port: a port found free and handed
+    to rank 0 could be taken by any other process before rank 0 listened on it (seen once
+    in CI: rank 0 failed with EADDRINUSE). A rank that dies fails the test at once."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue, cut)) for r in range(2)]
+    rendezvous = f"file://{folder / 'rendezvous'}"
+    procs = [ctx.Process(target=worker, args=(r, rendezvous, queue, cut)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results, deadline = {}, time.monotonic() + 120
+    try:
+        while len(results) < len(procs):
+            try:
+                rank, value = queue.get(timeout=1)
+                results[rank] = value
+            except Empty:
+                failed = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode}
+                if failed:
+                    pytest.fail(f"a rank died (rank: exit code): {failed}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no result from ranks {set(range(2)) - set(results)} in 120 s")
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     return results
 
 
 @pytest.mark.parametrize("cut", [1000, 3000])  # 3000: the second worker's shard is empty
-def test_metrics_are_exact_across_two_workers(cut: int) -> None:
-    results = _on_two_workers(_worker, cut)
+def test_metrics_are_exact_across_two_workers(cut: int, tmp_path: Path) -> None:
+    results = _on_two_workers(_worker, cut, tmp_path)
     logits, labels, mask = _data(2)
     logits = logits.clone()
     logits[cut:] += 1.5
@@ -197,9 +215,8 @@ def test_gauc_is_the_per_user_auc_not_the_global_auc() -> None:
     assert roc_auc_score(labels, scores) == 0.75
 
 
-def _gauc_worker(rank: int, port: int, queue: mp.Queue, cut: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _gauc_worker(rank: int, rendezvous: str, queue: mp.Queue, cut: int) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     logits, labels, mask, users, viewers = _grouped_data(4)
     metrics = MultiTaskMetrics(GROUPED, torch.device("cpu"))
     for rows in _chunks(cut, rank):
@@ -210,8 +227,8 @@ def _gauc_worker(rank: int, port: int, queue: mp.Queue, cut: int) -> None:
 
 
 @pytest.mark.parametrize("cut", [1300, 3000])  # 3000: the second worker's shard is empty
-def test_gauc_is_exact_across_two_workers(cut: int) -> None:
-    results = _on_two_workers(_gauc_worker, cut)
+def test_gauc_is_exact_across_two_workers(cut: int, tmp_path: Path) -> None:
+    results = _on_two_workers(_gauc_worker, cut, tmp_path)
     want = _expected_gauc(*_grouped_data(4))
     for key, value in want.items():
         assert results[0][key] == pytest.approx(value, abs=1e-9), key

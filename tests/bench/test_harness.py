@@ -1,0 +1,20 @@
+"""The shared test harness: ports for the servers the tests start."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from bench.harness import PORTS_FROM, free_port
+
+
+def test_free_ports_are_distinct_listenable_and_below_the_ephemeral_range() -> None:
+    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    if ephemeral_from > PORTS_FROM:  # room below it (32768 by default)
+        assert all(PORTS_FROM <= p < ephemeral_from for p in ports)
+    for port in ports[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+            s.listen()
