@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +17,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+
+from pipeline.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = [
@@ -37,38 +37,6 @@ TINY_OVERRIDES = [
 ALIAS_PATH = "/registered-models/alias"  # GET get_model_version_by_alias, POST set alias
 # What an MLflow server puts in the body with each status.
 ERROR_CODES = {500: "INTERNAL_ERROR", 429: "REQUEST_LIMIT_EXCEEDED", 403: "PERMISSION_DENIED"}
-
-
-_GIVEN_PORTS: set[int] = set()
-PORTS_FROM = 20_000  # above Ray's worker ports (10002-19999 by default)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now, never the same twice in a process.
-
-    Taken from below the kernel's ephemeral range where there is room: a port of that range
-    (what binding port 0 gives) can be taken by any process's outgoing connection between
-    this check and the server's listen (seen once in CI: a test's rendezvous failed with
-    EADDRINUSE), whereas ports below it are only ever taken by name.
-    """
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        ephemeral_from = int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_from = 0
-    candidates = [p for p in range(PORTS_FROM, ephemeral_from) if p not in _GIVEN_PORTS]
-    # The system's randomness: a test that seeds `random` makes processes pick alike.
-    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN_PORTS.add(port)
-        return port
-    with socket.socket() as s:  # no room below the ephemeral range: any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
 from pipeline.errors import InputError
+from pipeline.ports import free_port
 from pipeline.tracking.runs import (
     check_tracking_reachable,
     client_for,
@@ -101,12 +102,6 @@ def open_session(command: str, tracking: TrackingConfig | str | None = None) -> 
     uri = resolve_tracking_uri(tracking)
     check_tracking_reachable(uri)
     return Session(command, uri)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(address: str) -> bool:
@@ -209,7 +204,7 @@ def start_ray(num_cpus: float | None = None) -> str:
         return address
     # The address Ray will give this node's head (its IP, as Ray resolves it) on a port
     # chosen here, so that it is known before any process starts.
-    address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    address = f"{ray.util.get_node_ip_address()}:{free_port()}"
     os.environ[GCS_PORT_ENV] = address.rpartition(":")[2]
     os.environ[ADDRESS_ENV] = address  # this process's children find this instance
     try:

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError, InputError
+from pipeline.ports import PORTS_FROM
 from pipeline.tracking.security import check_no_credentials, has_credentials
 from pipeline.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from tests.conftest import REPO_ROOT
@@ -110,7 +111,7 @@ def test_config_with_credentials_is_refused_naming_the_field(section, value, fie
 
 
 DASHBOARD_PROBE = """
-import json, psutil, ray
+import json, os, psutil, ray
 from pipeline.session import start_ray
 start_ray()
 try:
@@ -118,7 +119,8 @@ try:
     port = int(url.rsplit(":", 1)[1])
     listening = sorted({c.laddr.ip for c in psutil.net_connections("tcp")
                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
-    print("PROBE " + json.dumps({"url": url, "listening": listening}))
+    gcs = int(os.environ["RAY_ADDRESS"].rsplit(":", 1)[1])
+    print("PROBE " + json.dumps({"url": url, "listening": listening, "gcs": gcs}))
 finally:
     ray.shutdown()
 """
@@ -127,7 +129,8 @@ finally:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_ray_dashboard_listens_on_loopback_only() -> None:
-    """`adatt train`'s own local cluster (no RAY_ADDRESS): dashboard on 127.0.0.1 only."""
+    """`adatt train`'s own local cluster (no RAY_ADDRESS): dashboard on 127.0.0.1 only; its
+    head on a port below the kernel's ephemeral range (`pipeline.ports`)."""
     # "local": start a cluster, never join one another user started on this machine.
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(
@@ -143,6 +146,8 @@ def test_local_ray_dashboard_listens_on_loopback_only() -> None:
     probe = json.loads(lines[0][len("PROBE ") :])
     assert probe["url"].startswith("127.0.0.1:")
     assert probe["listening"] == ["127.0.0.1"]
+    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert PORTS_FROM <= probe["gcs"] < ephemeral_from
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,11 @@
-"""The shared test harness: ports for the servers the tests start."""
+"""Ports for the servers the product and the tests start."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
-from bench.harness import PORTS_FROM, free_port
+from pipeline.ports import PORTS_FROM, free_port
 
 
 def test_free_ports_are_distinct_listenable_and_below_the_ephemeral_range() -> None:
