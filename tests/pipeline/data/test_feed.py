@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig, load_config
-from pipeline.data.feed import Budget, RowCache, WorkerFeed, choose_cache
+from pipeline.data.feed import Budget, RowCache, WorkerFeed, _gather, choose_cache
 from pipeline.data.fit import fit
 from pipeline.data.ingest import READ_BLOCK_BYTES
 from pipeline.data.split import split_mask
@@ -283,3 +283,14 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
             np.concatenate([b[key] for b in together]), np.concatenate([b[key] for b in apart])
         )
     assert sum(len(b["float32"]) for b in together) == train + validation - 3
+
+
+def test_a_host_gather_takes_the_rows_in_order_into_memory_of_its_own() -> None:
+    cache = {"float32": torch.randn(1000, 13), "int64": torch.randint(0, 10**6, (1000, 7))}
+    rows = torch.randperm(1000)[:300]
+    batch = _gather(cache, rows)
+    for key, tensor in cache.items():
+        assert batch[key].dtype == tensor.dtype
+        assert torch.equal(batch[key], tensor.index_select(0, rows))
+    batch["float32"][0] = 7.0  # the batch's own memory: the cache is untouched
+    assert not torch.any(cache["float32"] == 7.0)
