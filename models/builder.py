@@ -6,6 +6,9 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from torch.overrides import TorchFunctionMode
+
 from models.adatt import AdaTT
 from models.backbone import Backbone
 from models.baselines import CrossStitch, SharedBottom, SingleTask
@@ -86,3 +89,34 @@ def build_backbone(config: ModelConfig, input_dim: int, num_tasks: int) -> Backb
     if config.name == "single_task":
         return SingleTask(input_dim, num_tasks, flat_dims, **common)
     raise ValueError(f"name: unknown model {config.name!r}")
+
+
+def build_on_meta(
+    model_config: ModelConfig | Mapping[str, Any], schema: FeatureSchema
+) -> MultiTaskModel:
+    """The network on the meta device, not initialised: its modules and shapes, and every
+    check `build_model` makes (a ValueError naming the field), with no memory for its
+    tables. (On meta tensors `nn.init.normal_` runs PyTorch's Python decomposition, whose
+    first use imports torch._dynamo: 1.1 s of every command that read a config.)
+
+    Example:
+        >>> network = build_on_meta({"name": "mmoe"}, FeatureSchema(num_dense=4, tasks=("a",)))
+        >>> {p.device.type for p in network.parameters()}
+        {'meta'}
+        >>> build_on_meta({"name": "mmoe"}, FeatureSchema(num_dense=4, tasks=()))
+        Traceback (most recent call last):
+        ...
+        ValueError: tasks: a multi-task model needs at least one task
+    """
+    with torch.device("meta"), _Uninitialised():
+        return build_model(model_config, schema)
+
+
+class _Uninitialised(TorchFunctionMode):
+    """`torch.nn.init`'s functions leave their tensor as it is (this thread only)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)

@@ -345,9 +345,7 @@ def check_across_sections(config: Config, source: str) -> None:
     """The rules between sections, which neither section can check alone: the network must
     fit the data (per-task lists against the number of tasks, ...) and the early-stopping
     metric must be one the tasks report. ConfigError naming the field."""
-    import torch
-
-    from models import build_model
+    from models.builder import build_on_meta
 
     if config.train.step_mode == "cuda_graph" and config.train.use_gpu is False:
         raise ConfigError(
@@ -374,9 +372,7 @@ def check_across_sections(config: Config, source: str) -> None:
             from models.torchrec_input import require_torchrec
 
             require_torchrec()
-        # On the meta device: every check the builder makes, without allocating the tables.
-        with torch.device("meta"):
-            build_model(config.model, config.data.feature_schema())
+        build_on_meta(config.model, config.data.feature_schema())
     except ValueError as err:  # the builder's messages start with the model field's name
         raise ConfigError(f"{source}: model.{err}") from None
 

@@ -36,6 +36,7 @@ import yaml
 from torch import nn
 
 from models import build_model
+from models.builder import build_on_meta
 from models.config import FeatureSchema
 from models.multitask import MultiTaskModel
 from pipeline.config import DataConfig, TaskSpec
@@ -241,8 +242,7 @@ def upgrade_weights(
         RuntimeError: torch's, when the weights do not fit the network (a missing,
             unexpected or differently shaped entry that no rule accounts for).
     """
-    with torch.device("meta"):
-        network = build_model(model_config, schema)
+    network = build_on_meta(model_config, schema)
     network.load_state_dict(weights, assign=True)  # strict: every entry accounted for
     upgraded = dict(network.state_dict())
     given = {v.data_ptr(): k for k, v in weights.items() if v.numel()}

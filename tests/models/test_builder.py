@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import FeatureSchema, ModelConfig, build_model
+from models import CategoricalInput, FeatureSchema, ModelConfig, build_model
 from models.adatt import AdaTT
 from models.baselines import CrossStitch, SharedBottom, SingleTask
+from models.builder import build_on_meta
 from models.mmoe import MLMMoE
 from models.ple import PLE
 
@@ -147,3 +148,15 @@ def test_callers_lists_are_not_mutated():
 def test_invalid_configs_raise_value_errors_naming_the_field(config, schema, field):
     with pytest.raises(ValueError, match=field):
         build_model(config, schema)
+    with pytest.raises(ValueError, match=field):  # the config check says the same
+        build_on_meta(config, schema)
+
+
+def test_build_on_meta_allocates_nothing_and_leaves_later_models_initialised():
+    huge = FeatureSchema(
+        num_dense=4, categorical=(CategoricalInput("c", 10**9, 64),), tasks=("a", "b")
+    )
+    build_on_meta({"name": "adatt"}, huge)  # 256 GB of table on a real device
+    model = build_model({"name": "adatt"}, SCHEMA)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert weights.device.type == "cpu" and 0.05 < float(weights.std()) < 1.0

@@ -146,3 +146,22 @@ def test_a_stored_config_with_a_contradicting_mode_is_upgraded() -> None:
     agreeing = _raw()
     agreeing["train"] = {"early_stopping": {"metric": "val/mean_auc", "mode": "max"}}
     assert upgrade_stored_config(agreeing) == (agreeing, [])
+
+
+def test_reading_a_config_does_not_import_torch_dynamo() -> None:
+    """The model check builds on the meta device without initialising: `nn.init.normal_`'s
+    meta decomposition imported torch._dynamo, 1.1 s of every command that reads a config."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.config import load_config\n"
+        "for name in ('synthetic', 'census'):\n"
+        "    load_config(f'configs/{name}.yaml', [])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
