@@ -11,6 +11,15 @@ PORTS_FROM = 20_000  # above Ray's worker ports (10002-19999 by default)
 _GIVEN: set[int] = set()
 
 
+def ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections' ports), 0
+    where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "") -> int:
     """A TCP port free on `host` now ("": every interface), never the same twice in a
     process.
@@ -20,12 +29,7 @@ def free_port(host: str = "") -> int:
     this check and the server's listen (seen once in CI: a test's rendezvous failed with
     EADDRINUSE), whereas ports below it are only ever taken by name.
     """
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        ephemeral_from = int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_from = 0
-    candidates = [p for p in range(PORTS_FROM, ephemeral_from) if p not in _GIVEN]
+    candidates = [p for p in range(PORTS_FROM, ephemeral_start()) if p not in _GIVEN]
     # The system's randomness: a program that seeds `random` would make processes pick alike.
     for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
         with socket.socket() as sock:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
-from pipeline.ports import PORTS_FROM, free_port
+from pipeline.ports import PORTS_FROM, ephemeral_start, free_port
 
 
 def test_free_ports_are_distinct_listenable_and_below_the_ephemeral_range() -> None:
-    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ephemeral_from = ephemeral_start()
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == 50
     if ephemeral_from > PORTS_FROM:  # room below it (32768 by default)

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError, InputError
-from pipeline.ports import PORTS_FROM
+from pipeline.ports import PORTS_FROM, ephemeral_start
 from pipeline.tracking.security import check_no_credentials, has_credentials
 from pipeline.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from tests.conftest import REPO_ROOT
@@ -146,7 +146,7 @@ def test_local_ray_dashboard_listens_on_loopback_only() -> None:
     probe = json.loads(lines[0][len("PROBE ") :])
     assert probe["url"].startswith("127.0.0.1:")
     assert probe["listening"] == ["127.0.0.1"]
-    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ephemeral_from = ephemeral_start()
     assert PORTS_FROM <= probe["gcs"] < ephemeral_from
 
 
