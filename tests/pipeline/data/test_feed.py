@@ -174,16 +174,19 @@ def test_the_test_split_is_kept_only_when_all_three_fit(logs) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
-def test_a_host_cache_is_private_memory_advised_for_huge_pages(logs) -> None:
-    """Anonymous private pages (a shared map would be shared memory, outside the huge-page
-    advice), marked `hg` (MADV_HUGEPAGE) in the kernel's view of the mapping."""
+def test_a_host_cache_is_private_memory_in_place_before_its_first_write(logs) -> None:
+    """Anonymous private pages, resident as soon as the cache exists (populated in one
+    call, not faulted in one by one as the first pass writes them), written as any tensor."""
     layout = _feeds(logs)[0].layout
     cache = RowCache(layout, 100_000, torch.device("cpu"), pin=False)
     tensor = cache.tensors["float32"]
-    tensor.fill_(1.0)  # touch every page
     mapping = _smaps_entry(tensor.data_ptr())
-    assert int(mapping["Anonymous"].split()[0]) * 1024 >= tensor.numel() * 4 - 4096
-    assert "hg" in mapping["VmFlags"].split()
+    size = tensor.numel() * 4
+    assert int(mapping["Rss"].split()[0]) * 1024 >= size - 4096
+    assert int(mapping["Anonymous"].split()[0]) * 1024 >= size - 4096
+    assert "sh" not in mapping["VmFlags"].split()
+    cache.add({k: np.ones((10, t.shape[1]), t.numpy().dtype) for k, t in cache.tensors.items()})
+    assert cache.filled == 10 and float(tensor[:10].sum()) == tensor[:10].numel()
 
 
 def _smaps_entry(address: int) -> dict[str, str]:
@@ -269,6 +272,7 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
             "row_group": [group] * len(chosen),
             "start": [a for _, a, _ in chosen],
             "stop": [b for _, _, b in chosen],
+            "unit_rows": [counts.rows[s][0] for s, _, _ in chosen],
         }
         tables = feed._read_unit({k: np.array(v) for k, v in columns.items()}, preprocessor, layout)
         return [{k: feed._tensor(t.column(k)) for k in t.column_names} for t in tables]
@@ -283,6 +287,37 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
             np.concatenate([b[key] for b in together]), np.concatenate([b[key] for b in apart])
         )
     assert sum(len(b["float32"]) for b in together) == train + validation - 3
+
+
+def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch) -> None:
+    """Logs split by day hold one split per row group: its rows are taken as read, without
+    computing the split's mask, and they are the rows the mask would keep."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import feed
+    from pipeline.data.collate import Layout
+    from pipeline.data.split import split_mask
+
+    generate_logs(tmp_path / "logs", 3_000, seed=1)
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={tmp_path / 'logs'}"]).data
+    preprocessor, counts = fit(cfg, check_schema(cfg))
+    layout = Layout.of(preprocessor.empty())
+    masks = []
+    of_split = feed._of_split
+    monkeypatch.setattr(feed, "_of_split", lambda *args: masks.append(args[2]) or of_split(*args))
+    for split in ("train", "test"):
+        unit = next(i for i, n in enumerate(counts.rows[split]) if n)
+        (path, group), rows = counts.units[unit], counts.rows[split][unit]
+        table = pq.ParquetFile(path).read_row_group(group)
+        assert rows == table.num_rows  # a day of one split
+        assert split_mask(table.column("day"), cfg.split, split).all()
+        columns = {"split": [split], "path": [path], "row_group": [group], "start": [5]}
+        columns |= {"stop": [rows - 2], "unit_rows": [rows]}
+        tables = feed._read_unit({k: np.array(v) for k, v in columns.items()}, preprocessor, layout)
+        got = np.concatenate([feed._tensor(t.column("float32")) for t in tables])
+        want = layout.pack(preprocessor.transform(table.slice(5, rows - 7)))["float32"]
+        np.testing.assert_array_equal(got, want)
+    assert masks == []
 
 
 def test_a_host_gather_takes_the_rows_in_order_into_memory_of_its_own() -> None:
