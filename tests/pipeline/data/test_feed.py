@@ -313,10 +313,12 @@ def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch
         assert split_mask(table.column("day"), cfg.split, split).all()
         columns = {"split": [split], "path": [path], "row_group": [group], "start": [5]}
         columns |= {"stop": [rows - 2], "unit_rows": [rows]}
-        tables = feed._read_unit({k: np.array(v) for k, v in columns.items()}, preprocessor, layout)
-        got = np.concatenate([feed._tensor(t.column("float32")) for t in tables])
-        want = layout.pack(preprocessor.transform(table.slice(5, rows - 7)))["float32"]
-        np.testing.assert_array_equal(got, want)
+        items = {k: np.array(v) for k, v in columns.items()}
+        tables = list(feed._read_unit(items, preprocessor, layout))
+        want = layout.pack(preprocessor.transform(table.slice(5, rows - 7)))
+        for key in ("float32", "int64"):
+            got = np.concatenate([feed._tensor(t.column(key)) for t in tables])
+            np.testing.assert_array_equal(got, want[key])
     assert masks == []
 
 
