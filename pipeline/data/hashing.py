@@ -5,12 +5,14 @@ Python version: values are rendered as text (ints by their decimal digits, so an
 an int64 5 and the string "5" agree) and hashed with SipHash through
 `pandas.util.hash_array` under a fixed key. Only the distinct values of a batch are hashed:
 `pyarrow.compute.dictionary_encode` finds them, which keeps the cost near one hash-table
-pass per column.
+pass per column; a column's buckets are computed on its distinct values and gathered once
+per row (`Hashed`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,8 +57,45 @@ def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
             values = pa.array(as_float, mask=~finite).cast(pa.int64(), safe=False)
     encoded = pc.dictionary_encode(values)
     texts = encoded.dictionary.cast(pa.string()).to_numpy(zero_copy_only=False)
-    indices = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return texts, indices
+    indices = encoded.indices
+    if indices.null_count:
+        indices = indices.fill_null(-1)
+    # The int32 indices as they are: numpy gathers with them directly, -1 from the end.
+    return texts, indices.to_numpy(zero_copy_only=False)
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """A column's values hashed once: each distinct value's hash, the null hash last, and
+    each row's index into them (-1, the last, for null). The per-row work is one gather,
+    whatever is derived from the hashes (buckets, group keys).
+
+    Example:
+        >>> hashed = Hashed.of([5, None, 5])
+        >>> hashed.hashes().tolist() == stable_hash([5, None, 5]).tolist()
+        True
+        >>> hashed.buckets(10).tolist() == bucketize([5, None, 5], 10).tolist()
+        True
+    """
+
+    distinct: np.ndarray
+    index: np.ndarray
+
+    @classmethod
+    def of(cls, values: Any, key: str = FEATURE_KEY) -> Hashed:
+        """Hash `values` (anything `as_arrow` takes) under the 16-character SipHash `key`."""
+        texts, index = _as_text_dictionary(as_arrow(values))
+        texts = np.append(texts, _NULL_TEXT).astype(object)
+        return cls(pd.util.hash_array(texts, hash_key=key, categorize=False), index)
+
+    def hashes(self) -> np.ndarray:
+        """Each row's uint64 hash."""
+        return self.distinct[self.index]
+
+    def buckets(self, buckets: int, offset: int = 0) -> np.ndarray:
+        """Each row's int64 id in [offset, offset + buckets): its hash modulo `buckets`."""
+        ids = (self.distinct % np.uint64(buckets)).astype(np.int64) + offset
+        return ids[self.index]
 
 
 def stable_hash(values: Any, key: str = FEATURE_KEY) -> np.ndarray:
@@ -73,10 +112,7 @@ def stable_hash(values: Any, key: str = FEATURE_KEY) -> np.ndarray:
         >>> int(stable_hash([5])[0]) == int(stable_hash(["5"])[0])
         True
     """
-    texts, indices = _as_text_dictionary(as_arrow(values))
-    texts = np.append(texts, _NULL_TEXT).astype(object)
-    hashes = pd.util.hash_array(texts, hash_key=key, categorize=False)
-    return hashes[indices]  # index -1 picks the null hash appended last
+    return Hashed.of(values, key).hashes()
 
 
 def group_keys(values: Any) -> np.ndarray:
@@ -90,7 +126,7 @@ def group_keys(values: Any) -> np.ndarray:
 
 def bucketize(values: Any, buckets: int, offset: int = 0) -> np.ndarray:
     """Hash values into int64 ids in [offset, offset + buckets)."""
-    return (stable_hash(values) % np.uint64(buckets)).astype(np.int64) + offset
+    return Hashed.of(values).buckets(buckets, offset)
 
 
 def split_key(salt: str = "") -> str:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import DataConfig, DenseFeature, TaskSpec
-from pipeline.data.hashing import as_arrow, bucketize, group_keys
+from pipeline.data.hashing import Hashed, as_arrow, bucketize
 from pipeline.errors import SchemaError
 
 Batch = pa.Table | pd.DataFrame | dict[str, Any]
@@ -44,8 +44,8 @@ class DenseStats:
 
 def elementwise(values: np.ndarray, feature: DenseFeature, where: str) -> np.ndarray:
     """Impute non-finite values (or fail), then apply the feature's elementwise transform."""
-    bad = ~np.isfinite(values)
-    if bad.any():
+    if not _all_finite(values):
+        bad = ~np.isfinite(values)
         if feature.impute is None:
             raise SchemaError(
                 f"{where}: column {feature.column!r} (dense feature) has {int(bad.sum())} "
@@ -53,15 +53,34 @@ def elementwise(values: np.ndarray, feature: DenseFeature, where: str) -> np.nda
             )
         values = np.where(bad, feature.impute, values)
     if feature.transform == "log1p":
-        # Sign-preserving so that negative values (refunds, deltas) stay ordered.
-        values = np.sign(values) * np.log1p(np.abs(values))
+        # Sign-preserving so that negative values (refunds, deltas) stay ordered:
+        # sign(v) * log1p(|v|), in place in one new array (adding 0.0 makes copysign's
+        # -0.0 the 0.0 that sign(-0.0) gives).
+        out = np.abs(values)
+        np.log1p(out, out=out)
+        np.copysign(out, values, out=out)
+        out += 0.0
+        return out
     return values
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether no value is NaN or infinite: two reductions (NaN and inf reach min or max)
+    instead of a mask of the whole column."""
+    return not len(values) or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
 def check_binary_labels(y: np.ndarray, task: TaskSpec, where: str) -> None:
     """SchemaError naming `where` and the column when an observed label of a binary task is
     not 0 or 1 (`y` as from `as_float`: NaN where the label is missing)."""
     if task.type != "binary":
+        return
+    # y * (1 - y) is 0 for 0 and 1 only, NaN for a missing label, and -inf for an infinite
+    # one; fmin and fmax skip NaN: two reductions instead of masks of the column.
+    product = 1.0 - y
+    product *= y
+    high, low = np.fmax.reduce(product, initial=0.0), np.fmin.reduce(product, initial=0.0)
+    if high == 0 and low == 0:
         return
     seen = y[np.isfinite(y)]
     bad = seen[(seen != 0) & (seen != 1)]
@@ -142,10 +161,17 @@ class Preprocessor:
         rows = table.num_rows
         out: dict[str, np.ndarray] = {}
         data = self.data
+        hashed: dict[str, Hashed] = {}  # a column hashed once (a feature and a group key)
+
+        def hashed_column(column: str) -> Hashed:
+            if column not in hashed:
+                hashed[column] = Hashed.of(table[column])
+            return hashed[column]
+
         if data.categorical:
             ids = np.empty((rows, len(data.categorical)), dtype=np.int64)
             for j, f in enumerate(data.categorical):
-                ids[:, j] = bucketize(table[f.column], f.buckets)
+                ids[:, j] = hashed_column(f.column).buckets(f.buckets)
             out["categorical"] = ids
         if data.dense:
             dense = np.empty((rows, len(data.dense)), dtype=np.float32)
@@ -153,8 +179,10 @@ class Preprocessor:
                 values = elementwise(as_float(table[f.column]), f, "batch")
                 if f.transform != "none":
                     stats = self.dense_stats.get(f.column, DenseStats())
-                    values = (values - stats.mean) / stats.std
-                dense[:, j] = values
+                    # (v - mean) / std in float64, written once as float32.
+                    np.divide(values - stats.mean, stats.std, out=dense[:, j])
+                else:
+                    dense[:, j] = values
             out["dense"] = dense
         for f in data.multi_hot:
             out[f"multi_hot.{f.column}"] = self._multi_hot(table[f.column], f.buckets, f.max_length)
@@ -175,7 +203,7 @@ class Preprocessor:
             else:
                 out["weight"] = np.ones(rows, dtype=np.float32)
             for column in data.group_columns:
-                out[f"group.{column}"] = group_keys(table[column])
+                out[f"group.{column}"] = hashed_column(column).hashes().view(np.int64)
         if passthrough:
             for column in data.passthrough:
                 out[f"passthrough.{column}"] = table[column].to_numpy()

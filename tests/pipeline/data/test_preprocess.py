@@ -10,12 +10,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, DenseFeature, TaskSpec
 from pipeline.data.files import InputFiles
 from pipeline.data.fit import fit_preprocessor
-from pipeline.data.hashing import bucketize
-from pipeline.data.preprocess import DenseStats, Preprocessor
+from pipeline.data.hashing import FEATURE_KEY, Hashed, bucketize, group_keys
+from pipeline.data.preprocess import (
+    DenseStats,
+    Preprocessor,
+    check_binary_labels,
+    elementwise,
+)
 from pipeline.data.split import split_mask
 from pipeline.errors import SchemaError
 
@@ -216,3 +223,60 @@ def test_fit_reports_nan_with_file_and_column(tmp_path: Path) -> None:
             _config(split={"method": "hash", "column": "user_id", "validation_fraction": 0.0}),
             InputFiles.read([str(path)]),
         )
+
+
+def _reference_bad_labels(y: np.ndarray) -> bool:
+    """The rule, stated plainly: an observed (finite) binary label that is not 0 or 1."""
+    seen = y[np.isfinite(y)]
+    return bool(((seen != 0) & (seen != 1)).any())
+
+
+# Labels on every side of the check's arithmetic: missing, infinite, tiny, just below 1.
+TRICKY_LABELS = [0.0, 1.0, -0.0, np.nan, np.inf, -np.inf, 2.0, 0.5, -1.0, 1e-300, 5e-324]
+TRICKY_LABELS += [1 - 2**-53]
+
+
+@given(st.lists(st.sampled_from(TRICKY_LABELS), max_size=12))
+def test_binary_labels_are_checked_as_the_rule_states(values: list[float]) -> None:
+    """The check's two reductions agree with the plain rule on every mix of edge values:
+    missing (NaN) and infinite labels pass, anything observed besides 0 and 1 fails."""
+    y = np.array(values, dtype=np.float64)
+    task = TaskSpec(name="click", label="click", type="binary")
+    if _reference_bad_labels(y):
+        with pytest.raises(SchemaError, match="'click'"):
+            check_binary_labels(y, task, "batch")
+    else:
+        check_binary_labels(y, task, "batch")
+
+
+@given(
+    st.lists(
+        st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([0.0, -0.0]),
+        max_size=20,
+    )
+)
+def test_sign_preserving_log1p_is_the_plain_formula_bit_for_bit(values: list[float]) -> None:
+    feature = DenseFeature(column="views", transform="log1p")
+    v = np.array(values, dtype=np.float64)
+    expected = np.sign(v) * np.log1p(np.abs(v))
+    assert elementwise(v, feature, "batch").tobytes() == expected.tobytes()  # -0.0 too
+
+
+def test_a_group_column_that_is_also_a_feature_is_hashed_once(monkeypatch) -> None:
+    """user_id is a categorical feature and the GAUC group key: one hash of the column
+    gives both, equal to hashing it for each."""
+    tasks = [{"name": "click", "group_column": "user_id"}, {"name": "like"}]
+    pre = Preprocessor(_config(tasks=tasks))
+    calls = []
+    real = Hashed.of.__func__
+
+    def counted(cls, values, key=FEATURE_KEY):
+        calls.append(len(values))
+        return real(cls, values, key)
+
+    monkeypatch.setattr(Hashed, "of", classmethod(counted))
+    out = pre.transform(_frame())
+    assert len(calls) == 3  # user_id, device, and the multi-hot ids; not user_id again
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out["group.user_id"], group_keys([1, 2, 3, 1]))
+    np.testing.assert_array_equal(out["categorical"][:, 0], bucketize([1, 2, 3, 1], 1000))
