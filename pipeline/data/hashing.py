@@ -11,6 +11,7 @@ per row (`Hashed`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,8 @@ def as_arrow(values: Any) -> pa.Array:
 
 
 def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values as Python strings, and each row's index into them (-1 for null)."""
+    """Distinct values as their text's UTF-8 bytes (Python `bytes`), and each row's index
+    into them (-1 for null)."""
     if pa.types.is_floating(values.type):
         # Floats holding ids (e.g. after a pandas NaN upcast) hash like the ints they are.
         as_float = values.to_numpy(zero_copy_only=False)
@@ -56,12 +58,26 @@ def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         if np.array_equal(as_float[finite], np.round(as_float[finite])):
             values = pa.array(as_float, mask=~finite).cast(pa.int64(), safe=False)
     encoded = pc.dictionary_encode(values)
-    texts = encoded.dictionary.cast(pa.string()).to_numpy(zero_copy_only=False)
+    # Bytes, not str: pandas hashes a str's UTF-8 encoding, so the hash is the same, without
+    # decoding each text into a str and encoding it back (a column of 200k distinct ids:
+    # 23 -> 9 ms).
+    texts = encoded.dictionary.cast(pa.string()).cast(pa.binary()).to_numpy(zero_copy_only=False)
     indices = encoded.indices
     if indices.null_count:
         indices = indices.fill_null(-1)
     # The int32 indices as they are: numpy gathers with them directly, -1 from the end.
     return texts, indices.to_numpy(zero_copy_only=False)
+
+
+def _sip(texts: np.ndarray, key: str) -> np.ndarray:
+    """pandas' hash (SipHash under `key`, then a mix) of each text, an object array."""
+    return pd.util.hash_array(texts, hash_key=key, categorize=False)
+
+
+@functools.cache
+def _null_hash(key: str) -> np.uint64:
+    """The hash of a null: that of a text no value renders to."""
+    return _sip(np.array([_NULL_TEXT.encode()], dtype=object), key)[0]
 
 
 @dataclass(frozen=True)
@@ -85,8 +101,7 @@ class Hashed:
     def of(cls, values: Any, key: str = FEATURE_KEY) -> Hashed:
         """Hash `values` (anything `as_arrow` takes) under the 16-character SipHash `key`."""
         texts, index = _as_text_dictionary(as_arrow(values))
-        texts = np.append(texts, _NULL_TEXT).astype(object)
-        return cls(pd.util.hash_array(texts, hash_key=key, categorize=False), index)
+        return cls(np.append(_sip(texts, key), _null_hash(key)), index)
 
     def hashes(self) -> np.ndarray:
         """Each row's uint64 hash."""

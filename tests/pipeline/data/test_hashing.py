@@ -11,7 +11,7 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.data.hashing import bucketize, group_keys, stable_hash, unit_interval
+from pipeline.data.hashing import FEATURE_KEY, bucketize, group_keys, stable_hash, unit_interval
 
 # Pinned: a change here silently remaps every trained embedding row.
 PINNED = {5: 4610244961996097042, "a": 8674835363183471217, None: 12355657622114619020}
@@ -76,3 +76,17 @@ def test_arrow_backed_pandas_hashes_like_plain_values() -> None:
     series = chunked.to_pandas(types_mapper=pd.ArrowDtype)
     assert (stable_hash(series) == stable_hash([1, None, 3, 4])).all()
     assert (group_keys(series) == group_keys(chunked)).all()
+
+
+def test_texts_hash_as_pandas_hashes_their_python_strings() -> None:
+    """The texts are hashed as UTF-8 bytes; pandas hashes a str by its UTF-8 encoding, so
+    ids, non-ASCII strings and the null text keep the hashes they had as str objects."""
+    values = ["é", "日本", "a", "12345678901234567890", "", None]
+    as_str = np.array([*values[:-1], "\x00null"], dtype=object)
+    expected = pd.util.hash_array(as_str, hash_key=FEATURE_KEY, categorize=False)
+    assert stable_hash(values).tolist() == expected.tolist()
+    ids = np.arange(-5, 200_000, 7)
+    expected = pd.util.hash_array(
+        ids.astype(str).astype(object), hash_key=FEATURE_KEY, categorize=False
+    )
+    assert (stable_hash(ids) == expected).all()
