@@ -210,7 +210,8 @@ def write_wide_logs(out: Path, rows: int, seed: int = 0) -> None:
 
 
 def wide_config(out: Path, logs: Path, buckets: int = 2_000_000) -> Path:
-    """The wide schema's training config (`buckets` per categorical table)."""
+    """The wide schema's training config (`buckets` rows per categorical table, half as many
+    per multi-hot table)."""
     import yaml
 
     config = {
@@ -218,10 +219,11 @@ def wide_config(out: Path, logs: Path, buckets: int = 2_000_000) -> Path:
             "path": str(logs),
             "dense": [{"column": f"d{j}"} for j in range(WIDE_DENSE)],
             "categorical": [
-                {"column": f"c{j}", "buckets": 2_000_000, "dim": 16}
-                for j in range(WIDE_CATEGORICAL)
+                {"column": f"c{j}", "buckets": buckets, "dim": 16} for j in range(WIDE_CATEGORICAL)
             ],
-            "multi_hot": [{"column": f"m{j}", "buckets": 1_000_000, "dim": 16} for j in range(2)],
+            "multi_hot": [
+                {"column": f"m{j}", "buckets": buckets // 2, "dim": 16} for j in range(2)
+            ],
             "tasks": [{"name": f"t{j}"} for j in range(WIDE_TASKS)],
             "split": {"method": "hash", "column": "user_id", "validation_fraction": 0.1},
             "group_column": "user_id",
