@@ -107,6 +107,10 @@ class Hashed:
         """Each row's uint64 hash."""
         return self.distinct[self.index]
 
+    def group_keys(self) -> np.ndarray:
+        """Each row's GAUC group key (`group_keys`)."""
+        return self.hashes().view(np.int64)
+
     def buckets(self, buckets: int, offset: int = 0) -> np.ndarray:
         """Each row's int64 id in [offset, offset + buckets): its hash modulo `buckets`."""
         ids = (self.distinct % np.uint64(buckets)).astype(np.int64) + offset
@@ -136,7 +140,7 @@ def group_keys(values: Any) -> np.ndarray:
     Two distinct values share a key only on a 64-bit collision (for 10^8 users, a chance
     of about 3e-4 that any pair does), so groups are the column's values in practice.
     """
-    return stable_hash(values).view(np.int64)
+    return Hashed.of(values).group_keys()
 
 
 def bucketize(values: Any, buckets: int, offset: int = 0) -> np.ndarray:

@@ -203,7 +203,7 @@ class Preprocessor:
             else:
                 out["weight"] = np.ones(rows, dtype=np.float32)
             for column in data.group_columns:
-                out[f"group.{column}"] = hashed_column(column).hashes().view(np.int64)
+                out[f"group.{column}"] = hashed_column(column).group_keys()
         if passthrough:
             for column in data.passthrough:
                 out[f"passthrough.{column}"] = table[column].to_numpy()
