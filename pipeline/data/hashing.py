@@ -5,8 +5,9 @@ Python version: values are rendered as text (ints by their decimal digits, so an
 an int64 5 and the string "5" agree) and hashed with SipHash through
 `pandas.util.hash_array` under a fixed key. Only the distinct values of a batch are hashed:
 `pyarrow.compute.dictionary_encode` finds them, which keeps the cost near one hash-table
-pass per column; a column's buckets are computed on its distinct values and gathered once
-per row (`Hashed`).
+pass per column; a column already dictionary-encoded (strings read from Parquet as their
+dictionary) gives its dictionary as it is. A column's buckets are computed on its distinct
+values and gathered once per row (`Hashed`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def as_arrow(values: Any) -> pa.Array:
 
     Dictionary-encoded arrays are decoded; pandas NaN becomes null.
     """
+    values = _contiguous(values)
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    return values
+
+
+def _contiguous(values: Any) -> pa.Array:
+    """`as_arrow` without decoding a dictionary (chunks' dictionaries are unified)."""
     if isinstance(values, pd.Series):
         # A Series backed by Arrow (pd.ArrowDtype, as Ray Data's pandas batches can be)
         # converts to a ChunkedArray, handled below.
@@ -43,14 +52,17 @@ def as_arrow(values: Any) -> pa.Array:
             values = pa.array([None if pd.isna(v) else str(v) for v in values], pa.string())
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
-    if pa.types.is_dictionary(values.type):
-        values = values.dictionary_decode()
     return values
 
 
 def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values as their text's UTF-8 bytes (Python `bytes`), and each row's index
-    into them (-1 for null)."""
+    into them (-1 for null). A dictionary-encoded array (strings read from Parquet as their
+    dictionary) gives its dictionary as it is: hashing a value twice gives its hash twice."""
+    if pa.types.is_dictionary(values.type):
+        if not pa.types.is_floating(values.type.value_type):
+            return _dictionary_texts(values)
+        values = values.dictionary_decode()
     if pa.types.is_floating(values.type):
         # Floats holding ids (e.g. after a pandas NaN upcast) hash like the ints they are.
         as_float = values.to_numpy(zero_copy_only=False)
@@ -67,6 +79,20 @@ def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         indices = indices.fill_null(-1)
     # The int32 indices as they are: numpy gathers with them directly, -1 from the end.
     return texts, indices.to_numpy(zero_copy_only=False)
+
+
+def _dictionary_texts(values: pa.DictionaryArray) -> tuple[np.ndarray, np.ndarray]:
+    dictionary = values.dictionary
+    texts = dictionary.cast(pa.string()).cast(pa.binary()).to_numpy(zero_copy_only=False)
+    indices = values.indices
+    if indices.null_count:
+        indices = indices.fill_null(-1)
+    index = indices.to_numpy(zero_copy_only=False)
+    if dictionary.null_count:  # a row whose value is a null entry is a null
+        null = dictionary.is_null().to_numpy(zero_copy_only=False)
+        texts[null] = b""
+        index = np.where(null[index] & (index >= 0), -1, index)
+    return texts, index
 
 
 def _sip(texts: np.ndarray, key: str) -> np.ndarray:
@@ -100,7 +126,7 @@ class Hashed:
     @classmethod
     def of(cls, values: Any, key: str = FEATURE_KEY) -> Hashed:
         """Hash `values` (anything `as_arrow` takes) under the 16-character SipHash `key`."""
-        texts, index = _as_text_dictionary(as_arrow(values))
+        texts, index = _as_text_dictionary(_contiguous(values))
         return cls(np.append(_sip(texts, key), _null_hash(key)), index)
 
     def hashes(self) -> np.ndarray:

@@ -322,6 +322,48 @@ def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch
     assert masks == []
 
 
+def test_small_string_dictionaries_are_read_as_such_and_preprocess_to_the_same_rows(
+    tmp_path,
+) -> None:
+    """A hashed string column with a small dictionary is read as its dictionary; one whose
+    writer fell back to plain pages (a dictionary over the writer's limit), an int column
+    and a column that is not hashed are read as they are. The packed rows are those of the
+    plain read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import feed
+    from pipeline.data.collate import Layout
+
+    generate_logs(tmp_path / "logs", 3_000, seed=1)
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={tmp_path / 'logs'}"]).data
+    preprocessor, counts = fit(cfg, check_schema(cfg))
+    layout = Layout.of(preprocessor.empty())
+    path, group = counts.units[0]
+    metadata = pq.read_metadata(path)
+    hashed = feed.hashed_columns(cfg)
+    assert {"device", "user_id", "item_id"} <= set(hashed)
+    # `device` is text of a few values, the ids are ints; `day` (text) is not hashed.
+    assert feed.dictionary_columns(metadata, [group], hashed) == ["device"]
+    rows, batches = feed._row_group(path, group, cfg.columns(labels=True, split=True), hashed)
+    batch = next(batches)
+    assert pa.types.is_dictionary(batch.schema.field("device").type)
+    assert not pa.types.is_dictionary(batch.schema.field("day").type)
+    table = pq.ParquetFile(path).read_row_group(group)
+    assert not pa.types.is_dictionary(table.schema.field("device").type)
+    want = layout.pack(preprocessor.transform(table))
+    got = layout.pack(preprocessor.transform(pa.Table.from_batches([batch, *batches])))
+    for key in ("float32", "int64"):
+        np.testing.assert_array_equal(got[key], want[key])
+
+    # Many distinct strings, with a dictionary limit the writer outgrows: plain pages after it.
+    ids = pa.array([f"user-{i}" for i in range(20_000)])
+    pq.write_table(pa.table({"u": ids}), tmp_path / "wide.parquet", dictionary_pagesize_limit=4096)
+    wide = pq.read_metadata(tmp_path / "wide.parquet")
+    assert wide.row_group(0).column(0).has_dictionary_page
+    assert feed.dictionary_columns(wide, [0], ["u"]) == []
+
+
 def test_a_host_gather_takes_the_rows_in_order_into_memory_of_its_own() -> None:
     cache = {"float32": torch.randn(1000, 13), "int64": torch.randint(0, 10**6, (1000, 7))}
     rows = torch.randperm(1000)[:300]

@@ -90,3 +90,32 @@ def test_texts_hash_as_pandas_hashes_their_python_strings() -> None:
         ids.astype(str).astype(object), hash_key=FEATURE_KEY, categorize=False
     )
     assert (stable_hash(ids) == expected).all()
+
+
+_texts = st.lists(
+    st.one_of(st.none(), st.sampled_from(["a", "b", "é", "", "12", "日本"])), max_size=40
+)
+
+
+@given(_texts, st.integers(1, 50))
+def test_dictionary_encoded_values_hash_as_their_values(values: list, buckets: int) -> None:
+    """Strings read from Parquet as their dictionary (`feed.dictionary_columns`) hash, bucket
+    and group as the strings do: in one chunk or chunks of different dictionaries, with a
+    dictionary that repeats a value or holds a null."""
+    plain = pa.array(values, pa.string())
+    encoded = plain.dictionary_encode()
+    half = len(values) // 2
+    chunked = pa.chunked_array([plain[:half].dictionary_encode(), plain[half:].dictionary_encode()])
+    # A dictionary with a null entry and a repeated value, rows pointing at both.
+    dictionary = pa.array([None, "a", "b", "é", "", "12", "日本", "a"], pa.string())
+    index = {None: 0, "a": 7, "b": 2, "é": 3, "": 4, "12": 5, "日本": 6}
+    odd = pa.DictionaryArray.from_arrays(
+        pa.array([index[v] for v in values], pa.int8()), dictionary
+    )
+    want = stable_hash(values)
+    for variant in (encoded, chunked, odd):
+        assert (stable_hash(variant) == want).all()
+        assert (bucketize(variant, buckets, 3) == bucketize(values, buckets, 3)).all()
+        assert (group_keys(variant) == group_keys(values)).all()
+    ints = pa.array([None if v is None else len(v) for v in values], pa.int64())
+    assert (stable_hash(ints.dictionary_encode()) == stable_hash(ints)).all()
