@@ -17,8 +17,9 @@ log of this bench's making: 200 dense, 30 categorical of 1e6-1e7 distinct ids, 2
   Ray's background work preempts moves a sum of two by half).
 - **one core**: one process, one core, no Ray: pyarrow reads the config's columns of each
   file (as the product does: hashed string columns as their dictionary where it is small,
-  `feed.dictionary_columns`), the product's `Preprocessor.transform`, `Layout.pack`; `--repeats` passes before
-  the product and as many after it (a fresh process each time), the median of all.
+  `feed.dictionary_columns`), the product's `Preprocessor.transform`, `Layout.pack`;
+  `--repeats` passes before the product and as many after it (a fresh process each time),
+  the median of all.
 
 Prints rows/s and rows/s per CPU of each, then `cache_epoch2_vs_epoch1=` (synthetic: the
 median cached epoch over the first), and last `feed_vs_single_core=`: the product on all the

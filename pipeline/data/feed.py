@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.config import DataConfig
 from pipeline.data.collate import FLOAT, Layout, Packed, Prefetcher
 from pipeline.data.ingest import DATA_TASK_CPUS
 from pipeline.data.plan import EpochPlan, Range, SplitRows
@@ -148,7 +149,7 @@ def _packed_table(arrays: dict[str, Any]) -> pa.Table:
 DICTIONARY_BYTES_PER_VALUE = 2
 
 
-def hashed_columns(data: Any) -> list[str]:
+def hashed_columns(data: DataConfig) -> list[str]:
     """The columns the preprocessing only hashes: categorical features and GAUC group keys."""
     return list(dict.fromkeys([f.column for f in data.categorical] + list(data.group_columns)))
 
@@ -175,24 +176,19 @@ def dictionary_columns(
         >>> dictionary_columns(pq.read_metadata(sink), [0], ["c", "n"])
         ['c']
     """
+    leaves = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
     chosen = []
     for name in candidates:
-        chunks = []
-        for group in row_groups:
-            row_group = metadata.row_group(group)
-            index = next(
-                (i for i in range(row_group.num_columns)
-                 if row_group.column(i).path_in_schema == name),
-                None,
-            )  # fmt: skip
-            chunks.append(None if index is None else row_group.column(index))
+        if name not in leaves:  # absent, or nested (a list's values)
+            continue
+        chunks = [metadata.row_group(g).column(leaves[name]) for g in row_groups]
         if chunks and all(_small_dictionary(c) for c in chunks):
             chosen.append(name)
     return chosen
 
 
 def _small_dictionary(chunk: Any) -> bool:
-    if chunk is None or chunk.physical_type != "BYTE_ARRAY" or not chunk.has_dictionary_page:
+    if chunk.physical_type != "BYTE_ARRAY" or not chunk.has_dictionary_page:
         return False
     values = chunk.num_values
     if chunk.is_stats_set and chunk.statistics.has_null_count:
