@@ -17,7 +17,7 @@ log of this bench's making: 200 dense, 30 categorical of 1e6-1e7 distinct ids, 2
   Ray's background work preempts moves a sum of two by half).
 - **one core**: one process, one core, no Ray: pyarrow reads the config's columns of each
   file (as the product does: hashed string columns as their dictionary where it is small,
-  `feed.dictionary_columns`), the product's `Preprocessor.transform`, `Layout.pack`;
+  `feed.open_parquet`), the product's `Preprocessor.transform`, `Layout.pack`;
   `--repeats` passes before the product and as many after it (a fresh process each time),
   the median of all.
 
@@ -52,12 +52,11 @@ def single_core(config_overrides: list[str], config_path: Path, repeats: int) ->
     """The one-core pipeline over every file of the config: read, transform, pack; the
     median of `repeats` passes."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from pipeline.config import load_config
     from pipeline.data.collate import Layout
-    from pipeline.data.feed import dictionary_columns, hashed_columns
+    from pipeline.data.feed import hashed_columns, open_parquet
     from pipeline.data.fit import fit_preprocessor
     from pipeline.data.validate import check_schema
 
@@ -75,12 +74,7 @@ def single_core(config_overrides: list[str], config_path: Path, repeats: int) ->
         started, rows = time.perf_counter(), 0
         for path in files.paths:
             # The product's read: hashed string columns as their dictionary where it is small.
-            parquet = pq.ParquetFile(path)
-            groups = list(range(parquet.metadata.num_row_groups))
-            dictionary = dictionary_columns(parquet.metadata, groups, hashed)
-            table = pq.read_table(
-                path, columns=columns, use_threads=False, read_dictionary=dictionary or None
-            )
+            table = open_parquet(path, hashed).read(columns=columns, use_threads=False)
             packed = layout.pack(preprocessor.transform(table))
             rows += len(packed["float32"])
         passes.append(rows / (time.perf_counter() - started))

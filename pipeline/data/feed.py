@@ -196,6 +196,21 @@ def _small_dictionary(chunk: Any) -> bool:
     return chunk.total_uncompressed_size <= DICTIONARY_BYTES_PER_VALUE * max(values, 1)
 
 
+def open_parquet(
+    source: Any, hashed: list[str], row_groups: list[int] | None = None
+) -> pq.ParquetFile:
+    """A Parquet file (a path or an open file) to read `row_groups` of (all when None): its
+    `hashed` string columns as their dictionary where `dictionary_columns` says so, the
+    footer read once."""
+    parquet = pq.ParquetFile(source)
+    if row_groups is None:
+        row_groups = list(range(parquet.metadata.num_row_groups))
+    dictionary = dictionary_columns(parquet.metadata, row_groups, hashed)
+    if not dictionary:
+        return parquet
+    return pq.ParquetFile(source, metadata=parquet.metadata, read_dictionary=dictionary)
+
+
 def _row_group(
     path: str, group: int, columns: list[str], hashed: list[str] | None = None
 ) -> tuple[int, Iterator[pa.RecordBatch]]:
@@ -207,12 +222,8 @@ def _row_group(
     fs, fs_path = filesystem_for(path)
     try:
         source = fs.open_input_file(fs_path)
-        parquet = pq.ParquetFile(source)
+        parquet = open_parquet(source, [c for c in hashed or [] if c in columns], [group])
         rows = parquet.metadata.row_group(group).num_rows
-        candidates = [c for c in hashed or [] if c in columns]
-        dictionary = dictionary_columns(parquet.metadata, [group], candidates)
-        if dictionary:  # the same open file and footer, read with the dictionaries
-            parquet = pq.ParquetFile(source, metadata=parquet.metadata, read_dictionary=dictionary)
     except DECODE_ERRORS as err:
         raise corrupt_data(path, err) from None
 

@@ -69,24 +69,20 @@ def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         finite = np.isfinite(as_float)
         if np.array_equal(as_float[finite], np.round(as_float[finite])):
             values = pa.array(as_float, mask=~finite).cast(pa.int64(), safe=False)
-    encoded = pc.dictionary_encode(values)
-    # Bytes, not str: pandas hashes a str's UTF-8 encoding, so the hash is the same, without
-    # decoding each text into a str and encoding it back (a column of 200k distinct ids:
-    # 23 -> 9 ms).
-    texts = encoded.dictionary.cast(pa.string()).cast(pa.binary()).to_numpy(zero_copy_only=False)
-    indices = encoded.indices
-    if indices.null_count:
-        indices = indices.fill_null(-1)
-    # The int32 indices as they are: numpy gathers with them directly, -1 from the end.
-    return texts, indices.to_numpy(zero_copy_only=False)
+    return _dictionary_texts(pc.dictionary_encode(values))
 
 
 def _dictionary_texts(values: pa.DictionaryArray) -> tuple[np.ndarray, np.ndarray]:
     dictionary = values.dictionary
+    # Bytes, not str: pandas hashes a str's UTF-8 encoding, so the hash is the same, without
+    # decoding each text into a str and encoding it back (a column of 200k distinct ids:
+    # 23 -> 9 ms).
     texts = dictionary.cast(pa.string()).cast(pa.binary()).to_numpy(zero_copy_only=False)
     indices = values.indices
     if indices.null_count:
         indices = indices.fill_null(-1)
+    # The indices as they are (int32 from `dictionary_encode`): numpy gathers with them
+    # directly, -1 from the end.
     index = indices.to_numpy(zero_copy_only=False)
     if dictionary.null_count:  # a row whose value is a null entry is a null
         null = dictionary.is_null().to_numpy(zero_copy_only=False)
