@@ -6,8 +6,11 @@ an int64 5 and the string "5" agree) and hashed with SipHash through
 `pandas.util.hash_array` under a fixed key. Only the distinct values of a batch are hashed:
 `pyarrow.compute.dictionary_encode` finds them, which keeps the cost near one hash-table
 pass per column; a column already dictionary-encoded (strings read from Parquet as their
-dictionary) gives its dictionary as it is. A column's buckets are computed on its distinct
-values and gathered once per row (`Hashed`).
+dictionary) gives its dictionary as it is. A batch whose values are nearly all distinct
+(the ids of a high-cardinality feature, as a sample of them shows) is hashed row by row
+instead: finding its distinct values would cost more than it saves. Either way a value
+gets the same hash. A column's buckets are computed on its distinct values and gathered
+once per row (`Hashed`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ import pyarrow.compute as pc
 FEATURE_KEY = "adatt-feature-01"  # 16 bytes, as SipHash needs
 SPLIT_KEY = "adatt-split-0001"
 _NULL_TEXT = "\x00null"
+# A batch is hashed row by row, without finding its distinct values first, when more than
+# MOSTLY_DISTINCT of DISTINCT_SAMPLE values spread over it are distinct (`_mostly_distinct`).
+DISTINCT_SAMPLE = 1024
+MOSTLY_DISTINCT = 0.9
 
 
 def as_arrow(values: Any) -> pa.Array:
@@ -69,7 +76,37 @@ def _as_text_dictionary(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         finite = np.isfinite(as_float)
         if np.array_equal(as_float[finite], np.round(as_float[finite])):
             values = pa.array(as_float, mask=~finite).cast(pa.int64(), safe=False)
+    if _mostly_distinct(values):
+        return _row_texts(values)
     return _dictionary_texts(pc.dictionary_encode(values))
+
+
+def _mostly_distinct(values: pa.Array) -> bool:
+    """Whether nearly every value of a large batch is distinct, judged from
+    `DISTINCT_SAMPLE` of them spread evenly over it. Hashing each row's text then costs
+    less than finding the distinct values first: 131k ids of 5M distinct values hashed to
+    buckets in 10.6 ms against 19.1 (`dictionary_encode` alone takes 6-9 ms of that), 131k
+    of 2,000 distinct values in 1.5 ms against 11.4 row by row (measured on the project's
+    2-CPU machine). A sample sees fewer repeats than the whole batch, so only a clearly
+    distinct one is hashed row by row."""
+    rows = len(values)
+    if rows < 4 * DISTINCT_SAMPLE:
+        return False
+    positions = np.arange(0, rows, rows // DISTINCT_SAMPLE)[:DISTINCT_SAMPLE]
+    sample = values.take(pa.array(positions)).drop_null()
+    return len(sample) > 0 and len(pc.unique(sample)) > MOSTLY_DISTINCT * len(sample)
+
+
+def _row_texts(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`_as_text_dictionary` with every row its own entry: each row's text, and the rows'
+    positions (-1 for null)."""
+    texts = values.cast(pa.string()).cast(pa.binary()).to_numpy(zero_copy_only=False)
+    index = np.arange(len(values))
+    if values.null_count:
+        null = values.is_null().to_numpy(zero_copy_only=False)
+        texts[null] = b""
+        index[null] = -1
+    return texts, index
 
 
 def _dictionary_texts(values: pa.DictionaryArray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.data import hashing
 from pipeline.data.hashing import FEATURE_KEY, bucketize, group_keys, stable_hash, unit_interval
 
 # Pinned: a change here silently remaps every trained embedding row.
@@ -119,3 +120,35 @@ def test_dictionary_encoded_values_hash_as_their_values(values: list, buckets: i
         assert (group_keys(variant) == group_keys(values)).all()
     ints = pa.array([None if v is None else len(v) for v in values], pa.int64())
     assert (stable_hash(ints.dictionary_encode()) == stable_hash(ints)).all()
+
+
+@given(
+    st.lists(st.integers(0, 9_999), max_size=30),
+    st.sampled_from([pa.int64(), pa.int32(), pa.string(), pa.float64()]),
+    st.integers(1, 10**6),
+)
+def test_mostly_distinct_batches_hash_row_by_row_as_in_small_batches(
+    nulls: list[int], kind: pa.DataType, buckets: int
+) -> None:
+    """A batch of nearly all distinct ids is hashed row by row (`_mostly_distinct`), without
+    finding its distinct values first; its rows get the hashes, buckets and group keys they
+    get in small batches, which find them first: nulls, repeats and negative ids included."""
+    values = np.arange(10_000) * 7_919 - 50_000
+    values[::97] = 42  # a repeated value among the distinct ones
+    column = pa.array(values, mask=np.isin(np.arange(10_000), nulls)).cast(kind)
+    assert hashing._mostly_distinct(column)
+    small = [column[i : i + 100] for i in range(0, 10_000, 100)]
+    assert not any(hashing._mostly_distinct(part) for part in small)
+    assert (stable_hash(column) == np.concatenate([stable_hash(p) for p in small])).all()
+    want = np.concatenate([bucketize(p, buckets, 1) for p in small])
+    assert (bucketize(column, buckets, 1) == want).all()
+    assert (group_keys(column) == np.concatenate([group_keys(p) for p in small])).all()
+    assert (stable_hash(column)[nulls] == PINNED[None]).all()
+
+
+def test_batches_of_few_distinct_values_find_them_first() -> None:
+    """A large batch of a few thousand distinct ids hashes only those (`dictionary_encode`);
+    its sample shows the repeats."""
+    ids = pa.array(np.random.default_rng(0).integers(0, 2_000, 131_072))
+    assert not hashing._mostly_distinct(ids)
+    assert hashing._mostly_distinct(pa.array(np.arange(131_072)))
