@@ -1,23 +1,23 @@
 """A train worker's batches: its rows of each epoch (`pipeline.data.plan`), streamed by Ray
 Data or served from an epoch cache, shuffled, on the worker's device.
 
-**Streaming.** Each worker reads its own ranges with a Ray Data dataset of its own: one
-item per range of a Parquet row group (`ray.data.from_items`), mapped by tasks
-(`MapBatches(_read_unit)`) that read each row group with pyarrow, keep the rows of the
-split and of the worker's range, and preprocess and pack them (`Layout.pack`: one float32
-and one int64 2-D tensor column), so a block reaches the worker as two zero-copy numpy
-arrays: no per-column conversion, no re-batching by Ray. A worker whose budget runs one
-task at a time reads a pass in one task (no pause between row groups); with more, each
-range is a task and they run side by side. A task that reads one row group for two splits
-in a row (a file holding train and validation rows, as the Census files do) decodes it
-once. The worker takes each block as it comes (no prefetch: Ray's holds a block back until
-two more are read). (Ray Data's `read_parquet` is not used here: it samples files with
-tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in halves
-never has, and it reads whole files.) The dataset keeps the items' order
-(`preserve_order`), so a worker's stream, and any position in it, is the same in every
-run. The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each
-chunk's rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into
-batches; with the per-epoch order of the row groups that is the shuffle.
+**Streaming.** Each worker reads its own ranges with a Ray Data dataset of its own: one item
+per Parquet row group and its ranges in a row (`ray.data.from_items`), mapped by tasks
+(`MapBatches(_read_unit)`) that read each row group with pyarrow, keep the rows of the split
+and of the worker's range, and preprocess and pack them (`Layout.pack`: one float32 and one
+int64 2-D tensor column), so a block reaches the worker as two zero-copy numpy arrays: no
+per-column conversion, no re-batching by Ray. A worker whose budget runs one task at a time
+reads a pass in one task (no pause between row groups); with more, each item is a task and
+they run side by side. A row group read for ranges of several splits in a row (logs split by
+a hash or a column's values hold rows of every split in a row group) is decoded once. The
+worker takes each block as it comes (no prefetch: Ray's holds a block back until two more
+are read). (Ray Data's `read_parquet` is not used here: it samples files with tasks that
+reserve a whole CPU, which a node whose CPUs the train workers hold in halves never has, and
+it reads whole files.) The dataset keeps the items' order (`preserve_order`), so a worker's
+stream, and any position in it, is the same in every run. The worker gathers the rows into
+chunks of `CHUNK_BATCHES` batches, permutes each chunk's rows (a generator seeded by seed,
+epoch, rank and chunk), and cuts the chunk into batches; with the per-epoch order of the row
+groups that is the shuffle.
 
 **Positions.** A worker's epoch is a fixed sequence of batches; resuming at batch k reads
 from the chunk that holds it (its row groups before are not read again) and drops the
@@ -27,10 +27,11 @@ k mod `CHUNK_BATCHES` batches of that chunk the run already took: no row is trai
 fit the budget, the first pass keeps them where the step reads them: GPU memory on a GPU
 (`device`), else host memory (`host`, pinned for a GPU), and with them the test split's when
 all three fit. The rows are read into it in one stream before the first epoch's first step,
-at the stream's full speed; every epoch, the first too, permutes the cached train rows with
-a seeded permutation on the device, and validation (and the final test pass) read their
-rows again; Ray Data is not touched. `auto` chooses device, then host, and streams what
-fits neither. A resumed run fills the cache again from the same rows, in the same order.
+at the stream's full speed, each row group once for all its splits' rows (each range put at
+its place in its split's cache); every epoch, the first too, permutes the cached train rows
+with a seeded permutation on the device, and validation (and the final test pass) read their
+rows again; Ray Data is not touched. `auto` chooses device, then host, and streams what fits
+neither. A resumed run fills the cache again from the same rows, in the same order.
 
 Budgets come from the node: each worker's dataset gets its share of the CPUs the train
 workers leave, and an object-store window of two blocks per task it may run (at least
@@ -68,25 +69,33 @@ READ_BATCH_ROWS = 131_072  # rows a read task holds at a time (one output block 
 def _read_unit(
     items: dict[str, np.ndarray], preprocessor: Preprocessor, layout: Layout
 ) -> Iterator[pa.Table]:
-    """Ray Data's map over a block of items (each a split, a row group and a range of its
-    rows of that split), in order: each range's raw rows, preprocessed and packed, in blocks
-    of at most `READ_BATCH_ROWS` rows."""
+    """Ray Data's map over a block of items (each a row group and ranges of its rows of
+    one or more splits, `unit_items`), in order: each range's raw rows, preprocessed and
+    packed, in blocks of at most `READ_BATCH_ROWS` rows."""
     data = preprocessor.data
     columns = data.columns(labels=True, split=True)
     hashed = hashed_columns(data)
     for (path, group), run in itertools.groupby(_items(items), key=lambda item: item[1:3]):
-        # Items in a row of one row group (its rows of two splits, as in a file split by a
-        # column's values or a hash) share one decode: each reader takes what it needs.
-        run = list(run)
+        # Ranges in a row of one row group (its rows of several splits, as in logs split by
+        # a hash or by a column's values) share one decode. The first range's rows go out as
+        # they are read; the others', preprocessed and packed, are held until it ends (a
+        # row group's rows of the later splits, not its every decoded batch).
         rows, decoded = _row_group(path, group, columns, hashed)
-        readers = itertools.tee(decoded, len(run))
-        for (split, _, _, start, stop, unit_rows), batches in zip(run, readers, strict=True):
-            # A row group whose rows are all this split's (a day of logs split by day, as
-            # the driver's count says) needs no mask: 4 % of the reading (1M synthetic
-            # rows in one process: 0.364 -> 0.349 CPU-s).
-            keep = _whole if unit_rows == rows else lambda b, s=split: _of_split(b, data, s)
-            for batch in _ranged(batches, start, stop, keep):
-                yield _packed_table(layout.pack(preprocessor.transform(batch)))
+        ranges = [_Rows(start, stop, _keep(data, split, unit_rows == rows))
+                  for split, _, _, start, stop, unit_rows in run]  # fmt: skip
+        held: list[list[pa.Table]] = [[] for _ in ranges]
+        for batch in decoded:
+            for i, taken in enumerate(r.take(batch) for r in ranges):
+                if taken is not None:
+                    table = _packed_table(layout.pack(preprocessor.transform(taken)))
+                    if i:
+                        held[i].append(table)
+                    else:
+                        yield table
+            if all(r.done for r in ranges):
+                break
+        for tables in held[1:]:
+            yield from tables
 
 
 def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Table]:
@@ -98,20 +107,29 @@ def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Ta
             yield _packed_table({k: _tensor(batch.column(k)) for k in blocks})
 
 
+RANGE_FIELDS = ("split", "start", "stop", "unit_rows")  # an item's lists, one entry a range
+
+
 def _items(items: dict[str, np.ndarray]) -> Iterator[tuple[str, str, int, int, int, int]]:
+    """(split, path, row group, start, stop, unit rows) of each range of each item (a row
+    group and its ranges, `unit_items`), in order."""
     for i in range(len(items["path"])):
-        yield (
-            str(items["split"][i]),
-            str(items["path"][i]),
-            int(items["row_group"][i]),
-            int(items["start"][i]),
-            int(items["stop"][i]),
-            int(items["unit_rows"][i]),
-        )
+        path, group = str(items["path"][i]), int(items["row_group"][i])
+        for split, start, stop, unit_rows in zip(
+            *(items[key][i] for key in RANGE_FIELDS), strict=True
+        ):
+            yield str(split), path, group, int(start), int(stop), int(unit_rows)
 
 
 def _whole(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch
+
+
+def _keep(data: Any, split: str, whole: bool) -> Any:
+    """What keeps a batch's rows of `split`. A row group whose rows are all this split's (a
+    day of logs split by day, as the driver's count says) needs no mask: 4 % of the reading
+    (1M synthetic rows in one process: 0.364 -> 0.349 CPU-s)."""
+    return _whole if whole else lambda batch: _of_split(batch, data, split)
 
 
 def _of_split(batch: pa.RecordBatch, data: Any, split: str) -> pa.RecordBatch:
@@ -119,19 +137,38 @@ def _of_split(batch: pa.RecordBatch, data: Any, split: str) -> pa.RecordBatch:
     return batch if keep.all() else batch.filter(keep)  # a one-day row group: no copy
 
 
+class _Rows:
+    """Rows [start, stop) of what `keep` leaves of a row group's batches (its rows of a
+    split), taken one batch at a time."""
+
+    def __init__(self, start: int, stop: int, keep: Any) -> None:
+        self.start, self.stop, self.keep, self.seen = start, stop, keep, 0
+
+    @property
+    def done(self) -> bool:
+        return self.seen >= self.stop
+
+    def take(self, batch: pa.RecordBatch) -> pa.RecordBatch | None:
+        """This batch's rows of the range, or None."""
+        if self.done:
+            return None
+        batch = self.keep(batch)
+        lo, hi = max(self.start - self.seen, 0), min(self.stop - self.seen, batch.num_rows)
+        self.seen += batch.num_rows
+        return batch.slice(lo, hi - lo) if lo < hi else None
+
+
 def _ranged(
     batches: Iterator[pa.RecordBatch], start: int, stop: int, keep: Any
 ) -> Iterator[pa.RecordBatch]:
     """Rows [start, stop) of what `keep` leaves of `batches` (the row group's rows of the
     split)."""
-    seen = 0
+    rows = _Rows(start, stop, keep)
     for batch in batches:
-        batch = keep(batch)
-        lo, hi = max(start - seen, 0), min(stop - seen, batch.num_rows)
-        seen += batch.num_rows
-        if lo < hi:
-            yield batch.slice(lo, hi - lo)
-        if seen >= stop:
+        taken = rows.take(batch)
+        if taken is not None:
+            yield taken
+        if rows.done:
             return
 
 
@@ -297,6 +334,48 @@ def _tasks_in(cpus: float, task_cpus: float) -> int:
 Part = tuple[str, list[Range]]  # a split and ranges of its rows
 
 
+def unit_items(parts: list[Part]) -> list[dict[str, Any]]:
+    """Ray Data's items for the ranges of `parts`, in order: one item per run of ranges in
+    one row group (a row group's rows of two splits, read in a row), so that one task
+    decodes the row group once for all of them.
+
+    Example:
+        >>> a, b = Range("f", 0, 0, 9, 9), Range("f", 0, 0, 1, 1)
+        >>> [(i["row_group"], list(i["split"])) for i in unit_items([("train", [a]), ("test", [b])])]
+        [(0, ['train', 'test'])]
+    """
+    items: list[dict[str, Any]] = []
+    for split, ranges in parts:
+        for r in ranges:
+            if not items or (items[-1]["path"], items[-1]["row_group"]) != (r.path, r.row_group):
+                items.append({"path": r.path, "row_group": r.row_group}
+                             | {key: [] for key in RANGE_FIELDS})  # fmt: skip
+            for key, value in zip(RANGE_FIELDS, (split, r.start, r.stop, r.unit_rows), strict=True):
+                items[-1][key].append(value)
+    return items
+
+
+def by_row_group(parts: list[Part]) -> list[tuple[str, Range, int]]:
+    """The ranges of `parts` with those of one row group in a row (in the order each row
+    group first comes), each with its place among its split's rows: (split, range, offset).
+    A pass over them decodes each row group once for every split it holds rows of (logs
+    split by a hash hold rows of every split in every row group).
+
+    Example:
+        >>> a, b, c = Range("a", 0, 0, 5, 5), Range("b", 0, 0, 2, 2), Range("a", 0, 0, 1, 1)
+        >>> [(s, r.path, at) for s, r, at in by_row_group([("train", [a, b]), ("test", [c])])]
+        [('train', 'a', 0), ('test', 'a', 0), ('train', 'b', 5)]
+    """
+    placed, first = [], {}
+    for split, ranges in parts:
+        offset = 0
+        for r in ranges:
+            first.setdefault((r.path, r.row_group), len(first))
+            placed.append((split, r, offset))
+            offset += r.rows
+    return sorted(placed, key=lambda p: first[(p[1].path, p[1].row_group)])
+
+
 def read_units(
     parts: list[Part],
     preprocessor: Preprocessor,
@@ -306,22 +385,12 @@ def read_units(
 ) -> Any:
     """A lazy Ray Data dataset of the rows of the ranges of each (split, ranges) part,
     preprocessed and packed (read as they are from a search's `packed` copy), in order:
-    `tasks` tasks (each a run of consecutive ranges), one per range when None."""
+    `tasks` tasks (each a run of consecutive items), one per item (`unit_items`) when
+    None."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    items = [
-        {
-            "split": split,
-            "path": r.path,
-            "row_group": r.row_group,
-            "start": r.start,
-            "stop": r.stop,
-            "unit_rows": r.unit_rows,
-        }
-        for split, ranges in parts
-        for r in ranges
-    ]
+    items = unit_items(parts)
     tasks = len(items) if tasks is None else max(1, min(tasks, len(items)))
     ds = ray.data.from_items(items, override_num_blocks=tasks)
     if any(r.packed for _, ranges in parts for r in ranges):
@@ -341,12 +410,12 @@ def stream_ranges(
 
     A dataset that may run one task at a time reads all the ranges in that one task, a
     stream with no pause between row groups (each new task costs tens of milliseconds to
-    start); with more, each range is a task of its own, and they run side by side.
+    start); with more, each row group's run of ranges is a task of its own (one decode of
+    the row group for them all), and they run side by side.
     """
-    ranges = sum(len(r) for _, r in parts)
-    if not ranges:
+    if not any(ranges for _, ranges in parts):
         return
-    tasks = 1 if budget.tasks == 1 else ranges
+    tasks = 1 if budget.tasks == 1 else None  # None: a task per row group's run of ranges
     ds = read_units(parts, preprocessor, layout, budget.task_cpus, tasks)
     # A task's packed tables are gathered into blocks of this size (Ray's default, 128 MiB,
     # would hand a worker its whole share of a one-task pass as one block, at the end).
@@ -510,8 +579,8 @@ def _empty(
 
 
 class RowCache:
-    """A worker's rows of one split, kept for later epochs: one tensor per dtype, filled
-    in stream order."""
+    """A worker's rows of one split, kept for later epochs: one tensor per dtype, each row
+    at its place in the split's stream."""
 
     def __init__(self, layout: Layout, rows: int, device: torch.device, pin: bool) -> None:
         self.rows, self.filled = rows, 0
@@ -525,10 +594,10 @@ class RowCache:
     def full(self) -> bool:
         return self.filled == self.rows
 
-    def add(self, chunk: Packed) -> None:
-        """Append a chunk (numpy arrays, as streamed) in one copy."""
+    def put(self, at: int, chunk: Packed) -> None:
+        """Write a chunk (numpy arrays, as streamed) at row `at`, in one copy."""
         size = len(chunk[FLOAT])
-        lo, hi = self.filled, self.filled + size
+        lo, hi = at, at + size
         on_host = self.tensors[FLOAT].device.type == "cpu"
         source = chunk if on_host else _torch(chunk, None, pin=True)
         for key, tensor in self.tensors.items():
@@ -536,7 +605,7 @@ class RowCache:
                 tensor[lo:hi].numpy()[...] = source[key]
             else:
                 tensor[lo:hi].copy_(source[key], non_blocking=True)
-        self.filled = hi
+        self.filled += size
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -640,13 +709,14 @@ class WorkerFeed:
     def _unpacked(self, batches: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
         return (self.layout.unpack(b) for b in Prefetcher(batches, self.device))
 
-    def _stream(self, splits: list[str], epoch: int, skip_rows: int = 0) -> Iterator[Packed]:
-        """The worker's rows of each of `splits` in `epoch`, one after the other, from
-        `skip_rows` rows into the first split's share."""
-        parts = []
-        for i, split in enumerate(splits):
-            ranges = self.plan(split, epoch).ranges(self.rank, 0 if i else skip_rows)
-            parts.append((split, [r.as_packed() for r in ranges] if self.counts.packed else ranges))
+    def _ranges(self, split: str, epoch: int, skip_rows: int = 0) -> list[Range]:
+        """The worker's ranges of `split` in `epoch`, from `skip_rows` rows into its share."""
+        ranges = self.plan(split, epoch).ranges(self.rank, skip_rows)
+        return [r.as_packed() for r in ranges] if self.counts.packed else ranges
+
+    def _stream(self, split: str, epoch: int, skip_rows: int = 0) -> Iterator[Packed]:
+        """The worker's rows of `split` in `epoch`, from `skip_rows` rows into its share."""
+        parts = [(split, self._ranges(split, epoch, skip_rows))]
         return stream_ranges(parts, self.preprocessor, self.layout, self.budget)
 
     def _new_cache(self, split: str) -> RowCache:
@@ -658,26 +728,37 @@ class WorkerFeed:
 
     def _fill(self, splits: list[str]) -> None:
         """The caches of `splits` take this worker's rows of each (the train split's of
-        epoch 1), in stream order, in one pass before the first step; every epoch, the first
+        epoch 1), each row at its place in its split's stream, in one pass before the first
+        step; every epoch, the first
         too, then permutes the train cache. A resumed run fills them from the same rows, so
         its epochs permute the same cache as the first run's. (Filled beside the steps
         instead, the stream ran ahead of a CPU step and Ray Data's executor spun on its full
         window: the demo's first epoch ran at half the cached epochs' samples/s. One pass
-        for both splits starts Ray Data once.)"""
-        caches = [self._new_cache(split) for split in splits]
-        for block in self._stream(splits, 1):
-            while len(block[FLOAT]):  # a block may end one split's rows and begin the next's
-                cache = next((c for c in caches if not c.full), None)
-                if cache is None:
-                    break  # more rows than counted: the files changed; `cache_hit` decides
-                size = min(cache.rows - cache.filled, len(block[FLOAT]))
-                cache.add({k: v[:size] for k, v in block.items()})
+        for all the splits starts Ray Data once.) The pass reads the ranges of one row group
+        in a row (`by_row_group`), so a row group holding rows of several splits is decoded
+        once, and puts each range's rows at their place in its split's cache."""
+        caches = {split: self._new_cache(split) for split in splits}
+        placed = by_row_group([(split, self._ranges(split, 1)) for split in splits])
+        stream = stream_ranges(
+            [(split, [r]) for split, r, _ in placed], self.preprocessor, self.layout, self.budget
+        )
+        targets = ((caches[split], at, r.rows) for split, r, at in placed)
+        cache, at, left = None, 0, 0
+        for block in stream:
+            while len(block[FLOAT]):  # a block may end one range's rows and begin the next's
+                if not left:
+                    cache, at, left = next(targets, (None, 0, 0))
+                    if cache is None:
+                        break  # more rows than counted: the files changed; `cache_hit` decides
+                size = min(left, len(block[FLOAT]))
+                cache.put(at, {k: v[:size] for k, v in block.items()})
                 block = {k: v[size:] for k, v in block.items()}
+                at, left = at + size, left - size
 
     def _streamed(self, epoch: int, batch_size: int, start: int) -> Iterator[dict]:
         chunk_rows = CHUNK_BATCHES * batch_size
         first_chunk, skip = divmod(start, CHUNK_BATCHES)
-        stream = self._stream(["train"], epoch, first_chunk * chunk_rows)
+        stream = self._stream("train", epoch, first_chunk * chunk_rows)
         for index, chunk in enumerate(_chunks(stream, chunk_rows), start=first_chunk):
             generator = np.random.default_rng(permutation_seed(self.seed, epoch, self.rank, index))
             order = generator.permutation(len(chunk[FLOAT]))
@@ -694,5 +775,5 @@ class WorkerFeed:
             yield _gather(cache.tensors, order[begin : begin + batch_size])
 
     def _streamed_eval(self, split: str, batch_size: int) -> Iterator[dict]:
-        for chunk in _chunks(self._stream([split], 0), batch_size):
+        for chunk in _chunks(self._stream(split, 0), batch_size):
             yield _torch(chunk, None, self.pin)

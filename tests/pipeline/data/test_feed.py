@@ -15,6 +15,7 @@ from pipeline.config import DataConfig, load_config
 from pipeline.data.feed import Budget, RowCache, WorkerFeed, _gather, choose_cache
 from pipeline.data.fit import fit
 from pipeline.data.ingest import READ_BLOCK_BYTES
+from pipeline.data.plan import Range
 from pipeline.data.split import split_mask
 from pipeline.data.validate import check_schema
 from pipeline.datasets.synthetic import generate_logs
@@ -104,7 +105,7 @@ def _plain_batches(feed: WorkerFeed, epoch: int):
     """The worker's rows of the epoch in stream order, without the shuffle."""
     from pipeline.data.feed import _chunks, _torch
 
-    for chunk in _chunks(feed._stream(["train"], epoch), BATCH):
+    for chunk in _chunks(feed._stream("train", epoch), BATCH):
         yield _torch(chunk, None, False)
 
 
@@ -185,8 +186,9 @@ def test_a_host_cache_is_private_memory_in_place_before_its_first_write(logs) ->
     assert int(mapping["Rss"].split()[0]) * 1024 >= size - 4096
     assert int(mapping["Anonymous"].split()[0]) * 1024 >= size - 4096
     assert "sh" not in mapping["VmFlags"].split()
-    cache.add({k: np.ones((10, t.shape[1]), t.numpy().dtype) for k, t in cache.tensors.items()})
-    assert cache.filled == 10 and float(tensor[:10].sum()) == tensor[:10].numel()
+    cache.put(20, {k: np.ones((10, t.shape[1]), t.numpy().dtype) for k, t in cache.tensors.items()})
+    assert cache.filled == 10 and float(tensor[20:30].sum()) == tensor[20:30].numel()
+    assert float(tensor[:20].abs().sum()) == 0
 
 
 def _smaps_entry(address: int) -> dict[str, str]:
@@ -266,15 +268,8 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
     )
 
     def read(chosen) -> list[dict[str, np.ndarray]]:
-        columns = {
-            "split": [s for s, _, _ in chosen],
-            "path": [path] * len(chosen),
-            "row_group": [group] * len(chosen),
-            "start": [a for _, a, _ in chosen],
-            "stop": [b for _, _, b in chosen],
-            "unit_rows": [counts.rows[s][0] for s, _, _ in chosen],
-        }
-        tables = feed._read_unit({k: np.array(v) for k, v in columns.items()}, preprocessor, layout)
+        parts = [(s, [Range(path, group, a, b, counts.rows[s][0])]) for s, a, b in chosen]
+        tables = feed._read_unit(_as_batch(feed.unit_items(parts)), preprocessor, layout)
         return [{k: feed._tensor(t.column(k)) for k in t.column_names} for t in tables]
 
     together = read(items)
@@ -287,6 +282,58 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
             np.concatenate([b[key] for b in together]), np.concatenate([b[key] for b in apart])
         )
     assert sum(len(b["float32"]) for b in together) == train + validation - 3
+
+
+def _as_batch(items: list[dict]) -> dict[str, np.ndarray]:
+    """Ray Data's numpy batch of `unit_items`' items (a list per range field)."""
+    batch = {key: np.empty(len(items), dtype=object) for key in items[0]}
+    for n, item in enumerate(items):
+        for key, value in item.items():
+            batch[key][n] = value
+    return batch
+
+
+def test_the_cache_pass_decodes_a_row_group_once_for_all_its_splits(
+    ray_cluster, tmp_path, monkeypatch
+) -> None:
+    """Logs split by a hash hold rows of every split in every row group: the pass that
+    fills the caches reads a worker's ranges of one row group in a row, one decode for
+    them all, and puts each range's rows at their place: each split's cache holds its rows
+    in the order the split streams them."""
+    from pipeline.data import feed
+
+    generate_logs(tmp_path / "logs", 3_000, seed=2)
+    overrides = [f"data.path={tmp_path / 'logs'}", "data.split.method=hash",
+                 "data.split.column=user_id", "data.split.test_fraction=0.1"]  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", overrides).data
+    preprocessor, counts = fit(cfg, check_schema(cfg))
+    budget = Budget.of(2.0, 2, 0.5, READ_BLOCK_BYTES)
+    splits = ["train", "validation", "test"]
+    reads: list[tuple] = []
+    row_group = feed._row_group
+    monkeypatch.setattr(
+        feed, "_row_group", lambda *args: reads.append(args[:2]) or row_group(*args)
+    )
+    for rank in range(2):
+        worker = WorkerFeed(counts, preprocessor, rank, 2, torch.device("cpu"), 0, budget, "host")
+        list(worker.train(1, BATCH))
+        for split in splits:
+            streamed = list(worker._stream(split, 1 if split == "train" else 0))
+            for key, tensor in worker.cached[split].tensors.items():
+                want = np.concatenate([block[key] for block in streamed])
+                np.testing.assert_array_equal(tensor.numpy(), want)
+        # The same pass in this process: one decode per row group, though most hold
+        # ranges of two or three splits.
+        parts = [(split, worker._ranges(split, 1)) for split in splits]
+        placed = feed.by_row_group(parts)
+        units = {(r.path, r.row_group) for _, r, _ in placed}
+        assert len(placed) >= 2 * len(units)
+        reads.clear()
+        items = feed.unit_items([(split, [r]) for split, r, _ in placed])
+        rows = sum(
+            t.num_rows for t in feed._read_unit(_as_batch(items), preprocessor, worker.layout)
+        )
+        assert sorted(reads) == sorted(units) and rows == sum(r.rows for _, r, _ in placed)
 
 
 def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch) -> None:
@@ -311,10 +358,8 @@ def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch
         table = pq.ParquetFile(path).read_row_group(group)
         assert rows == table.num_rows  # a day of one split
         assert split_mask(table.column("day"), cfg.split, split).all()
-        columns = {"split": [split], "path": [path], "row_group": [group], "start": [5]}
-        columns |= {"stop": [rows - 2], "unit_rows": [rows]}
-        items = {k: np.array(v) for k, v in columns.items()}
-        tables = list(feed._read_unit(items, preprocessor, layout))
+        items = feed.unit_items([(split, [Range(path, group, 5, rows - 2, rows)])])
+        tables = list(feed._read_unit(_as_batch(items), preprocessor, layout))
         want = layout.pack(preprocessor.transform(table.slice(5, rows - 7)))
         for key in ("float32", "int64"):
             got = np.concatenate([feed._tensor(t.column(key)) for t in tables])
