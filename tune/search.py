@@ -10,9 +10,11 @@ Layout on storage (`train.storage_path` of the base config):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,6 +280,29 @@ def _run_trials(
         return rows
 
 
+# Ray Tune copies these from the driver's environment into every trial actor's runtime_env
+# (`ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`), and Ray writes each runtime_env
+# it creates, values and all, to `runtime_env_agent.log` on the node. A trial's actors take
+# their credentials as `adatt train`'s workers do: from the node's environment (the one the
+# raylet started with, or an instance role).
+CREDENTIAL_ENV = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+
+
+@contextlib.contextmanager
+def credentials_kept_out_of_ray_logs() -> Iterator[None]:
+    """While inside, Ray Tune does not put `CREDENTIAL_ENV` into trial actors' runtime_envs."""
+    from ray.tune.execution import class_cache
+
+    propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = propagated - CREDENTIAL_ENV
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = propagated
+
+
 def _fit(
     spec: SearchSpec, inputs: SearchInputs, storage: str, concurrency: int, resume: bool
 ) -> Any:
@@ -307,7 +332,8 @@ def _fit(
                 verbose=1,
             ),
         )
-    return tuner.fit()
+    with credentials_kept_out_of_ray_logs():
+        return tuner.fit()
 
 
 def _preprocessed(experiment_path: str) -> str:

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import InputError
 from pipeline.tracking import tags
-from tests.conftest import REPO_ROOT, TINY_OVERRIDES
+from tests.conftest import FAKE_AWS_SECRET, REPO_ROOT, TINY_OVERRIDES
 from tune.search import SearchInterrupted, SearchOutcome, run_search
 from tune.space import SearchSpec, parse_search_spec
 from tune.trial import child_runs
@@ -97,6 +97,7 @@ class Searched:
     before: dict[str, Run]  # the trials' MLflow runs when interrupted, by trial id
     first_epochs: list[Metric]  # the epochs the first finished trial logged before the stop
     preprocess_tasks: int  # read-and-preprocess tasks the whole search ran
+    ray_logs: dict[Path, bytes]  # what the search wrote to the Ray cluster's log files
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,8 @@ def searched(ray_cluster, s3, s3_logs, tmp_path_factory) -> Searched:
     spec = tiny_spec(s3_logs, workdir, "grid", storage=s3.uri("tune"))
     uri = f"sqlite:///{workdir}/mlflow.db"
     preprocessed_before = _preprocess_tasks()
+    logs = Path(ray_cluster.cluster.head_node.get_logs_dir_path())
+    sizes_before = _log_sizes(logs)
     start = time.perf_counter()
     done = threading.Event()
     # A no-op handler in case the signal lands after Tune's own handler is gone.
@@ -134,7 +137,22 @@ def searched(ray_cluster, s3, s3_logs, tmp_path_factory) -> Searched:
         before,
         first_epochs,
         _preprocess_tasks() - preprocessed_before,
+        _written_since(logs, sizes_before),
     )
+
+
+def _log_sizes(logs: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for p in logs.rglob("*") if p.is_file()}
+
+
+def _written_since(logs: Path, sizes: dict[Path, int]) -> dict[Path, bytes]:
+    """Each log file's bytes written after `sizes` was taken."""
+    out = {}
+    for path, size in _log_sizes(logs).items():
+        with path.open("rb") as f:
+            f.seek(sizes.get(path, 0) if size >= sizes.get(path, 0) else 0)
+            out[path] = f.read()
+    return out
 
 
 def _preprocess_tasks() -> int:
@@ -181,6 +199,18 @@ def test_the_search_preprocesses_the_logs_once(searched, s3_logs) -> None:
     from pipeline.data.files import exists
 
     assert exists(f"{copy}/_SUCCESS.json") and exists(f"{copy}/train")
+
+
+def test_no_credential_reaches_the_ray_logs(searched) -> None:
+    """Ray Tune copies AWS credentials from the driver's environment into each trial
+    actor's runtime_env, which Ray writes out in `runtime_env_agent.log`: the search keeps
+    them out, and its trials read S3 with the nodes' own environment."""
+    written = searched.ray_logs
+    agent = [p for p, text in written.items() if p.name.startswith("runtime_env_agent") and text]
+    assert agent, sorted(p.name for p in written)  # the trials' runtime envs were written
+    assert sum(b"Creating runtime env" in written[p] for p in agent)
+    leaked = [p for p, text in written.items() if FAKE_AWS_SECRET.encode() in text]
+    assert not leaked, leaked
 
 
 def test_mlflow_holds_parent_and_three_children(searched) -> None:
