@@ -336,8 +336,8 @@ Part = tuple[str, list[Range]]  # a split and ranges of its rows
 
 def unit_items(parts: list[Part]) -> list[dict[str, Any]]:
     """Ray Data's items for the ranges of `parts`, in order: one item per run of ranges in
-    one row group (a row group's rows of two splits, read in a row), so that one task
-    decodes the row group once for all of them.
+    one row group (its rows of several splits, read in a row), so that one task decodes the
+    row group once for all of them.
 
     Example:
         >>> a, b = Range("f", 0, 0, 9, 9), Range("f", 0, 0, 1, 1)
@@ -729,14 +729,13 @@ class WorkerFeed:
     def _fill(self, splits: list[str]) -> None:
         """The caches of `splits` take this worker's rows of each (the train split's of
         epoch 1), each row at its place in its split's stream, in one pass before the first
-        step; every epoch, the first
-        too, then permutes the train cache. A resumed run fills them from the same rows, so
-        its epochs permute the same cache as the first run's. (Filled beside the steps
-        instead, the stream ran ahead of a CPU step and Ray Data's executor spun on its full
-        window: the demo's first epoch ran at half the cached epochs' samples/s. One pass
-        for all the splits starts Ray Data once.) The pass reads the ranges of one row group
-        in a row (`by_row_group`), so a row group holding rows of several splits is decoded
-        once, and puts each range's rows at their place in its split's cache."""
+        step; every epoch, the first too, then permutes the train cache. A resumed run fills
+        them from the same rows, so its epochs permute the same cache as the first run's.
+        (Filled beside the steps instead, the stream ran ahead of a CPU step and Ray Data's
+        executor spun on its full window: the demo's first epoch ran at half the cached
+        epochs' samples/s. One pass for all the splits starts Ray Data once.) The pass reads
+        the ranges of one row group in a row (`by_row_group`), so a row group holding rows
+        of several splits is decoded once."""
         caches = {split: self._new_cache(split) for split in splits}
         placed = by_row_group([(split, self._ranges(split, 1)) for split in splits])
         stream = stream_ranges(
