@@ -64,35 +64,55 @@ def split_mask(column: Any, split: SplitConfig, name: str) -> np.ndarray:
         >>> split_mask(["2024-01-12", "2024-01-13"], cfg, "validation").tolist()
         [False, True]
     """
-    if name not in SPLITS:
-        raise ValueError(f"split name must be one of {SPLITS}, got {name!r}")
+    return split_masks(column, split, [name])[name]
+
+
+def split_masks(column: Any, split: SplitConfig, names: list[str]) -> dict[str, np.ndarray]:
+    """`split_mask` of each split of `names`, the column read (and for `hash` hashed) once
+    for them all: a row group of logs split by a hash holds rows of every split.
+
+    Example:
+        >>> cfg = SplitConfig(method="hash", column="user", validation_fraction=0.5)
+        >>> masks = split_masks([1, 2, 3, 4], cfg, ["train", "validation"])
+        >>> bool((masks["train"] ^ masks["validation"]).all())
+        True
+    """
+    for name in names:
+        if name not in SPLITS:
+            raise ValueError(f"split name must be one of {SPLITS}, got {name!r}")
     values = as_arrow(column)
-    if split.method == "hash":
-        u = unit_interval(values, split_key(split.salt))
-        end_validation = split.validation_fraction
-        end_test = end_validation + split.test_fraction
-        if name == "validation":
-            return u < end_validation
-        if name == "test":
-            return (u >= end_validation) & (u < end_test)
-        return u >= end_test
-    if split.method == "values":
-        validation = _fill(pc.is_in(values, _typed(split.validation_values, values)))
-        test = (
-            _fill(pc.is_in(values, _typed(split.test_values, values)))
-            if split.test_values
-            else np.zeros(len(values), dtype=bool)
-        )
-        test &= ~validation
-        if name == "validation":
-            return validation
-        if name == "test":
-            return test
-        train = ~(validation | test)
-        if split.train_values is not None:
-            train &= _fill(pc.is_in(values, _typed(split.train_values, values)))
-        return train
-    # cutoff
+    masks = {
+        "hash": _hash_masks, "values": _values_masks, "cutoff": _cutoff_masks
+    }[split.method](values, split)  # fmt: skip
+    return {name: masks[name] for name in names}
+
+
+def _hash_masks(values: pa.Array, split: SplitConfig) -> dict[str, np.ndarray]:
+    u = unit_interval(values, split_key(split.salt))
+    end_validation = split.validation_fraction
+    end_test = end_validation + split.test_fraction
+    return {
+        "validation": u < end_validation,
+        "test": (u >= end_validation) & (u < end_test),
+        "train": u >= end_test,
+    }
+
+
+def _values_masks(values: pa.Array, split: SplitConfig) -> dict[str, np.ndarray]:
+    validation = _fill(pc.is_in(values, _typed(split.validation_values, values)))
+    test = (
+        _fill(pc.is_in(values, _typed(split.test_values, values)))
+        if split.test_values
+        else np.zeros(len(values), dtype=bool)
+    )
+    test &= ~validation
+    train = ~(validation | test)
+    if split.train_values is not None:
+        train &= _fill(pc.is_in(values, _typed(split.train_values, values)))
+    return {"train": train, "validation": validation, "test": test}
+
+
+def _cutoff_masks(values: pa.Array, split: SplitConfig) -> dict[str, np.ndarray]:
     (validation_from,) = _typed([split.validation_from], values).to_pylist()
     after_validation = _fill(pc.greater_equal(values, pa.scalar(validation_from, values.type)))
     if split.test_from is not None:
@@ -100,11 +120,11 @@ def split_mask(column: Any, split: SplitConfig, name: str) -> np.ndarray:
         after_test = _fill(pc.greater_equal(values, pa.scalar(test_from, values.type)))
     else:
         after_test = np.zeros(len(values), dtype=bool)
-    if name == "test":
-        return after_test
-    if name == "validation":
-        return after_validation & ~after_test
-    return _fill(pc.less(values, pa.scalar(validation_from, values.type)))
+    return {
+        "train": _fill(pc.less(values, pa.scalar(validation_from, values.type))),
+        "validation": after_validation & ~after_test,
+        "test": after_test,
+    }
 
 
 def split_counts(column: Any, split: SplitConfig) -> dict[str, int]:

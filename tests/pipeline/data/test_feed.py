@@ -245,8 +245,8 @@ def test_a_searchs_preprocessed_copy_serves_the_same_rows(logs, tmp_path) -> Non
 
 def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monkeypatch) -> None:
     """A task whose ranges of two splits lie in one row group (logs split by a hash, as the
-    Census files are by a column's values) decodes it once, and yields what reading it for
-    each range apart yields."""
+    Census files are by a column's values) decodes it once, hashes its split column once
+    per batch for both splits, and yields what reading it for each range apart yields."""
     from pipeline.data import feed
     from pipeline.data.collate import Layout
 
@@ -272,8 +272,14 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
         tables = feed._read_unit(_as_batch(feed.unit_items(parts)), preprocessor, layout)
         return [{k: feed._tensor(t.column(k)) for k in t.column_names} for t in tables]
 
+    masked = []
+    split_masks = feed.split_masks
+    monkeypatch.setattr(
+        feed, "split_masks", lambda *args: masked.append(args[2]) or split_masks(*args)
+    )
     together = read(items)
     assert reads == [(path, group)]  # three ranges in a row of one row group: one decode
+    assert masked == [["train", "validation"]]  # one batch: one pass over its split column
     reads.clear()
     apart = [block for item in items for block in read([item])]
     assert len(reads) == 3
@@ -350,8 +356,10 @@ def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch
     preprocessor, counts = fit(cfg, check_schema(cfg))
     layout = Layout.of(preprocessor.empty())
     masks = []
-    of_split = feed._of_split
-    monkeypatch.setattr(feed, "_of_split", lambda *args: masks.append(args[2]) or of_split(*args))
+    split_masks = feed.split_masks
+    monkeypatch.setattr(
+        feed, "split_masks", lambda *args: masks.append(args[2]) or split_masks(*args)
+    )
     for split in ("train", "test"):
         unit = next(i for i, n in enumerate(counts.rows[split]) if n)
         (path, group), rows = counts.units[unit], counts.rows[split][unit]
