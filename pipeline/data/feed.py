@@ -9,15 +9,16 @@ int64 2-D tensor column), so a block reaches the worker as two zero-copy numpy a
 per-column conversion, no re-batching by Ray. A worker whose budget runs one task at a time
 reads a pass in one task (no pause between row groups); with more, each item is a task and
 they run side by side. A row group read for ranges of several splits in a row (logs split by
-a hash or a column's values hold rows of every split in a row group) is decoded once. The
-worker takes each block as it comes (no prefetch: Ray's holds a block back until two more
-are read). (Ray Data's `read_parquet` is not used here: it samples files with tasks that
-reserve a whole CPU, which a node whose CPUs the train workers hold in halves never has, and
-it reads whole files.) The dataset keeps the items' order (`preserve_order`), so a worker's
-stream, and any position in it, is the same in every run. The worker gathers the rows into
-chunks of `CHUNK_BATCHES` batches, permutes each chunk's rows (a generator seeded by seed,
-epoch, rank and chunk), and cuts the chunk into batches; with the per-epoch order of the row
-groups that is the shuffle.
+a hash or a column's values hold rows of every split in a row group) is decoded once, and
+each of its batches has its split column hashed once and its rows preprocessed in one call
+for all those ranges. The worker takes each block as it comes (no prefetch: Ray's holds a
+block back until two more are read). (Ray Data's `read_parquet` is not used here: it samples
+files with tasks that reserve a whole CPU, which a node whose CPUs the train workers hold in
+halves never has, and it reads whole files.) The dataset keeps the items' order
+(`preserve_order`), so a worker's stream, and any position in it, is the same in every run.
+The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each chunk's
+rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into batches;
+with the per-epoch order of the row groups that is the shuffle.
 
 **Positions.** A worker's epoch is a fixed sequence of batches; resuming at batch k reads
 from the chunk that holds it (its row groups before are not read again) and drops the
@@ -92,9 +93,10 @@ def _read_unit(
             masked = sorted({r.split for r in ranges if r.split and not r.done})
             column = batch.column(data.split.column) if masked else None
             masks = split_masks(column, data.split, masked) if masked else {}
-            for i, taken in enumerate(r.take(batch, masks) for r in ranges):
-                if taken is not None:
-                    table = _packed_table(layout.pack(preprocessor.transform(taken)))
+            picks = [r.pick(batch.num_rows, masks) for r in ranges]
+            for i, packed in enumerate(_transformed(batch, picks, preprocessor, layout)):
+                if packed is not None:
+                    table = _packed_table(packed)
                     if i:
                         held[i].append(table)
                     else:
@@ -112,8 +114,9 @@ def _read_packed(items: dict[str, np.ndarray], layout: Layout) -> Iterator[pa.Ta
     for _, path, group, start, stop, _ in _items(items):
         rows = _Rows(start, stop, None)
         for batch in _row_group(path, group, blocks)[1]:
-            taken = rows.take(batch, {})
-            if taken is not None:
+            picked = rows.pick(batch.num_rows, {})
+            if picked is not None:
+                taken = _rows_of(batch, picked)
                 yield _packed_table({k: _tensor(taken.column(k)) for k in blocks})
             if rows.done:
                 break
@@ -134,7 +137,7 @@ def _items(items: dict[str, np.ndarray]) -> Iterator[tuple[str, str, int, int, i
 
 
 class _Rows:
-    """Rows [start, stop) of a row group's rows of `split` (all its rows when None), taken
+    """Rows [start, stop) of a row group's rows of `split` (all its rows when None), picked
     one decoded batch at a time."""
 
     def __init__(self, start: int, stop: int, split: str | None) -> None:
@@ -144,17 +147,49 @@ class _Rows:
     def done(self) -> bool:
         return self.seen >= self.stop
 
-    def take(self, batch: pa.RecordBatch, masks: dict[str, np.ndarray]) -> pa.RecordBatch | None:
-        """This batch's rows of the range, or None; `masks`: the batch's rows of each split
-        (`split_masks`)."""
+    def pick(self, rows: int, masks: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The positions, in a batch of `rows` rows, of the range's rows in it (in order),
+        or None; `masks`: the batch's rows of each split (`split_masks`)."""
         if self.done:
             return None
-        if self.split is not None:
-            keep = masks[self.split]
-            batch = batch if keep.all() else batch.filter(keep)  # a one-day batch: no copy
-        lo, hi = max(self.start - self.seen, 0), min(self.stop - self.seen, batch.num_rows)
-        self.seen += batch.num_rows
-        return batch.slice(lo, hi - lo) if lo < hi else None
+        where = np.arange(rows) if self.split is None else np.flatnonzero(masks[self.split])
+        lo, hi = max(self.start - self.seen, 0), min(self.stop - self.seen, len(where))
+        self.seen += len(where)
+        return where[lo:hi] if lo < hi else None
+
+
+def _rows_of(batch: pa.RecordBatch, positions: np.ndarray) -> pa.RecordBatch:
+    """The batch's rows at `positions` (ascending): a zero-copy slice when they are one
+    run, as a row group of one split's rows gives."""
+    first, count = int(positions[0]), len(positions)
+    if int(positions[-1]) - first + 1 == count:
+        return batch.slice(first, count)
+    return batch.take(pa.array(positions))
+
+
+def _transformed(
+    batch: pa.RecordBatch,
+    picks: list[np.ndarray | None],
+    preprocessor: Preprocessor,
+    layout: Layout,
+) -> list[Packed | None]:
+    """Each pick's rows of `batch` (`_Rows.pick`), preprocessed and packed: the rows of all
+    the picks are preprocessed in one call, then shared out (a row group of logs split by a
+    hash holds rows of every split; one call instead of one per split saves its per-column
+    costs, over 200 columns on a production-width log, and the packed rows are cheaper to
+    share out than the raw rows are to filter)."""
+    chosen = [p for p in picks if p is not None]
+    if not chosen:
+        return [None] * len(picks)
+    every = chosen[0] if len(chosen) == 1 else np.sort(np.concatenate(chosen))
+    packed = layout.pack(preprocessor.transform(_rows_of(batch, every)))
+    if len(chosen) == 1:
+        return [None if p is None else packed for p in picks]
+    arrays = {k: v.numpy() for k, v in packed.items()}
+    return [
+        None if p is None else {k: v[np.searchsorted(every, p)] for k, v in arrays.items()}
+        for p in picks
+    ]
 
 
 def _packed_table(arrays: dict[str, Any]) -> pa.Table:

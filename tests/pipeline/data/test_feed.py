@@ -245,8 +245,9 @@ def test_a_searchs_preprocessed_copy_serves_the_same_rows(logs, tmp_path) -> Non
 
 def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monkeypatch) -> None:
     """A task whose ranges of two splits lie in one row group (logs split by a hash, as the
-    Census files are by a column's values) decodes it once, hashes its split column once
-    per batch for both splits, and yields what reading it for each range apart yields."""
+    Census files are by a column's values) decodes it once, hashes its split column and
+    preprocesses its rows once per batch for both splits, and yields what reading it for
+    each range apart yields."""
     from pipeline.data import feed
     from pipeline.data.collate import Layout
 
@@ -277,12 +278,20 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
     monkeypatch.setattr(
         feed, "split_masks", lambda *args: masked.append(args[2]) or split_masks(*args)
     )
+    transformed = []
+    transform = type(preprocessor).transform
+    monkeypatch.setattr(
+        type(preprocessor),
+        "transform",
+        lambda self, table: transformed.append(table.num_rows) or transform(self, table),
+    )
     together = read(items)
     assert reads == [(path, group)]  # three ranges in a row of one row group: one decode
     assert masked == [["train", "validation"]]  # one batch: one pass over its split column
+    assert transformed == [train + validation - 3]  # and one preprocessing call
     reads.clear()
     apart = [block for item in items for block in read([item])]
-    assert len(reads) == 3
+    assert len(reads) == 3 and len(transformed) == 4
     for key in ("float32", "int64"):
         np.testing.assert_array_equal(
             np.concatenate([b[key] for b in together]), np.concatenate([b[key] for b in apart])
