@@ -181,10 +181,11 @@ def _transformed(
     chosen = [p for p in picks if p is not None]
     if not chosen:
         return [None] * len(picks)
-    if len(chosen) == 1:
-        rows = _rows_of(batch, chosen[0])
-    else:  # the picks' rows interleave in the batch: taken pick by pick
-        rows = batch.take(pa.array(np.concatenate(chosen)))
+    every = np.concatenate(chosen)
+    if len(chosen) == 1 or bool((np.diff(every) > 0).all()):
+        rows = _rows_of(batch, every)
+    else:  # the picks' rows interleave in the batch (rows of several splits)
+        rows = batch.take(pa.array(every))
     packed = layout.pack(preprocessor.transform(rows))
     out: list[Packed | None] = []
     at = 0

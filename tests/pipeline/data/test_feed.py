@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -241,6 +242,37 @@ def test_a_searchs_preprocessed_copy_serves_the_same_rows(logs, tmp_path) -> Non
     for split in ("validation", "test"):
         got, want = (sorted(_keys(f.evaluation(split, 100))) for f in (packed, raw))
         assert len(got) == counts.total(split) and got == pytest.approx(want)
+
+
+def test_picks_of_a_batch_are_preprocessed_together_as_each_alone(tmp_path) -> None:
+    """`_transformed` preprocesses several picks of a batch's rows in one call and gives
+    each pick the rows preprocessing it alone gives, in its order: picks one after the
+    other (a slice of the batch), interleaved (rows of several splits), and absent."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import feed
+    from pipeline.data.collate import Layout
+
+    generate_logs(tmp_path / "logs", 3_000, seed=3)
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={tmp_path / 'logs'}"]).data
+    preprocessor, counts = fit(cfg, check_schema(cfg))
+    layout = Layout.of(preprocessor.empty())
+    path, group = counts.units[0]
+    batch = pq.ParquetFile(path).read_row_group(group).to_batches()[0]
+    cases = [
+        [np.arange(0, 50), np.arange(50, 80)],  # one after the other
+        [np.arange(1, 60, 2), None, np.arange(0, 60, 2)],  # interleaved, one absent
+        [None, np.array([7, 9, 30])],
+    ]
+    for picks in cases:
+        together = feed._transformed(batch, picks, preprocessor, layout)
+        for pick, got in zip(picks, together, strict=True):
+            if pick is None:
+                assert got is None
+                continue
+            want = layout.pack(preprocessor.transform(batch.take(pa.array(pick))))
+            for key in ("float32", "int64"):
+                np.testing.assert_array_equal(np.asarray(got[key]), want[key].numpy())
 
 
 def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monkeypatch) -> None:
