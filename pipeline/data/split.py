@@ -137,13 +137,8 @@ def split_counts(column: Any, split: SplitConfig) -> dict[str, int]:
         {'train': 1, 'validation': 1}
     """
     names = split_names(split)
-    if split.method != "hash":
-        return {name: int(split_mask(column, split, name).sum()) for name in names}
-    u = unit_interval(as_arrow(column), split_key(split.salt))  # hashed once, not per split
-    validation = int((u < split.validation_fraction).sum())
-    test = int((u < split.validation_fraction + split.test_fraction).sum()) - validation
-    counts = {"train": len(u) - validation - test, "validation": validation, "test": test}
-    return {name: counts[name] for name in names}
+    masks = split_masks(column, split, names)  # the column read and hashed once for all
+    return {name: int(masks[name].sum()) for name in names}
 
 
 def _value_range(footer: Footer, column: str) -> tuple[Any, Any] | None:
