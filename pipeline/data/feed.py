@@ -91,8 +91,9 @@ def _read_unit(
         held: list[list[pa.Table]] = [[] for _ in ranges]
         for batch in decoded:
             masked = sorted({r.split for r in ranges if r.split and not r.done})
-            column = batch.column(data.split.column) if masked else None
-            masks = split_masks(column, data.split, masked) if masked else {}
+            masks = {}
+            if masked:
+                masks = split_masks(batch.column(data.split.column), data.split, masked)
             picks = [r.pick(batch.num_rows, masks) for r in ranges]
             for i, packed in enumerate(_transformed(batch, picks, preprocessor, layout)):
                 if packed is not None:
