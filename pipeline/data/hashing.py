@@ -34,13 +34,13 @@ DISTINCT_SAMPLE = 1024
 MOSTLY_DISTINCT = 0.9
 
 
-def as_arrow(values: Any) -> pa.Array:
+def as_arrow(values: Any, decode: bool = True) -> pa.Array:
     """One contiguous Arrow array from a numpy array, pandas Series, list or Arrow (chunked) array.
 
-    Dictionary-encoded arrays are decoded; pandas NaN becomes null.
+    Dictionary-encoded arrays are decoded unless `decode` is False; pandas NaN becomes null.
     """
     values = _contiguous(values)
-    if pa.types.is_dictionary(values.type):
+    if decode and pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     return values
 

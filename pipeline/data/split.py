@@ -80,11 +80,18 @@ def split_masks(column: Any, split: SplitConfig, names: list[str]) -> dict[str, 
     for name in names:
         if name not in SPLITS:
             raise ValueError(f"split name must be one of {SPLITS}, got {name!r}")
-    values = as_arrow(column)
-    masks = {
-        "hash": _hash_masks, "values": _values_masks, "cutoff": _cutoff_masks
-    }[split.method](values, split)  # fmt: skip
-    return {name: masks[name] for name in names}
+    method = {"hash": _hash_masks, "values": _values_masks, "cutoff": _cutoff_masks}[split.method]
+    values = as_arrow(column, decode=False)
+    if not pa.types.is_dictionary(values.type):
+        masks = method(values, split)
+        return {name: masks[name] for name in names}
+    # A string column read as its Parquet dictionary (`feed.dictionary_columns`): each
+    # entry's masks, then each row's entry's (a row's split depends on its value alone).
+    # The entry after the dictionary's is a null row's.
+    entries = pa.concat_arrays([values.dictionary, pa.nulls(1, values.dictionary.type)])
+    index = values.indices.fill_null(len(values.dictionary)).to_numpy(zero_copy_only=False)
+    masks = method(entries, split)
+    return {name: masks[name][index] for name in names}
 
 
 def _hash_masks(values: pa.Array, split: SplitConfig) -> dict[str, np.ndarray]:

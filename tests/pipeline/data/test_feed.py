@@ -17,7 +17,7 @@ from pipeline.data.feed import Budget, RowCache, WorkerFeed, _gather, choose_cac
 from pipeline.data.fit import fit
 from pipeline.data.ingest import READ_BLOCK_BYTES
 from pipeline.data.plan import Range
-from pipeline.data.split import split_mask
+from pipeline.data.split import split_mask, split_masks, split_names
 from pipeline.data.validate import check_schema
 from pipeline.datasets.synthetic import generate_logs
 
@@ -295,9 +295,9 @@ def test_a_row_group_read_for_two_splits_in_a_row_is_decoded_once(tmp_path, monk
     assert train and validation  # the row group holds rows of both splits
     items = [("train", 0, train - 7), ("validation", 3, validation), ("train", train - 7, train)]
     reads = []
-    row_group = feed._row_group
+    open_row_group = feed._open_row_group
     monkeypatch.setattr(
-        feed, "_row_group", lambda *args: reads.append(args[:2]) or row_group(*args)
+        feed, "_open_row_group", lambda *args: reads.append(args[:2]) or open_row_group(*args)
     )
 
     def read(chosen) -> list[dict[str, np.ndarray]]:
@@ -357,9 +357,9 @@ def test_the_cache_pass_decodes_a_row_group_once_for_all_its_splits(
     budget = Budget.of(2.0, 2, 0.5, READ_BLOCK_BYTES)
     splits = ["train", "validation", "test"]
     reads: list[tuple] = []
-    row_group = feed._row_group
+    open_row_group = feed._open_row_group
     monkeypatch.setattr(
-        feed, "_row_group", lambda *args: reads.append(args[:2]) or row_group(*args)
+        feed, "_open_row_group", lambda *args: reads.append(args[:2]) or open_row_group(*args)
     )
     for rank in range(2):
         worker = WorkerFeed(counts, preprocessor, rank, 2, torch.device("cpu"), 0, budget, "host")
@@ -385,7 +385,8 @@ def test_the_cache_pass_decodes_a_row_group_once_for_all_its_splits(
 
 def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch) -> None:
     """Logs split by day hold one split per row group: its rows are taken as read, without
-    computing the split's mask, and they are the rows the mask would keep."""
+    computing the split's mask or reading the split column, and they are the rows the mask
+    would keep."""
     import pyarrow.parquet as pq
 
     from pipeline.data import feed
@@ -396,10 +397,14 @@ def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch
     cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={tmp_path / 'logs'}"]).data
     preprocessor, counts = fit(cfg, check_schema(cfg))
     layout = Layout.of(preprocessor.empty())
-    masks = []
+    masks, read = [], []
     split_masks = feed.split_masks
     monkeypatch.setattr(
         feed, "split_masks", lambda *args: masks.append(args[2]) or split_masks(*args)
+    )
+    batches = feed._RowGroup.batches
+    monkeypatch.setattr(
+        feed._RowGroup, "batches", lambda self, cols: read.append(cols) or batches(self, cols)
     )
     for split in ("train", "test"):
         unit = next(i for i, n in enumerate(counts.rows[split]) if n)
@@ -414,15 +419,56 @@ def test_a_row_group_of_one_split_is_read_without_its_mask(tmp_path, monkeypatch
             got = np.concatenate([feed._tensor(t.column(key)) for t in tables])
             np.testing.assert_array_equal(got, want[key])
     assert masks == []
+    assert read == [cfg.columns(labels=True)] * 2 and "day" not in read[0]
+
+
+def test_a_row_group_with_rows_of_no_split_reads_the_split_column(tmp_path, monkeypatch) -> None:
+    """A day whose rows are not all of one split (here: rows with no day, of no split)
+    reads the split column, as its dictionary, and keeps the rows its mask keeps."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import feed
+    from pipeline.data.collate import Layout
+
+    generate_logs(tmp_path / "logs", 3_000, seed=1)
+    path = sorted((tmp_path / "logs").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    day = table.column("day").to_pylist()
+    day[3:6] = [None] * 3
+    table = table.set_column(table.schema.get_field_index("day"), "day", pa.array(day))
+    pq.write_table(table, path)
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", [f"data.path={tmp_path / 'logs'}"]).data
+    preprocessor, counts = fit(cfg, check_schema(cfg))
+    layout = Layout.of(preprocessor.empty())
+    unit = counts.units.index((str(path), 0))
+    assert counts.rows["train"][unit] == table.num_rows - 3
+    read = []
+    batches = feed._RowGroup.batches
+    monkeypatch.setattr(
+        feed._RowGroup, "batches", lambda self, cols: read.append(cols) or batches(self, cols)
+    )
+    unit_read = feed._open_row_group(str(path), 0, feed.dictionary_candidates(cfg))
+    days = next(unit_read.batches(["day"])).column("day")
+    assert pa.types.is_dictionary(days.type) and days.null_count == 3
+    read.clear()
+    items = feed.unit_items([("train", [Range(str(path), 0, 0, table.num_rows - 3,
+                                              table.num_rows - 3)])])  # fmt: skip
+    tables = list(feed._read_unit(_as_batch(items), preprocessor, layout))
+    assert read == [cfg.columns(labels=True, split=True)]
+    keep = table.filter(pa.array([d is not None for d in day]))
+    want = layout.pack(preprocessor.transform(keep))
+    for key in ("float32", "int64"):
+        got = np.concatenate([feed._tensor(t.column(key)) for t in tables])
+        np.testing.assert_array_equal(got, want[key])
 
 
 def test_small_string_dictionaries_are_read_as_such_and_preprocess_to_the_same_rows(
     tmp_path,
 ) -> None:
-    """A hashed string column with a small dictionary is read as its dictionary; one whose
-    writer fell back to plain pages (a dictionary over the writer's limit), an int column
-    and a column that is not hashed are read as they are. The packed rows are those of the
-    plain read."""
+    """A hashed string column with a small dictionary, and the split column, are read as
+    their dictionary; one whose writer fell back to plain pages (a dictionary over the
+    writer's limit) and an int column are read as they are. The packed rows, and the split
+    masks, are those of the plain read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -435,20 +481,26 @@ def test_small_string_dictionaries_are_read_as_such_and_preprocess_to_the_same_r
     layout = Layout.of(preprocessor.empty())
     path, group = counts.units[0]
     metadata = pq.read_metadata(path)
-    hashed = feed.hashed_columns(cfg)
-    assert {"device", "user_id", "item_id"} <= set(hashed)
-    # `device` is text of a few values, the ids are ints; `day` (text) is not hashed.
-    assert feed.dictionary_columns(metadata, [group], hashed) == ["device"]
-    rows, batches = feed._row_group(path, group, cfg.columns(labels=True, split=True), hashed)
+    candidates = feed.dictionary_candidates(cfg)
+    assert {"device", "user_id", "item_id", "day"} <= set(candidates)
+    # `device` and the split column `day` are text of a few values, the ids are ints.
+    assert feed.dictionary_columns(metadata, [group], candidates) == ["device", "day"]
+    unit = feed._open_row_group(path, group, candidates)
+    batches = unit.batches(cfg.columns(labels=True, split=True))
     batch = next(batches)
     assert pa.types.is_dictionary(batch.schema.field("device").type)
-    assert not pa.types.is_dictionary(batch.schema.field("day").type)
+    assert pa.types.is_dictionary(batch.schema.field("day").type)
     table = pq.ParquetFile(path).read_row_group(group)
     assert not pa.types.is_dictionary(table.schema.field("device").type)
     want = layout.pack(preprocessor.transform(table))
-    got = layout.pack(preprocessor.transform(pa.Table.from_batches([batch, *batches])))
+    read = pa.Table.from_batches([batch, *batches])
+    got = layout.pack(preprocessor.transform(read))
     for key in ("float32", "int64"):
         np.testing.assert_array_equal(got[key], want[key])
+    names = split_names(cfg.split)
+    plain = split_masks(table.column("day"), cfg.split, names)
+    for name, mask in split_masks(read.column("day"), cfg.split, names).items():
+        np.testing.assert_array_equal(mask, plain[name])
 
     # Many distinct strings, with a dictionary limit the writer outgrows: plain pages after it.
     ids = pa.array([f"user-{i}" for i in range(20_000)])

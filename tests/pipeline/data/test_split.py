@@ -8,10 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import SplitConfig
 from pipeline.data.files import InputFiles
-from pipeline.data.split import prune_files, split_mask, split_names
+from pipeline.data.split import prune_files, split_mask, split_masks, split_names
 
 
 def _masks(column, cfg: SplitConfig) -> dict[str, np.ndarray]:
@@ -114,3 +116,36 @@ def test_a_salt_draws_other_users_for_the_holdout() -> None:
     assert (monday & tuesday).mean() == pytest.approx(0.2 * 0.2, abs=0.005)
     assert (holdout("holdout 2024-01-15") == monday).all()
     assert not (holdout("") == monday).all()  # the unsalted split of plain training differs
+
+
+SPLITS_OF_TEXT = [
+    SplitConfig(method="hash", column="day", validation_fraction=0.3, test_fraction=0.2),
+    SplitConfig(method="values", column="day", validation_values=["b"], test_values=["c"]),
+    SplitConfig(method="values", column="day", validation_values=["b"], train_values=["a", "d"]),
+    SplitConfig(method="cutoff", column="day", validation_from="b", test_from="c"),
+    SplitConfig(method="cutoff", column="day", validation_from="c"),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "d", "ee"])), max_size=40),
+    st.sampled_from(range(len(SPLITS_OF_TEXT))),
+)
+def test_a_column_read_as_its_dictionary_splits_as_its_text(values, which) -> None:
+    """The feed reads a small string split column as its Parquet dictionary: every row's
+    split is the one its text gives, nulls included (a null index, or a null entry)."""
+    cfg = SPLITS_OF_TEXT[which]
+    names = split_names(cfg)
+    text = pa.array(values, pa.string())
+    plain = split_masks(text, cfg, names)
+    encoded = text.dictionary_encode()  # nulls as null indices
+    with_null_entry = pa.DictionaryArray.from_arrays(  # a null as an entry of its own
+        pa.array([4 if v is None else "abcd".index(v) if len(v) == 1 else 5 for v in values],
+                 pa.int32()),
+        pa.array(["a", "b", "c", "d", None, "ee"]),
+    )  # fmt: skip
+    for column in (encoded, with_null_entry, pa.chunked_array([encoded])):
+        masks = split_masks(column, cfg, names)
+        for name in names:
+            assert masks[name].tolist() == plain[name].tolist(), (name, column.type)
