@@ -87,9 +87,11 @@ def split_masks(column: Any, split: SplitConfig, names: list[str]) -> dict[str, 
         return {name: masks[name] for name in names}
     # A string column read as its Parquet dictionary (`feed.dictionary_columns`): each
     # entry's masks, then each row's entry's (a row's split depends on its value alone).
-    # The entry after the dictionary's is a null row's.
+    # The entry after the dictionary's is a null row's (indices widened first: int8
+    # indices of a 128-entry dictionary cannot hold 128).
     entries = pa.concat_arrays([values.dictionary, pa.nulls(1, values.dictionary.type)])
-    index = values.indices.fill_null(len(values.dictionary)).to_numpy(zero_copy_only=False)
+    index = values.indices.cast(pa.int64()).fill_null(len(values.dictionary))
+    index = index.to_numpy(zero_copy_only=False)
     masks = method(entries, split)
     return {name: masks[name][index] for name in names}
 

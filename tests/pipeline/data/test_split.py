@@ -149,3 +149,15 @@ def test_a_column_read_as_its_dictionary_splits_as_its_text(values, which) -> No
         masks = split_masks(column, cfg, names)
         for name in names:
             assert masks[name].tolist() == plain[name].tolist(), (name, column.type)
+
+
+def test_int8_indices_of_a_128_entry_dictionary_split_as_their_text() -> None:
+    """A null row is placed after the dictionary's entries even where that index does not
+    fit the indices' type (int8, 128 entries)."""
+    days = [f"2024-{i // 28 + 1:02d}-{i % 28 + 1:02d}" for i in range(128)]
+    indices = pa.array([0, None, 100, 127], pa.int8())
+    column = pa.DictionaryArray.from_arrays(indices, pa.array(days))
+    cfg = SplitConfig(method="cutoff", column="day", validation_from=days[100])
+    masks = split_masks(column, cfg, ["train", "validation"])
+    assert masks["train"].tolist() == [True, False, False, False]
+    assert masks["validation"].tolist() == [False, False, True, True]
