@@ -16,11 +16,11 @@ group's rows not all of the range's split), as its dictionary where that is smal
 worker takes each block as it comes (no prefetch: Ray's holds a block back until two more
 are read). (Ray Data's `read_parquet` is not used here: it samples files with tasks that
 reserve a whole CPU, which a node whose CPUs the train workers hold in halves never has, and
-it reads whole files.) The dataset keeps the items' order
-(`preserve_order`), so a worker's stream, and any position in it, is the same in every run.
-The worker gathers the rows into chunks of `CHUNK_BATCHES` batches, permutes each chunk's
-rows (a generator seeded by seed, epoch, rank and chunk), and cuts the chunk into batches;
-with the per-epoch order of the row groups that is the shuffle.
+it reads whole files.) The dataset keeps the items' order (`preserve_order`), so a worker's
+stream, and any position in it, is the same in every run. The worker gathers the rows into
+chunks of `CHUNK_BATCHES` batches, permutes each chunk's rows (a generator seeded by seed,
+epoch, rank and chunk), and cuts the chunk into batches; with the per-epoch order of the row
+groups that is the shuffle.
 
 **Positions.** A worker's epoch is a fixed sequence of batches; resuming at batch k reads
 from the chunk that holds it (its row groups before are not read again) and drops the
