@@ -222,6 +222,44 @@ def test_the_cache_goes_where_it_fits() -> None:
     assert np.isclose(budget.object_store_bytes / 2**20, 448)
 
 
+def test_row_groups_shared_among_several_tasks_stream_as_one_task_reads_them(
+    logs, monkeypatch
+) -> None:
+    """A pass whose row groups several tasks share, each a run of them (`Budget.tasks_for`:
+    more tasks than run at once, fewer than row groups), streams the rows one task reading
+    every row group gives, in the same order."""
+    from pipeline.data import feed
+    from pipeline.data.collate import FLOAT, Layout
+    from pipeline.data.feed import stream_ranges, unit_items
+    from pipeline.data.plan import EpochPlan
+
+    asked, read_units = [], feed.read_units
+
+    def counted(*args):
+        asked.append(args[4])  # the tasks the pass is read in
+        return read_units(*args)
+
+    monkeypatch.setattr(feed, "read_units", counted)
+
+    _, preprocessor, counts, _ = logs
+    layout = Layout.of(preprocessor.empty())
+    parts = [("train", EpochPlan.of(counts, "train", 1, 0, 1, True).ranges(0))]
+    items, nbytes = len(unit_items(parts)), counts.total("train") * layout.row_bytes()
+    one = Budget.of(2.0, 2, 0.5, READ_BLOCK_BYTES)
+    several = Budget.of(2.0, 1, 0.5, nbytes // 10)  # 3 at once, a fifth of the rows each
+    assert one.tasks_for(items, nbytes) == 1
+    assert several.tasks == 3 and several.tasks_for(items, nbytes) == 5 < items
+
+    def streamed(budget: Budget) -> dict[str, np.ndarray]:
+        blocks = list(stream_ranges(parts, preprocessor, layout, budget))
+        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+    got, want = streamed(several), streamed(one)
+    assert asked == [5, 1]
+    assert len(want[FLOAT]) == counts.total("train")
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_a_searchs_preprocessed_copy_serves_the_same_rows(logs, tmp_path) -> None:
     """`materialise` writes every split preprocessed and packed once; a feed over the copy
     reads no raw log and serves the same rows of every split (in the copy's own order)."""
