@@ -361,10 +361,10 @@ class Budget:
         packed bytes is read in, each a run of consecutive items: one where the budget runs
         one task at a time (a stream with no pause between row groups); else as many as it
         may run at once, and more where each would hold over its share of the object-store
-        window, at most one per item. Items beyond that share a task: each task costs
-        tens of milliseconds to start, and the 14 row groups of 1M synthetic rows read in
-        14 tasks by one worker holding 1.5 CPUs ran at 1.42M-1.46M rows/s, in 4 at
-        1.81M-2.02M.
+        window, at most one per item. Where there are more items than tasks, consecutive
+        items share a task: each task costs tens of milliseconds to start, and the 14 row
+        groups of 1M synthetic rows read in 14 tasks by one worker holding 1.5 CPUs ran at
+        1.42M-1.46M rows/s, in 4 at 1.75M-2.02M.
 
         Example:
             >>> budget = Budget.of(2.0, 1, 0.5, 16 * 2**20)  # 3 tasks, a 32 MiB share each

@@ -246,7 +246,7 @@ def test_row_groups_shared_among_several_tasks_stream_as_one_task_reads_them(
     parts = [("train", EpochPlan.of(counts, "train", 1, 0, 1, True).ranges(0))]
     items, nbytes = len(unit_items(parts)), counts.total("train") * layout.row_bytes()
     one = Budget.of(2.0, 2, 0.5, READ_BLOCK_BYTES)
-    several = Budget.of(2.0, 1, 0.5, nbytes // 10)  # 3 at once, a fifth of the rows each
+    several = Budget.of(2.0, 1, 0.5, nbytes // 10 + 1)  # 3 at once, a share of just over a fifth
     assert one.tasks_for(items, nbytes) == 1
     assert several.tasks == 3 and several.tasks_for(items, nbytes) == 5 < items
 
