@@ -1,15 +1,20 @@
 """Feed memory benchmark: the input pipeline's memory against the data's size.
 
 Generates 1M and then 10M rows (`--rows` to change) and runs the product's feed on each
-(`bench/feed.py`'s product path: 2 train workers streaming every split of three epochs
-through their own Ray Data streams) with an epoch cache budget far below the data, so every
-epoch streams (`data.cache_budget_gb: 0.001`), on a fresh local Ray, sampling the memory of
-the whole process tree (this process, Ray's raylet/GCS and all workers; proportional set
+(`bench/feed.py`'s product path: 2 train workers, or `--workers`, streaming every split of
+three epochs through their own Ray Data streams) with an epoch cache budget far below the
+data, so every epoch streams (`data.cache_budget_gb: 0.001`), on a fresh local Ray,
+sampling the memory of the whole process tree (this process, Ray's raylet/GCS and all workers; proportional set
 size, so shared object-store pages count once). Last line: `ingest_rows_per_s=<x>
 mem_growth_10x=<ratio>` (rows/s of the largest run's first epoch; peak memory of the
 largest run over the smallest). Memory must stay flat in the data's size.
 
-    python bench/ingest.py [--rows 1000000 10000000] [--batch-size 4096] [--keep DIR]
+    python bench/ingest.py [--rows 1000000 10000000] [--batch-size 4096] [--workers 2]
+                           [--keep DIR]
+
+One worker on the 2-CPU machine holds 1.5 CPUs and runs three read tasks at once, so it
+reads a pass as several tasks sharing the row groups (`Budget.tasks_for`); two workers
+read a pass as one task each.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ class PeakMemory:
         self.sample()
 
 
-def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
+def run(rows: int, data_dir: Path, batch_size: int, workers: int = 2) -> tuple[float, int]:
     """Generate `rows` rows (in a subprocess), then run the feed on a fresh local Ray."""
     from bench.feed import product
 
@@ -81,7 +86,7 @@ def run(rows: int, data_dir: Path, batch_size: int) -> tuple[float, int]:
     ]
     address = os.environ.get("RAY_ADDRESS")
     with tempfile.TemporaryDirectory(prefix="adatt-ingest-") as out, PeakMemory() as memory:
-        figures = product(overrides, ROOT / "configs" / "synthetic.yaml", 2, Path(out))
+        figures = product(overrides, ROOT / "configs" / "synthetic.yaml", workers, Path(out))
     # start_ray put the instance's address in RAY_ADDRESS; the next size starts its own.
     if address is None:
         os.environ.pop("RAY_ADDRESS", None)
@@ -98,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=2, help="train workers (default 2)")
     parser.add_argument("--keep", type=Path, help="write the logs here instead of a temp dir")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -105,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="adatt-bench-") as tmp:
         for rows in args.rows:
             data_dir = (args.keep or Path(tmp)) / f"logs-{rows}"
-            results.append(run(rows, data_dir, args.batch_size))
+            results.append(run(rows, data_dir, args.batch_size, args.workers))
     rate = results[-1][0]
     growth = results[-1][1] / results[0][1]
     print(f"ingest_rows_per_s={rate:.0f} mem_growth_10x={growth:.3f}")
