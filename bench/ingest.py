@@ -1,13 +1,14 @@
 """Feed memory benchmark: the input pipeline's memory against the data's size.
 
 Generates 1M and then 10M rows (`--rows` to change) and runs the product's feed on each
-(`bench/feed.py`'s product path: 2 train workers, or `--workers`, streaming every split of
-three epochs through their own Ray Data streams) with an epoch cache budget far below the
-data, so every epoch streams (`data.cache_budget_gb: 0.001`), on a fresh local Ray,
-sampling the memory of the whole process tree (this process, Ray's raylet/GCS and all workers; proportional set
-size, so shared object-store pages count once). Last line: `ingest_rows_per_s=<x>
-mem_growth_10x=<ratio>` (rows/s of the largest run's first epoch; peak memory of the
-largest run over the smallest). Memory must stay flat in the data's size.
+(`bench/feed.py`'s product path: 2 train workers, or `--workers`, streaming every split
+of three epochs through their own Ray Data streams) with an epoch cache budget far below
+the data, so every epoch streams (`data.cache_budget_gb: 0.001`), on a fresh local Ray,
+sampling the memory of the whole process tree (this process, Ray's raylet/GCS and all
+workers; proportional set size, so shared object-store pages count once). Last line:
+`ingest_rows_per_s=<x> mem_growth_10x=<ratio>` (rows/s of the largest run's first epoch;
+peak memory of the largest run over the smallest). Memory must stay flat in the data's
+size.
 
     python bench/ingest.py [--rows 1000000 10000000] [--batch-size 4096] [--workers 2]
                            [--keep DIR]
